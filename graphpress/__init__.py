@@ -1,0 +1,26 @@
+"""graphpress: declarative, compiler-style compression of PyTorch models."""
+
+from .api import CompressionResult, compress
+from .errors import (
+    BackendError,
+    CaptureError,
+    GraphpressError,
+    PassPostconditionError,
+    PassPreconditionError,
+    SpecError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CaptureError",
+    "CompressionResult",
+    "GraphpressError",
+    "PassPostconditionError",
+    "PassPreconditionError",
+    "SpecError",
+    "VerificationError",
+    "compress",
+]

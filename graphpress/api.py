@@ -1,0 +1,111 @@
+"""compress(): load spec -> capture -> calibrate -> passes (verified after each) -> backends -> report."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backends import build_backend
+from .errors import CaptureError
+from .fileio import atomic_write_text
+from .ir import Graph, capture
+from .model_source import ModelSource, load_source
+from .passes import PassContext, PassManager, Verifier, build_pass
+from .report import CompressionReport, render_markdown
+from .schema import Spec, load_spec
+
+
+@dataclass
+class CompressionResult:
+    model: torch.nn.Module
+    """The compressed model, runnable in eager PyTorch (a GraphModule of the final graph)."""
+    graph: Graph
+    report: CompressionReport
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+def compress(
+    model: torch.nn.Module | str | Path,
+    spec: Spec | dict | str | Path,
+    example_inputs: tuple | None = None,
+    *,
+    calibration_data: Iterable | None = None,
+    out_dir: str | Path | None = None,
+) -> CompressionResult:
+    """Compress ``model`` as ``spec`` says; never modifies ``model``.
+
+    ``model`` is an nn.Module, a model directory or 'module:factory'. Calibration data
+    comes from ``calibration_data`` (tuples of positional inputs), else from the model
+    directory's ``calibration_batches``, else the example inputs alone. Artifacts and
+    the report go to ``out_dir`` (a new temporary directory if not given).
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    spec = load_spec(spec)
+    source = model if isinstance(model, ModelSource) else _source(model, example_inputs)
+    if source.example_inputs is None:
+        raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
+    calibration, calibration_source, warnings = _calibration(source, spec, calibration_data)
+
+    t = time.perf_counter()
+    original = capture(source.model, source.example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
+    timings["capture"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ctx = PassContext(calibration, seed=spec.calibration.seed)
+    verifier = Verifier(spec.verify, original, calibration)
+    pipeline = PassManager([build_pass(p) for p in spec.passes], verifier)
+    result = pipeline.run(original, ctx)
+    timings["passes"] = time.perf_counter() - t
+
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="graphpress-"))
+    artifacts: dict[str, Path] = {}
+    records = []
+    t = time.perf_counter()
+    for backend_config in spec.backends:
+        record = build_backend(backend_config).build(result.graph, calibration, out)
+        artifacts[record.target] = Path(record.artifact)
+        records.append(record.to_dict())
+    timings["backends"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+
+    report = CompressionReport(
+        model=source.name,
+        spec=spec.model_dump(mode="json", by_alias=True),
+        original=original.summary().to_dict(),
+        compressed=result.graph.summary().to_dict(),
+        passes=[r.to_dict() for r in result.report.children],
+        backends=records,
+        calibration={"samples": len(calibration), "source": calibration_source, "seed": spec.calibration.seed},
+        timings={k: round(v, 3) for k, v in timings.items()},
+        environment={"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+        warnings=warnings + [w for r in result.report.children for w in r.warnings],
+    )
+    artifacts["report_json"] = atomic_write_text(out / "report.json", report.to_json())
+    artifacts["report_md"] = atomic_write_text(out / "report.md", render_markdown(report))
+    return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
+
+
+def _source(model, example_inputs) -> ModelSource:
+    source = ModelSource(model, name=type(model).__name__) if isinstance(model, torch.nn.Module) else load_source(model)
+    if example_inputs is not None:
+        source.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return source
+
+
+def _calibration(source: ModelSource, spec: Spec, data: Iterable | None) -> tuple[list[tuple], str, list[str]]:
+    cfg = spec.calibration
+    if data is not None:
+        batches = [b if isinstance(b, tuple) else (b,) for b in data]
+        return batches, "user data", []
+    if source.calibration_batches is not None:
+        return source.calibration_batches(cfg.samples, cfg.seq_len, cfg.seed), "model directory", []
+    warning = "no calibration data given: calibrating and verifying on the example inputs alone"
+    return [source.example_inputs], "example inputs", [warning]

@@ -1,0 +1,17 @@
+"""Backends: one module per target, each lowering the final Graph and validating the artifact."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .base import Backend, BackendRecord
+from .onnx import OnnxBackend
+
+BACKENDS: dict[str, type[Backend]] = {OnnxBackend.target: OnnxBackend}
+
+
+def build_backend(config: BaseModel) -> Backend:
+    return BACKENDS[config.target](config)
+
+
+__all__ = ["BACKENDS", "Backend", "BackendRecord", "OnnxBackend", "build_backend"]

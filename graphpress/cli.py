@@ -1,0 +1,59 @@
+"""The command line: ``graphpress compress | schema``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GraphpressError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graphpress", description="Compile-style compression of PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    comp = sub.add_parser("compress", help="compress a model as a JSON spec says; write artifacts and a report")
+    comp.add_argument("--model", required=True, help="a model directory (e.g. examples/tiny_llama) or 'module:factory'")
+    comp.add_argument("--spec", required=True, help="path to the JSON spec")
+    comp.add_argument("--out", required=True, help="output directory for artifacts and report")
+    comp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+    sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "schema":
+            from .schema import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
+            return 0
+        return _compress(args)
+    except GraphpressError as exc:
+        print(f"graphpress: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _compress(args) -> int:
+    from .api import compress
+    from .schema import load_spec
+
+    spec = load_spec(args.spec)  # fail on a bad spec before loading the model
+    result = compress(args.model, spec, out_dir=args.out)
+    if not args.quiet:
+        r = result.report
+        o, c = r.original, r.compressed
+        print(f"{r.model}: parameters {o['params']:,} -> {c['params']:,} ({c['params'] / o['params']:.3f}x)")
+        for i, p in enumerate(r.passes):
+            v = p["verification"] or {}
+            print(
+                f"  passes[{i}] {p['name']}: {v.get('metric')} {v.get(v.get('metric'), float('nan')):.4g} vs original"
+            )
+        for b in r.backends:
+            print(f"  {b['target']}: {b['artifact']} (rel_l2 vs eager {b['errors']['rel_l2']:.3g})")
+        print(f"  report: {result.artifacts['report_md']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

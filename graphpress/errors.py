@@ -1,0 +1,38 @@
+"""Error types. Each names what the user should change: a spec field, a graph node, a module."""
+
+from __future__ import annotations
+
+
+class GraphpressError(Exception):
+    """Base class of every error graphpress raises on purpose."""
+
+
+class SpecError(GraphpressError, ValueError):
+    """The spec is invalid. ``problems`` holds (json_path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"invalid spec{where}:"] + [f"  {path}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class CaptureError(GraphpressError):
+    """torch.export could not capture the model; the message names the op or module that failed."""
+
+
+class PassPreconditionError(GraphpressError):
+    """A pass's ``requires`` does not hold for the graph it was given."""
+
+
+class PassPostconditionError(GraphpressError):
+    """A pass broke its own ``ensures`` promise: a bug in the pass."""
+
+
+class VerificationError(GraphpressError):
+    """The compressed graph drifted from the original beyond the spec's ``verify`` threshold."""
+
+
+class BackendError(GraphpressError):
+    """A backend could not lower, write or validate its artifact."""

@@ -1,0 +1,145 @@
+"""Capture a PyTorch model into a Graph with ``torch.export`` (non-strict).
+
+Every input dimension is kept symbolic by default (``Dim.AUTO``), with size-1
+dimensions not specialised, so a model captured on a (1, 64) batch still runs on
+(8, 256). The captured graph owns copies of the model's tensors: nothing a pass
+or a user does to the result can reach the original model.
+
+When export fails, the error names the innermost module that was running
+(tracked with forward hooks) and the op torch.export complained about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch.export import Dim
+
+from ..errors import CaptureError
+from .graph import Graph
+
+MODES = ("forward",)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: tuple,
+    mode: str = "forward",
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic: bool = True,
+) -> Graph:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise CaptureError(f"capture mode {mode!r} is not supported; expected one of {MODES}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    kwargs = example_kwargs or {}
+    dynamic_shapes = _auto_dynamic(_bind(model, example_inputs, kwargs)) if dynamic else None
+
+    tracker = _ModuleTracker(model)
+    try:
+        with tracker, _eval_mode(model), fx_config.patch(backed_size_oblivious=dynamic):
+            program = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; all become one clear error
+        where = f" in module '{tracker.failed_in}'" if tracker.failed_in is not None else ""
+        op = _failing_op(exc)
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}{where}"
+            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+
+    for name, tensor in list(program.state_dict.items()):
+        copy = tensor.detach().clone()
+        program.state_dict[name] = (
+            torch.nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else copy
+        )
+    for name, value in list(program.constants.items()):
+        if isinstance(value, torch.Tensor):
+            program.constants[name] = value.detach().clone()
+    return Graph(program)
+
+
+def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Example inputs by forward's parameter names, the form torch.export's dynamic_shapes takes."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from None
+    return dict(bound.arguments)
+
+
+def _auto_dynamic(tree: Any) -> Any:
+    """Dim.AUTO on every dimension of every tensor, None elsewhere (same pytree structure)."""
+    if isinstance(tree, torch.Tensor):
+        return {i: Dim.AUTO for i in range(tree.dim())} or None
+    if isinstance(tree, tuple):
+        return tuple(_auto_dynamic(x) for x in tree)
+    if isinstance(tree, list):
+        return [_auto_dynamic(x) for x in tree]
+    if isinstance(tree, dict):
+        return {k: _auto_dynamic(v) for k, v in tree.items()}
+    return None
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Capture the inference graph; restore each module's training flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+class _ModuleTracker:
+    """Forward hooks that remember the innermost module running when an exception escapes."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+        self.handles: list = []
+
+    def __enter__(self):
+        for path, module in self.model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(lambda *_, p=path: self.stack.append(p)))
+            self.handles.append(module.register_forward_hook(lambda *_, p=path: self._pop(), always_call=True))
+        return self
+
+    def _pop(self) -> None:
+        if self.stack:
+            path = self.stack.pop()
+            if self.failed_in is None and _exception_in_flight():
+                self.failed_in = path or "<root>"
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        if exc[0] is not None and self.failed_in is None and self.stack:
+            self.failed_in = self.stack[-1] or "<root>"
+        return False
+
+
+def _exception_in_flight() -> bool:
+    return sys.exc_info()[0] is not None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _failing_op(exc: BaseException) -> str | None:
+    """The aten/custom op named in torch's message, if any (e.g. 'aten.nonzero.default')."""
+    match = re.search(r"\b((?:aten|prim|[a-z_]+)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)\b", str(exc))
+    return match.group(1) if match and match.group(1).split(".")[0] in {"aten", "prim"} else None

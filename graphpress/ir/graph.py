@@ -1,0 +1,334 @@
+"""Graph: a thin, typed wrapper over a ``torch.export`` ExportedProgram.
+
+Passes speak a small vocabulary instead of raw FX surgery: select linears and
+blocks by module-path glob, read weights, add parameters, replace a linear by a
+subgraph. Every mutating method works on the Graph it is called on; passes get a
+private copy from :meth:`Graph.clone` (the PassManager does this), so a pass
+never changes its input.
+
+Parameters stay *lifted* (graph inputs described by the graph signature), as
+torch.export produces them: a new parameter is a new placeholder plus an
+``InputSpec`` plus a ``state_dict`` entry, kept in that order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+
+aten = torch.ops.aten
+
+
+def matches(path: str, patterns: str | Sequence[str]) -> bool:
+    """Glob match of a module path; a pattern also matches any path that ends with it at a dot."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns)
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module a node was traced in ('' for the root module)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One ``aten.linear`` call whose weight is a parameter: y = x W^T + b."""
+
+    node: fx.Node
+    path: str
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+_revisions = itertools.count()
+
+
+class Graph:
+    def __init__(self, program: ExportedProgram):
+        self.program = program
+        self._module: torch.nn.Module | None = None
+        self.revision = next(_revisions)
+        """Unique across graphs and bumped by every change: a key for caches of computed values."""
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def fx(self) -> fx.Graph:
+        return self.program.graph
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return list(self.fx.nodes)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by name: parameters, buffers and lifted constants."""
+        return {
+            **self.program.state_dict,
+            **{k: v for k, v in self.program.constants.items() if isinstance(v, torch.Tensor)},
+        }
+
+    def weight(self, name: str) -> torch.Tensor:
+        tensors = self.tensors()
+        if name not in tensors:
+            raise KeyError(f"no tensor named {name!r} in the graph")
+        return tensors[name]
+
+    def tensor_name(self, node: Any) -> str | None:
+        """The stored tensor a placeholder node stands for, or None for user inputs and computed values."""
+        if not isinstance(node, fx.Node) or node.op != "placeholder":
+            return None
+        sig = self.program.graph_signature
+        return (
+            sig.inputs_to_parameters.get(node.name)
+            or sig.inputs_to_buffers.get(node.name)
+            or sig.inputs_to_lifted_tensor_constants.get(node.name)
+        )
+
+    def linears(self, targets: str | Sequence[str] = "*", exclude: Sequence[str] = ()) -> list[Linear]:
+        found = []
+        for node in self.fx.nodes:
+            if node.op != "call_function" or node.target is not aten.linear.default:
+                continue
+            weight = self.tensor_name(node.args[1])
+            if weight is None:
+                continue
+            path = module_path(node)
+            if not matches(path, targets) or (exclude and matches(path, exclude)):
+                continue
+            bias = self.tensor_name(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+            out_features, in_features = self.weight(weight).shape
+            found.append(Linear(node, path, weight, bias, in_features, out_features))
+        return found
+
+    def attention_blocks(self, targets: str | Sequence[str] = "*"):
+        from .blocks import find_attention_blocks
+
+        return [b for b in find_attention_blocks(self) if matches(b.path, targets)]
+
+    def mlp_blocks(self, targets: str | Sequence[str] = "*"):
+        from .blocks import find_mlp_blocks
+
+        return [b for b in find_mlp_blocks(self) if matches(b.path, targets)]
+
+    def summary(self):
+        from .summary import summarize
+
+        return summarize(self)
+
+    def to_networkx(self):
+        """A DiGraph of the FX nodes: node attributes op, target, module path, shape, dtype."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for node in self.fx.nodes:
+            val = node.meta.get("val")
+            g.add_node(
+                node.name,
+                op=node.op,
+                target=str(node.target),
+                path=module_path(node),
+                shape=tuple(val.shape) if isinstance(val, torch.Tensor) else None,
+                dtype=str(val.dtype) if isinstance(val, torch.Tensor) else None,
+                tensor=self.tensor_name(node),
+            )
+            for inp in node.all_input_nodes:
+                g.add_edge(inp.name, node.name)
+        return g
+
+    # ------------------------------------------------------------------ running
+    def module(self) -> torch.nn.Module:
+        """The graph as a runnable module (cached until the graph changes)."""
+        if self._module is None:
+            self._module = self.program.module()
+        return self._module
+
+    def __call__(self, *args, **kwargs):
+        return self.module()(*args, **kwargs)
+
+    @torch.no_grad()
+    def run_with_taps(self, args: tuple, taps: dict[str, Callable[[Any], None]], kwargs: dict | None = None) -> None:
+        """Run the graph on one input and hand each tapped node's value to ``taps[node.name]``.
+
+        Interprets the lifted graph directly, so taps see the nodes passes select.
+        """
+        ep = self.program
+        user_inputs = iter(pytree.tree_leaves((args, kwargs or {})))
+        feeds = []
+        for spec in ep.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                feeds.append(next(user_inputs))
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                feeds.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
+            else:
+                feeds.append(ep.constants[spec.target])
+        _TapInterpreter(ep.graph_module, taps).run(*feeds)
+
+    # ------------------------------------------------------------------ copying
+    def clone(self) -> Graph:
+        """A new Graph with its own FX graph, signature and state dict; tensors are shared, not copied.
+
+        Sharing is safe because Graph never writes into a tensor: it only rebinds names.
+        """
+        ep = self.program
+        graph = fx.Graph()
+        val_map: dict[fx.Node, fx.Node] = {}
+        out_val, out_node = graph.graph_copy(ep.graph, val_map, return_output_node=True)
+        graph.output(out_val).meta.update(out_node.meta)
+        root = fx.GraphModule(ep.graph_module, graph)
+        sig = ep.graph_signature
+        program = ExportedProgram(
+            root=root,
+            graph=root.graph,
+            graph_signature=ExportGraphSignature(list(sig.input_specs), list(sig.output_specs)),
+            state_dict=dict(ep.state_dict),
+            range_constraints=dict(ep.range_constraints),
+            module_call_graph=list(ep.module_call_graph),
+            example_inputs=ep.example_inputs,
+            constants=dict(ep.constants),
+            verifiers=list(ep.verifiers),
+        )
+        return Graph(program)
+
+    # ------------------------------------------------------------------ mutating
+    def _changed(self) -> None:
+        self.program.graph_module.recompile()
+        self._module = None
+        self.revision = next(_revisions)
+
+    def _fake_mode(self):
+        vals = [n.meta["val"] for n in self.fx.nodes if n.op == "placeholder" and "val" in n.meta]
+        return detect_fake_mode(vals)
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> fx.Node:
+        """A new trainable parameter ``name`` (a state_dict key, e.g. 'layers.0.mlp.up_proj.0.weight')."""
+        if name in self.tensors():
+            raise ValueError(f"the graph already has a tensor named {name!r}")
+        specs = self.program.graph_signature.input_specs
+        placeholders = [n for n in self.fx.nodes if n.op == "placeholder"]
+        last_param = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1)
+        anchor = placeholders[last_param + 1] if last_param + 1 < len(placeholders) else None
+        node_name = "p_" + name.replace(".", "_")
+        if anchor is None:
+            with self.fx.inserting_after(placeholders[-1] if placeholders else None):
+                node = self.fx.placeholder(node_name)
+        else:
+            with self.fx.inserting_before(anchor):
+                node = self.fx.placeholder(node_name)
+        value = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad or value.is_floating_point())
+        node.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target=name))
+        self.program.state_dict[name] = value
+        self._changed()
+        return node
+
+    def set_weight(self, name: str, value: torch.Tensor) -> None:
+        """Rebind a stored tensor to a new value of the same shape and dtype."""
+        old = self.weight(name)
+        if old.shape != value.shape or old.dtype != value.dtype:
+            raise ValueError(f"{name}: new value {tuple(value.shape)}/{value.dtype} != {tuple(old.shape)}/{old.dtype}")
+        store = self.program.state_dict if name in self.program.state_dict else self.program.constants
+        store[name] = (
+            torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+            if isinstance(old, torch.nn.Parameter)
+            else value
+        )
+        self._changed()
+
+    def replace_linear(self, linear: Linear, build: Callable[[SubgraphBuilder, fx.Node], fx.Node]) -> fx.Node:
+        """Replace one linear by the subgraph ``build(builder, x)`` returns; drop weights left unused."""
+        node = linear.node
+        builder = SubgraphBuilder(self, linear.path, node)
+        with self.fx.inserting_before(node):
+            out = build(builder, node.args[0])
+        old_val, new_val = node.meta["val"], out.meta["val"]
+        if old_val.shape != new_val.shape or old_val.dtype != new_val.dtype:
+            raise ValueError(f"replacement for {linear.path} changes its output {old_val.shape} -> {new_val.shape}")
+        node.replace_all_uses_with(out)
+        self.fx.erase_node(node)
+        self.remove_unused_tensors()
+        return out
+
+    def remove_unused_tensors(self) -> list[str]:
+        """Drop stored tensors no node reads any more (so bytes shrink when a pass replaces a weight)."""
+        removed = []
+        specs = self.program.graph_signature.input_specs
+        for node in [n for n in self.fx.nodes if n.op == "placeholder" and not n.users]:
+            name = self.tensor_name(node)
+            if name is None:
+                continue
+            specs[:] = [s for s in specs if s.arg.name != node.name]
+            self.program.state_dict.pop(name, None)
+            self.program.constants.pop(name, None)
+            self.fx.erase_node(node)
+            removed.append(name)
+        self._changed()
+        return removed
+
+
+class _TapInterpreter(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, taps: dict[str, Callable[[Any], None]]):
+        super().__init__(module)
+        self.taps = taps
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if node.name in self.taps:
+            self.taps[node.name](value)
+        return value
+
+
+class SubgraphBuilder:
+    """Builds replacement nodes in the graph, each with fake-tensor metadata and a module path.
+
+    Paths of new modules extend the replaced module's path (``up_proj`` -> ``up_proj.0``),
+    as if the linear had become an ``nn.Sequential``; later passes select them like any module.
+    """
+
+    def __init__(self, graph: Graph, path: str, origin: fx.Node):
+        self.graph, self.path, self.origin = graph, path, origin
+        self._fake_mode = graph._fake_mode()
+
+    def parameter(self, suffix: str, value: torch.Tensor) -> fx.Node:
+        """A new parameter stored as '<path>.<suffix>' (e.g. '0.weight')."""
+        return self.graph.add_parameter(f"{self.path}.{suffix}" if self.path else suffix, value)
+
+    def call(self, op, *args, module: str | None = None, **kwargs) -> fx.Node:
+        """Insert ``op(*args, **kwargs)``; ``module`` is a sub-path for nn_module_stack."""
+        node = self.graph.fx.call_function(op, tuple(args), kwargs)
+        fake_args = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+        with self._fake_mode:
+            node.meta["val"] = op(*fake_args[0], **fake_args[1])
+        stack = dict(self.origin.meta.get("nn_module_stack", {}))
+        if module is not None:
+            full = f"{self.path}.{module}" if self.path else module
+            stack[f"graphpress.{full}"] = (full, "torch.nn.modules.linear.Linear")
+        node.meta["nn_module_stack"] = stack
+        for key in ("stack_trace", "source_fn_stack", "torch_fn"):
+            if key in self.origin.meta:
+                node.meta[key] = self.origin.meta[key]
+        return node
+
+    def linear(self, x: fx.Node, module: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> fx.Node:
+        """A new linear module '<path>.<module>' with its own weight (and bias)."""
+        w = self.parameter(f"{module}.weight", weight)
+        args: Iterable[Any] = (x, w) if bias is None else (x, w, self.parameter(f"{module}.bias", bias))
+        return self.call(aten.linear.default, *args, module=module)

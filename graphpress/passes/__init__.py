@@ -1,0 +1,21 @@
+"""Passes: the Pass base class, the registry, the PassManager, and one module per pass."""
+
+from . import low_rank  # noqa: F401  (registers the pass)
+from .base import LayerReport, Pass, PassReport, PassResult
+from .context import PassContext
+from .manager import PassManager, Verifier
+from .registry import build_pass, get_pass, register, registered
+
+__all__ = [
+    "LayerReport",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassReport",
+    "PassResult",
+    "Verifier",
+    "build_pass",
+    "get_pass",
+    "register",
+    "registered",
+]

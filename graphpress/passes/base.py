@@ -1,0 +1,112 @@
+"""Pass infrastructure: a pass is a small class with a Config, requires/ensures and apply.
+
+Passes are *functional* from the outside: :meth:`Pass.run` hands ``apply`` a private
+clone of the graph, so the caller's graph (and the user's model behind it) never
+changes. ``apply`` mutates that clone freely and returns its report.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import PassPreconditionError
+from ..ir import Graph, Linear
+from ..schema import PassConfig
+from .context import PassContext
+
+
+@dataclass
+class LayerReport:
+    """What a pass did to one layer (module path)."""
+
+    path: str
+    action: str
+    params_before: int
+    params_after: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    name: str
+    config: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    verification: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    children: list[PassReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PassResult:
+    graph: Graph
+    report: PassReport
+    modified: bool
+
+
+class Pass(ABC):
+    """A graph rewrite. Subclasses set ``name`` and ``Config`` and implement ``apply``.
+
+    ``after`` states ordering as data: the names of passes that, when they appear in
+    the same pipeline, must run before this one.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    after: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PassConfig):
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        """Raise PassPreconditionError if the graph is not one this pass can rewrite."""
+
+    def ensures(self, graph: Graph, ctx: PassContext) -> None:
+        """Raise PassPostconditionError if the rewritten graph breaks a promise of this pass."""
+
+    @abstractmethod
+    def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        """Rewrite ``graph`` (a private copy) in place; return what changed."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self.requires(graph, ctx)
+        work = graph.clone()
+        before = graph.summary()
+        start = time.perf_counter()
+        report = self.apply(work, ctx)
+        report.seconds = time.perf_counter() - start
+        self.ensures(work, ctx)
+        after = work.summary()
+        report.params_before, report.params_after = before.params, after.params
+        report.bytes_before, report.bytes_after = before.bytes, after.bytes
+        modified = any(layer.action != "skipped" for layer in report.layers)
+        return PassResult(work if modified else graph, report, modified)
+
+    # helpers shared by passes that select linears
+    def selected_linears(self, graph: Graph, ctx: PassContext) -> list[Linear]:
+        return graph.linears(self.config.targets, self.config.exclude)
+
+    def require_linears(self, graph: Graph, ctx: PassContext) -> None:
+        if self.selected_linears(graph, ctx):
+            return
+        available = sorted({lin.path for lin in graph.linears()})
+        shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+        raise PassPreconditionError(
+            f"{ctx.spec_path}.targets: {self.config.targets!r} (exclude {self.config.exclude!r}) matches no "
+            f"linear layer; linear layers in this graph: {shown or 'none'}"
+        )
+
+    def new_report(self) -> PassReport:
+        return PassReport(self.name, self.config.model_dump(mode="json", by_alias=True))

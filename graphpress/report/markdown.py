@@ -1,0 +1,87 @@
+"""Markdown rendering of a CompressionReport: the summary a person reads first."""
+
+from __future__ import annotations
+
+from .data import CompressionReport
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_err(x) -> str:
+    return "" if x is None else f"{x:.3g}"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}" if before else "n/a"
+
+
+def render_markdown(report: CompressionReport) -> str:
+    o, c = report.original, report.compressed
+    lines = [
+        f"# graphpress report: {report.model}",
+        "",
+        "| | original | compressed | ratio |",
+        "|---|---:|---:|---:|",
+        f"| parameters | {_fmt_int(o['params'])} | {_fmt_int(c['params'])} | {_ratio(c['params'], o['params'])} |",
+        f"| stored bytes | {_fmt_bytes(o['bytes'])} | {_fmt_bytes(c['bytes'])} | {_ratio(c['bytes'], o['bytes'])} |",
+        f"| linear FLOPs / token | {_fmt_int(o['linear_flops_per_token'])} | {_fmt_int(c['linear_flops_per_token'])} "
+        f"| {_ratio(c['linear_flops_per_token'], o['linear_flops_per_token'])} |",
+        "",
+        f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "
+        f"seed {report.calibration.get('seed', '?')}.",
+        "",
+    ]
+    for i, p in enumerate(report.passes):
+        lines += [f"## passes[{i}]: {p['name']}", ""]
+        v = p.get("verification")
+        if v:
+            verdict = "passed" if v["passed"] else "FAILED"
+            lines.append(
+                f"Verification vs original ({verdict}): {v['metric']} = {v[v['metric']]:.4g} (max {v['max']:g}); "
+                f"rel_l2 {v['rel_l2']:.4g}, max_abs {v['max_abs']:.4g}, cosine distance {v['cosine_distance']:.3g}."
+            )
+        lines += [
+            f"Parameters {_fmt_int(p['params_before'])} -> {_fmt_int(p['params_after'])}; time {p['seconds']:.2f} s.",
+            "",
+            "| layer | action | params before | params after | rank | weight error | output error |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for layer in p["layers"]:
+            d = layer["details"]
+            lines.append(
+                f"| `{layer['path']}` | {layer['action']} | {_fmt_int(layer['params_before'])} "
+                f"| {_fmt_int(layer['params_after'])} | {d.get('rank', '')} | {_fmt_err(d.get('weight_error'))} "
+                f"| {_fmt_err(d.get('output_error'))} |"
+            )
+        skipped = [layer for layer in p["layers"] if layer["action"] == "skipped"]
+        if skipped:
+            lines += ["", f"Skipped {len(skipped)} layer(s): {skipped[0]['details'].get('reason', '')} (first shown)."]
+        lines.append("")
+    for b in report.backends:
+        files = ", ".join(f"`{name}` ({_fmt_bytes(size)})" for name, size in b["files"].items())
+        top_ops = ", ".join(f"{op} x{n}" for op, n in list(b["op_histogram"].items())[:8])
+        lines += [
+            f"## backend: {b['target']}",
+            "",
+            f"Files: {files}.",
+            f"Parity with eager on calibration inputs: rel_l2 {b['errors']['rel_l2']:.3g}, "
+            f"max_abs {b['errors']['max_abs']:.3g} (tolerance rel_l2 <= {b['tolerance']:g}).",
+            f"Ops: {top_ops}.",
+            f"Time {b['seconds']:.2f} s.",
+            "",
+        ]
+    if report.warnings:
+        lines += ["## warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
+    lines += [f"Timings: {timing}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""The spec: pydantic models for everything a user writes, and their JSON Schema."""
+
+from .backends import BACKEND_CONFIGS, OnnxBackendConfig
+from .loading import json_schema, load_spec
+from .passes import PASS_CONFIGS, LowRankConfig, ParamRatio, PassConfig
+from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
+
+__all__ = [
+    "BACKEND_CONFIGS",
+    "PASS_CONFIGS",
+    "CalibrationConfig",
+    "CaptureConfig",
+    "LowRankConfig",
+    "OnnxBackendConfig",
+    "ParamRatio",
+    "PassConfig",
+    "Spec",
+    "VerifyConfig",
+    "json_schema",
+    "load_spec",
+]

@@ -1,0 +1,39 @@
+"""The spec: what to capture, how to calibrate, which passes, how to verify, which backends."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .backends import AnyBackendConfig, OnnxBackendConfig
+from .base import StrictModel
+from .passes import AnyPassConfig
+
+
+class CaptureConfig(StrictModel):
+    mode: Literal["forward"] = Field(
+        "forward", description="'forward' captures the model's forward as called with the example inputs."
+    )
+    dynamic: bool = Field(True, description="Keep every input dimension symbolic (batch, sequence, ...).")
+
+
+class CalibrationConfig(StrictModel):
+    samples: int = Field(8, ge=1, description="Number of calibration batches.")
+    seq_len: int = Field(128, ge=1, description="Sequence length of each batch (model directories that generate data).")
+    seed: int = Field(0, description="Seed for choosing calibration data and for every randomised pass.")
+
+
+class VerifyConfig(StrictModel):
+    metric: Literal["rel_l2", "max_abs", "cosine_distance"] = "rel_l2"
+    max: float = Field(0.05, ge=0, description="Largest allowed error of the graph after each pass vs the original.")
+    on_fail: Literal["error", "warn"] = "error"
+
+
+class Spec(StrictModel):
+    version: Literal[1] = 1
+    capture: CaptureConfig = CaptureConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    passes: list[AnyPassConfig] = Field(default_factory=list)
+    verify: VerifyConfig = VerifyConfig()
+    backends: list[AnyBackendConfig] = Field(default_factory=lambda: [OnnxBackendConfig(target="onnx")])
