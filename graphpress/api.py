@@ -69,8 +69,8 @@ def compress(
     artifacts: dict[str, Path] = {}
     records = []
     t = time.perf_counter()
-    for backend_config in spec.backends:
-        record = build_backend(backend_config).build(result.graph, calibration, out)
+    for i, backend_config in enumerate(spec.backends):
+        record = build_backend(backend_config, f"backends[{i}]").build(result.graph, calibration, out)
         artifacts[record.target] = Path(record.artifact)
         records.append(record.to_dict())
     timings["backends"] = time.perf_counter() - t

@@ -15,7 +15,8 @@ import math
 import time
 
 import torch
-from graphpress.eval import perplexity
+
+from graphpress.metrics import perplexity
 
 from .data import load_split, stdlib_corpus, write_shipped_splits
 from .model import HERE, TinyLlama, TinyLlamaConfig, init_weights, save_model

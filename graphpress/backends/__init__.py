@@ -10,8 +10,8 @@ from .onnx import OnnxBackend
 BACKENDS: dict[str, type[Backend]] = {OnnxBackend.target: OnnxBackend}
 
 
-def build_backend(config: BaseModel) -> Backend:
-    return BACKENDS[config.target](config)
+def build_backend(config: BaseModel, spec_path: str = "backends") -> Backend:
+    return BACKENDS[config.target](config, spec_path)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendRecord", "OnnxBackend", "build_backend"]

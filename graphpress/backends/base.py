@@ -38,8 +38,10 @@ class Backend(ABC):
     target: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
 
-    def __init__(self, config: BaseModel):
+    def __init__(self, config: BaseModel, spec_path: str = "backends"):
         self.config = config
+        self.spec_path = spec_path
+        """Where this backend's config sits in the spec (e.g. 'backends[0]'), for error messages."""
 
     @abstractmethod
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,18 @@ from .base import Backend, BackendRecord, publish, staging_dir
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The exporter logs a warning per optional torchvision op it cannot register: noise for us."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class OnnxBackend(Backend):
     target = "onnx"
     Config = OnnxBackendConfig
@@ -42,26 +55,23 @@ class OnnxBackend(Backend):
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs():
                     program = torch.onnx.export(graph.program, dynamo=True, opset_version=cfg.opset, verbose=False)
                 program.save(str(staged), external_data=external)
             except Exception as exc:
-                raise BackendError(f"backends[onnx]: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+                raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             errors = self.validate(staged, graph, inputs)
             if errors["rel_l2"] > cfg.max_error:
                 raise BackendError(
-                    f"backends[onnx]: onnxruntime output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
+                    f"{self.spec_path}: onnxruntime output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
                     f"> max_error = {cfg.max_error:g}"
                 )
             model = onnx.load(str(staged), load_external_data=False)
             histogram = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph.node)
-            files = {}
-            for path in sorted(tmp.iterdir()):
-                files[path.name] = path.stat().st_size
-            artifact = None
-            for path in sorted(tmp.iterdir()):
-                final = publish(path, out_dir)
-                artifact = final if path.name == cfg.filename else artifact
+            files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+            for path in sorted(tmp.iterdir(), key=lambda p: p.name == cfg.filename):
+                publish(path, out_dir)  # the .onnx last, so it never points at missing external data
+        artifact = out_dir / cfg.filename
         return BackendRecord(
             target=self.target,
             artifact=str(artifact),
@@ -73,9 +83,8 @@ class OnnxBackend(Backend):
             details={"opset": cfg.opset, "external_data": external},
         )
 
-    @staticmethod
     @torch.no_grad()
-    def validate(path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -85,7 +94,9 @@ class OnnxBackend(Backend):
         for args in inputs:
             leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
             if len(leaves) != len(names):
-                raise BackendError(f"backends[onnx]: model takes {len(names)} tensor inputs, got {len(leaves)}")
+                raise BackendError(
+                    f"{self.spec_path}: the ONNX model takes {len(names)} tensor inputs, got {len(leaves)}"
+                )
             feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, leaves)}
             outputs.append([torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)])
             ref = module(*args)

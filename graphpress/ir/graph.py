@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.utils._pytree as pytree
 from torch import fx
 from torch._guards import detect_fake_mode
@@ -315,7 +316,9 @@ class SubgraphBuilder:
         """Insert ``op(*args, **kwargs)``; ``module`` is a sub-path for nn_module_stack."""
         node = self.graph.fx.call_function(op, tuple(args), kwargs)
         fake_args = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
-        with self._fake_mode:
+        # Size-oblivious, as at capture: otherwise a size-1 example dimension would be
+        # guarded (Eq(s0, 1)) here and specialised by the next re-trace (e.g. ONNX export).
+        with self._fake_mode, fx_config.patch(backed_size_oblivious=True):
             node.meta["val"] = op(*fake_args[0], **fake_args[1])
         stack = dict(self.origin.meta.get("nn_module_stack", {}))
         if module is not None:

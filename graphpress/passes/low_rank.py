@@ -50,7 +50,7 @@ class LowRank(Pass):
             rank = self.rank_for(linear)
             dense = linear.in_features * linear.out_features
             factored = rank * (linear.in_features + linear.out_features)
-            if factored >= dense:
+            if factored >= dense and self.config.only_if_smaller:
                 report.layers.append(
                     LayerReport(
                         linear.path,

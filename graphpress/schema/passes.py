@@ -40,7 +40,7 @@ class LowRankConfig(PassConfig):
     """Factor a linear y = W x (W: out x in) into y = B (A x), A: rank x in, B: out x rank.
 
     A layer is left alone (and reported as skipped) when rank * (in + out) >= in * out,
-    i.e. when factoring would not save parameters.
+    i.e. when factoring would not save parameters, unless ``only_if_smaller`` is false.
     """
 
     pass_: Literal["low_rank"] = Field(alias="pass")
@@ -49,6 +49,7 @@ class LowRankConfig(PassConfig):
         description="A fixed rank for every targeted layer (int), or {'param_ratio': r} per layer."
     )
     min_rank: int = Field(1, ge=1, description="Never factor below this rank.")
+    only_if_smaller: bool = Field(True, description="Skip layers where factoring would not save parameters.")
 
 
 PASS_CONFIGS: dict[str, type[PassConfig]] = {"low_rank": LowRankConfig}

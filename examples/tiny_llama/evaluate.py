@@ -1,0 +1,49 @@
+"""Held-out perplexity of TinyLlama: the eager original, and any exported ONNX file of it.
+
+    python -m examples.tiny_llama.evaluate out/tiny_llama/model.onnx
+
+Both are scored on the same shipped held-out text with the same windows, so the
+figures compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from graphpress.metrics import perplexity
+
+from .data import load_split
+from .model import load_model
+
+
+class OnnxLM:
+    """An onnxruntime session that takes and returns torch tensors, so `perplexity` can score it."""
+
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: input_ids.numpy()})[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("onnx", nargs="*", help="ONNX files of the example LM to score beside the eager original")
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args(argv)
+    heldout = load_split("heldout")
+    print(f"held-out perplexity ({len(heldout):,} bytes, windows of {args.seq_len}):")
+    print(f"  original (eager)  {perplexity(load_model(), heldout, seq_len=args.seq_len):.4f}")
+    for path in args.onnx:
+        print(f"  {path}  {perplexity(OnnxLM(path), heldout, seq_len=args.seq_len):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""compress() and the CLI end to end: capture -> passes -> verify -> ONNX -> report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graphpress import SpecError, VerificationError, compress
+from graphpress.cli import main
+
+from .conftest import rel_err, state_hash
+
+SPEC = {
+    "passes": [{"pass": "low_rank", "targets": "layers.*.mlp.*", "rank": {"param_ratio": 0.5}}],
+    "verify": {"max": 1.0},
+}
+
+
+def test_compress_module_end_to_end(tiny_llama, token_batch, tmp_path):
+    before = state_hash(tiny_llama)
+    calibration = [(torch.randint(0, 256, (2, 16)),) for _ in range(2)]
+    result = compress(tiny_llama, SPEC, (token_batch,), calibration_data=calibration, out_dir=tmp_path)
+    assert state_hash(tiny_llama) == before  # the user's model is untouched
+
+    assert set(result.artifacts) == {"onnx", "report_json", "report_md"}
+    assert result.artifacts["onnx"] == tmp_path / "model.onnx"
+    report = json.loads((tmp_path / "report.json").read_text())
+    (low_rank,) = report["passes"]
+    assert low_rank["name"] == "low_rank" and len(low_rank["layers"]) == 6
+    for layer in low_rank["layers"]:
+        assert layer["params_after"] < layer["params_before"]
+        assert 0 < layer["details"]["output_error"] < 1
+    assert report["compressed"]["params"] < report["original"]["params"]
+    assert low_rank["verification"]["passed"]
+    onnx_record = report["backends"][0]
+    assert onnx_record["errors"]["rel_l2"] <= onnx_record["tolerance"]
+
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert rel_err(result.model(x), result.graph(x)) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "layers.0.mlp.up_proj" in md and "## backend: onnx" in md
+
+
+def test_verification_failure_stops_before_backends(tiny_llama, token_batch, tmp_path):
+    spec = {**SPEC, "verify": {"max": 1e-6}}
+    with pytest.raises(VerificationError, match=r"passes\[0\] \(low_rank\)"):
+        compress(tiny_llama, spec, (token_batch,), out_dir=tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_compress_without_example_inputs_is_a_clear_error(tiny_llama):
+    with pytest.raises(Exception, match="needs example_inputs"):
+        compress(tiny_llama, SPEC)
+
+
+@pytest.mark.slow
+def test_cli_on_the_bundled_example(tmp_path, trained_llama):
+    """The README's main job: compress examples/tiny_llama with its spec."""
+    before = state_hash(trained_llama)
+    code = main(
+        [
+            "compress",
+            "--model",
+            "examples/tiny_llama",
+            "--spec",
+            "examples/tiny_llama/spec.json",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert {"model.onnx", "report.json", "report.md"} <= {p.name for p in tmp_path.iterdir()}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["calibration"]["source"] == "model directory"
+    assert report["backends"][0]["errors"]["rel_l2"] < 1e-4
+    assert state_hash(trained_llama) == before
+
+
+def test_cli_typo_names_the_field(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"passes": [{"pass": "low_rank", "rnak": 8}]}))
+    code = main(["compress", "--model", "examples/tiny_llama", "--spec", str(spec), "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "passes[0].rnak" in err and "did you mean 'rank'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_schema_prints_json():
+    out = subprocess.run([sys.executable, "-m", "graphpress", "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(out.stdout)
+    assert "passes" in schema["properties"]
+
+
+def test_spec_errors_are_typed():
+    with pytest.raises(SpecError):
+        compress(torch.nn.Linear(2, 2), {"passes": [{"pass": "nope"}]}, (torch.randn(1, 2),))

@@ -1,0 +1,77 @@
+"""ONNX backend: onnxruntime parity, dynamic axes, atomic writes, same graph => same bytes."""
+
+import os
+
+import onnx
+import pytest
+import torch
+
+from graphpress import BackendError
+from graphpress.backends import OnnxBackend
+from graphpress.backends.base import staging_dir
+from graphpress.ir import capture
+from graphpress.schema import OnnxBackendConfig
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_llama):
+    return capture(tiny_llama, (torch.randint(0, 256, (2, 16)),))
+
+
+def backend(**kw):
+    return OnnxBackend(OnnxBackendConfig(target="onnx", **kw), "backends[0]")
+
+
+def test_export_runs_in_onnxruntime_with_dynamic_shapes(graph, tmp_path):
+    inputs = [(torch.randint(0, 256, (1, 7)),), (torch.randint(0, 256, (3, 33)),)]  # not the capture shape
+    record = backend().build(graph, inputs, tmp_path)
+    assert record.errors["rel_l2"] < 1e-5
+    assert os.listdir(tmp_path) == ["model.onnx"]
+    assert record.files == {"model.onnx": (tmp_path / "model.onnx").stat().st_size}
+    assert record.op_histogram["MatMul"] >= 15
+    model = onnx.load(tmp_path / "model.onnx")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims)  # batch and sequence are symbolic
+    onnx.checker.check_model(model)
+
+
+def test_same_graph_gives_the_same_bytes(graph, tmp_path):
+    inputs = [(torch.randint(0, 256, (2, 8)),)]
+    backend().build(graph, inputs, tmp_path / "a")
+    backend().build(graph, inputs, tmp_path / "b")
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+
+
+def test_external_data_when_asked(graph, tmp_path):
+    record = backend(external_data="always").build(graph, [(torch.randint(0, 256, (2, 8)),)], tmp_path)
+    assert sorted(record.files) == ["model.onnx", "model.onnx.data"]
+    assert record.files["model.onnx"] < record.files["model.onnx.data"]
+    assert record.errors["rel_l2"] < 1e-5
+
+
+def test_failed_validation_leaves_nothing_behind(graph, tmp_path, monkeypatch):
+    monkeypatch.setattr(OnnxBackend, "validate", lambda *a: {"rel_l2": 1.0, "max_abs": 1.0})
+    with pytest.raises(BackendError, match=r"backends\[0\]: onnxruntime output differs"):
+        backend().build(graph, [(torch.randint(0, 256, (2, 8)),)], tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_staging_dir_is_removed_on_error(tmp_path):
+    with pytest.raises(RuntimeError), staging_dir(tmp_path) as tmp:
+        (tmp / "half.onnx").write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+
+
+def test_rewritten_graph_captured_at_batch_1_stays_dynamic(tiny_llama, tmp_path):
+    """Regression: computing new nodes' metadata must not guard the size-1 example batch (Eq(s0, 1))."""
+    from graphpress.passes import PassContext, build_pass
+    from graphpress.schema import load_spec
+
+    graph = capture(tiny_llama, (torch.randint(0, 256, (1, 16)),))
+    spec = load_spec({"passes": [{"pass": "low_rank", "targets": "layers.*.mlp.*", "rank": 8}]})
+    rewritten = build_pass(spec.passes[0]).run(graph, PassContext([(torch.randint(0, 256, (1, 16)),)])).graph
+    record = backend().build(rewritten, [(torch.randint(0, 256, (4, 9)),)], tmp_path)
+    assert record.errors["rel_l2"] < 1e-5
+    output = onnx.load(tmp_path / "model.onnx").graph.output[0]
+    assert all(d.dim_param for d in output.type.tensor_type.shape.dim[:2])
