@@ -99,3 +99,11 @@ def test_revision_changes_with_every_edit(graph):
     before = work.revision
     work.add_parameter("extra", torch.ones(1))
     assert work.revision != before
+
+
+def test_clone_keeps_the_signature_when_fx_renames_a_node():
+    """nn.Sequential's placeholder is called 'input'; a copied graph may call it 'input_1'."""
+    graph = capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+    clone = graph.clone()
+    x = torch.randn(3, 4)
+    assert torch.equal(clone(x), graph(x))

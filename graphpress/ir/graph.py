@@ -13,6 +13,7 @@ torch.export produces them: a new parameter is a new placeholder plus an
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import itertools
 from collections.abc import Callable, Iterable, Sequence
@@ -195,11 +196,15 @@ class Graph:
         out_val, out_node = graph.graph_copy(ep.graph, val_map, return_output_node=True)
         graph.output(out_val).meta.update(out_node.meta)
         root = fx.GraphModule(ep.graph_module, graph)
+        renamed = {old.name: new.name for old, new in val_map.items() if old.name != new.name}
         sig = ep.graph_signature
         program = ExportedProgram(
             root=root,
             graph=root.graph,
-            graph_signature=ExportGraphSignature(list(sig.input_specs), list(sig.output_specs)),
+            graph_signature=ExportGraphSignature(
+                [_renamed(spec, renamed) for spec in sig.input_specs],
+                [_renamed(spec, renamed) for spec in sig.output_specs],
+            ),
             state_dict=dict(ep.state_dict),
             range_constraints=dict(ep.range_constraints),
             module_call_graph=list(ep.module_call_graph),
@@ -283,6 +288,14 @@ class Graph:
             removed.append(name)
         self._changed()
         return removed
+
+
+def _renamed(spec, renamed: dict[str, str]):
+    """A signature spec pointing at the copied node (FX may rename a node on copy, e.g. 'input')."""
+    name = getattr(spec.arg, "name", None)
+    if name not in renamed:
+        return spec
+    return dataclasses.replace(spec, arg=dataclasses.replace(spec.arg, name=renamed[name]))
 
 
 class _TapInterpreter(fx.Interpreter):
