@@ -10,31 +10,18 @@ same inputs, interleaved (so machine noise hits both alike), and prints ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import interleaved_median
 from examples.tiny_llama.data import load_split
 from examples.tiny_llama.evaluate import OnnxLM
 from graphpress import compress
 from graphpress.metrics import perplexity
 from graphpress.schema import load_spec
-
-
-def time_interleaved(models: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each model, calls alternating between models."""
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():
-        model(x)  # warm-up
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main() -> None:
@@ -70,7 +57,7 @@ def main() -> None:
         )
         for shape in ((1, 256), (8, 256)):
             x = torch.randint(0, 256, shape)
-            lat = time_interleaved(onnx, x, args.repeats)
+            lat = interleaved_median(onnx, x, args.repeats)
             print(
                 f"onnxruntime latency {shape}: original {lat['original'] * 1e3:.2f} ms, compressed "
                 f"{lat['compressed'] * 1e3:.2f} ms, speed-up {lat['original'] / lat['compressed']:.2f}x"

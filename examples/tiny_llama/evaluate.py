@@ -20,7 +20,7 @@ from .model import load_model
 
 
 class OnnxLM:
-    """An onnxruntime session that takes and returns torch tensors, so `perplexity` can score it."""
+    """An onnxruntime session (one input, first output) called with and returning torch tensors."""
 
     def __init__(self, path: str):
         import onnxruntime as ort

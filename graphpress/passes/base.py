@@ -41,6 +41,7 @@ class PassReport:
     seconds: float = 0.0
     verification: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
     children: list[PassReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""What every pass can read: calibration inputs, the seed, and activations collected on demand."""
+"""What every pass can read: calibration inputs, the seed, and statistics collected on demand.
+
+Statistics are collected in one sweep over the calibration data per request and
+cached by (graph revision, node), so passes that ask again, or ask for linears that
+share an input (q/k/v, gate/up), pay nothing more.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +11,97 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
+from ..metrics import logits_of
+
+
+@dataclass(frozen=True)
+class LinearInputs:
+    """A linear's input on the calibration data.
+
+    ``gram`` is X^T X over *all* calibration rows (in x in, float32): what activation-aware
+    factorizations need. ``rows`` is a seeded sample of at most ``max_rows`` rows of X,
+    enough to measure output error.
+    """
+
+    rows: torch.Tensor
+    gram: torch.Tensor
+    count: int
 
 
 @dataclass
 class PassContext:
-    """Shared by all passes of one run.
-
-    ``calibration_inputs`` are positional-argument tuples for the model. Activations
-    are collected once per (graph, node) and reused by later requests.
-    """
+    """Shared by all passes of one run. ``calibration_inputs`` are positional-argument tuples."""
 
     calibration_inputs: list[tuple]
     seed: int = 0
-    max_rows: int = 4096
+    max_rows: int = 2048
     spec_path: str = "passes"
-    _inputs_cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    _inputs: dict[tuple[int, str], LinearInputs] = field(default_factory=dict, repr=False)
+    _grad_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def linear_inputs(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, torch.Tensor]:
-        """Rows of each linear's input on the calibration data, (rows, in_features), at most max_rows.
-
-        Rows beyond ``max_rows`` are dropped by a seeded random choice, so the sample is
-        the same run after run.
-        """
-        missing = [lin for lin in linears if (graph.revision, lin.node.name) not in self._inputs_cache]
+    def linear_inputs(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, LinearInputs]:
+        """Inputs of each linear (keyed by the linear's node name) on the calibration data."""
+        producers = {lin.node.name: lin.node.args[0].name for lin in linears}
+        missing = {p for p in producers.values() if (graph.revision, p) not in self._inputs}
         if missing:
-            rows: dict[str, list[torch.Tensor]] = {lin.node.name: [] for lin in missing}
-            taps = {}
-            for lin in missing:
-                taps[lin.node.args[0].name] = taps.get(lin.node.args[0].name, [])
-                taps[lin.node.args[0].name].append(lin.node.name)
+            rows: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
+            grams: dict[str, torch.Tensor] = {}
 
-            def make_tap(consumers):
-                def tap(value):
-                    flat = value.detach().reshape(-1, value.shape[-1]).float()
-                    for name in consumers:
-                        rows[name].append(flat)
+            def tap(producer):
+                def record(value):
+                    x = value.detach().reshape(-1, value.shape[-1]).float()
+                    rows[producer].append(x)
+                    grams[producer] = grams[producer] + x.T @ x if producer in grams else x.T @ x
 
-                return tap
+                return record
 
-            callbacks = {producer: make_tap(consumers) for producer, consumers in taps.items()}
             for args in self.calibration_inputs:
-                graph.run_with_taps(args, callbacks)
+                graph.run_with_taps(args, {p: tap(p) for p in missing})
             gen = torch.Generator().manual_seed(self.seed)
-            for name, chunks in rows.items():
-                x = torch.cat(chunks)
-                if len(x) > self.max_rows:
-                    x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
-                self._inputs_cache[(graph.revision, name)] = x
-        return {lin.node.name: self._inputs_cache[(graph.revision, lin.node.name)] for lin in linears}
+            for producer in sorted(missing):
+                x = torch.cat(rows.pop(producer))
+                count = len(x)
+                if count > self.max_rows:
+                    x = x[torch.randperm(count, generator=gen)[: self.max_rows].sort().values]
+                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer), count)
+        return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
+
+    def weight_grad_squares(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, torch.Tensor]:
+        """Sum over calibration samples of (dL/dW)^2 for each linear's weight (keyed by weight name).
+
+        L is the causal-LM loss (next-token cross-entropy of the logits against the input
+        ids shifted by one), computed per calibration batch: the empirical Fisher
+        information of the weights, as Fisher-weighted SVD uses it.
+        """
+        missing = [lin.weight for lin in linears if (graph.revision, lin.weight) not in self._grad_squares]
+        if missing:
+            module = graph.module()
+            params = dict(module.named_parameters())
+            sums = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in missing}
+            for args in self.calibration_inputs:
+                ids = args[0]
+                if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+                    raise PassPreconditionError(
+                        f"{self.spec_path}: the Fisher weights use the causal-LM loss, which needs integer "
+                        "input ids (batch, seq) as the first model input"
+                    )
+                module.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    logits = logits_of(module(*args))
+                    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+                        raise PassPreconditionError(
+                            f"{self.spec_path}: the Fisher weights need logits (batch, seq, vocab) as the model "
+                            f"output; got shape {tuple(logits.shape)}"
+                        )
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    loss.backward()
+                for name in missing:
+                    sums[name] += params[name].grad.double().square()
+            module.zero_grad(set_to_none=True)
+            for name in missing:
+                self._grad_squares[(graph.revision, name)] = sums[name]
+        return {lin.weight: self._grad_squares[(graph.revision, lin.weight)] for lin in linears}

@@ -1,28 +1,63 @@
-"""low_rank: factor a linear into two thin linears by truncated SVD.
+"""low_rank: factor a linear into two thin linears, y = B (A x) + b.
 
-    W (out x in) = U S V^T  ~=  B A,   A = S_r^{1/2} V_r^T (rank x in),   B = U_r S_r^{1/2} (out x rank)
+Every method truncates the SVD of a *scaled* weight M = D W S, the scaling chosen
+so that the truncation error of M is the error the method cares about:
 
-so y = W x + b becomes y = B (A x) + b: two ``aten.linear`` calls, no custom op, and
-an ONNX export of two MatMuls. By Eckart-Young the truncation minimises ||W - B A||_F
-for the rank. The singular values are split evenly between the factors to keep both
-well scaled in low precision.
+    svd           D = I, S = I               ||W - W'||_F                     (Eckart-Young)
+    whitened_svd  D = I, S = chol(X^T X)     ||X (W - W')^T||_F = ||(W - W') S||_F
+                                                                           (SVD-LLM; ASVD's aim)
+    fisher_svd    D = diag(sqrt(I_i)), S = I  sum_i I_i ||W_i - W'_i||^2   (FWSVD, Hsu et al. 2022)
 
-Invariant: at full rank (rank = min(in, out)) the factored layer equals the original
-up to floating-point error. A layer is left alone, and reported as skipped, when
-rank * (in + out) >= in * out: factoring it would not save parameters.
+with X the calibration inputs of the layer and I_i the Fisher information of output
+row i (sum of squared gradients of the LM loss). With M ~= U_r Sigma_r V_r^T,
+
+    A = Sigma_r^1/2 V_r^T S^-1   (rank x in),     B = D^-1 U_r Sigma_r^1/2   (out x rank)
+
+The factored layer is two ``aten.linear`` nodes, '<path>.0' and '<path>.1' (no custom op;
+two MatMuls in ONNX). Ranks come from a fixed rank, a per-layer parameter ratio or
+spectrum energy, or one budget for all targeted layers, allocated greedily by the
+marginal gain of each singular value (its share of its layer's squared spectrum, per
+parameter it costs).
+
+Invariants (tested): at full rank the factored layer equals the original; whitened
+output error <= plain output error on the calibration data; a budget is never exceeded.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
-from ..schema import LowRankConfig, ParamRatio
+from ..schema import Energy, GlobalBudget, LowRankConfig, ParamRatio
 from .base import LayerReport, Pass, PassReport
-from .context import PassContext
+from .context import LinearInputs, PassContext
 from .registry import register
 
 SPECTRUM_POINTS = 512  # singular values kept in the report (enough to plot; evenly subsampled beyond)
+FLOAT64_MAX_DIM = 1024  # scaled matrices up to this size are factored in float64; larger in float32
+
+
+@dataclass
+class Scaled:
+    """M = D W S for one layer, and how to undo the scaling on the factors."""
+
+    matrix: torch.Tensor
+    row_scale: torch.Tensor | None  # D's diagonal, (out,)
+    whitener: torch.Tensor | None  # S, lower-triangular (in, in)
+
+    def factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) from the truncated SVD of M."""
+        root = s.sqrt()
+        a = root[:, None] * vh
+        b = u * root[None, :]
+        if self.whitener is not None:  # A = A' S^-1  <=>  S^T A^T = A'^T
+            a = torch.linalg.solve_triangular(self.whitener.T, a.T, upper=True).T
+        if self.row_scale is not None:
+            b = b / self.row_scale[:, None]
+        return a, b
 
 
 @register
@@ -33,64 +68,222 @@ class LowRank(Pass):
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         self.require_linears(graph, ctx)
 
-    def rank_for(self, linear: Linear) -> int:
-        full = min(linear.in_features, linear.out_features)
+    # ------------------------------------------------------------------ scaling
+    def scaled(
+        self,
+        weight: torch.Tensor,
+        inputs: LinearInputs,
+        grad_sq: torch.Tensor | None,
+        whiteners: dict[int, torch.Tensor],
+    ) -> Scaled:
+        """M = D W S for this pass's method; ``whiteners`` caches S for linears that share an input."""
+        dtype = torch.float64 if min(weight.shape) <= FLOAT64_MAX_DIM else torch.float32
+        w = weight.detach().to(dtype)
+        if self.config.method == "whitened_svd":
+            key = id(inputs.gram)  # q/k/v (and gate/up) share one X^T X object, so one S
+            if key not in whiteners:
+                whiteners[key] = whitener(inputs.gram.to(torch.float64), self.config.damping)
+            s = whiteners[key].to(dtype)
+            return Scaled(w @ s, None, s)
+        if self.config.method == "fisher_svd":
+            importance = grad_sq.sum(dim=1)  # I_i: Fisher information of output row i
+            floor = max(importance.mean().item() * 1e-6, torch.finfo(torch.float64).tiny)  # rows with no gradient
+            d = (importance + floor).sqrt().to(dtype)
+            return Scaled(d[:, None] * w, d, None)
+        return Scaled(w, None, None)
+
+    # ------------------------------------------------------------------ ranks
+    def fixed_rank(self, linear: Linear) -> int | None:
+        """The rank a per-layer policy gives without looking at the spectrum (None: it must look)."""
         rank = self.config.rank
+        if isinstance(rank, int):
+            return rank
         if isinstance(rank, ParamRatio):
-            rank = int(
+            return int(
                 rank.param_ratio * linear.in_features * linear.out_features / (linear.in_features + linear.out_features)
             )
-        return max(self.config.min_rank, min(rank, full))
+        return None
 
+    def clamp(self, linear: Linear, rank: int) -> int:
+        return max(self.config.min_rank, min(rank, linear.in_features, linear.out_features))
+
+    def allocate(
+        self,
+        graph: Graph,
+        linears: list[Linear],
+        spectra: dict[str, torch.Tensor],
+        ctx: PassContext,
+        report: PassReport,
+    ) -> dict[str, int]:
+        rank = self.config.rank
+        if isinstance(rank, Energy):
+            return {lin.node.name: self.clamp(lin, energy_rank(spectra[lin.node.name], rank.energy)) for lin in linears}
+        if isinstance(rank, GlobalBudget):
+            return self.budget_ranks(graph, linears, spectra, ctx, report)
+        return {lin.node.name: self.clamp(lin, self.fixed_rank(lin)) for lin in linears}
+
+    def budget_ranks(
+        self,
+        graph: Graph,
+        linears: list[Linear],
+        spectra: dict[str, torch.Tensor],
+        ctx: PassContext,
+        report: PassReport,
+    ) -> dict[str, int | None]:
+        """Greedy: grow ranks by the singular value with the largest (share of its layer's squared
+        spectrum) / (cost of one more rank). A layer's last step, from its largest useful rank to
+        staying dense (None), is an item too: gain the whole tail, cost the remaining parameters.
+        """
+        budget = self.config.rank.budget
+        unit = {lin.node.name: graph.weight(lin.weight).element_size() if budget.bytes else 1 for lin in linears}
+        target = budget.bytes or budget.params or int(budget.param_ratio * sum(lin.params for lin in linears))
+        ranks: dict[str, int | None] = {}
+        spent, items = 0, []
+        for order, lin in enumerate(linears):
+            name, cap = lin.node.name, max_useful_rank(lin)
+            if cap < self.config.min_rank:  # too small to factor
+                ranks[name], spent = None, spent + lin.params * unit[name]
+                continue
+            per_rank = (lin.in_features + lin.out_features) * unit[name]
+            ranks[name] = self.config.min_rank
+            spent += (lin.params - lin.in_features * lin.out_features) * unit[name] + self.config.min_rank * per_rank
+            energy = spectra[name].double().square()
+            share = (energy / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)).tolist()
+            items += [(-share[k] / per_rank, order, k, name, per_rank) for k in range(self.config.min_rank, cap)]
+            to_dense = (lin.in_features * lin.out_features - cap * (lin.in_features + lin.out_features)) * unit[name]
+            items.append((-sum(share[cap:]) / to_dense, order, cap, name, to_dense))
+        if spent > target:
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.rank.budget: {target:,} is below the least these layers can take "
+                f"({spent:,} at min_rank {self.config.min_rank}); raise the budget or lower min_rank"
+            )
+        caps = {lin.node.name: max_useful_rank(lin) for lin in linears}
+        blocked = set()
+        for _, _, k, name, cost in sorted(items, key=lambda item: item[:3]):
+            if name in blocked or k != ranks[name]:
+                continue
+            if spent + cost > target:
+                blocked.add(name)
+                continue
+            ranks[name] = None if k == caps[name] else k + 1
+            spent += cost
+        report.details["budget"] = {"target": target, "spent": spent, "unit": "bytes" if budget.bytes else "params"}
+        return ranks
+
+    # ------------------------------------------------------------------ the pass
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
         report = self.new_report()
+        report.details["method"] = self.config.method
         linears = self.selected_linears(graph, ctx)
         inputs = ctx.linear_inputs(graph, linears)
-        for linear in linears:
-            rank = self.rank_for(linear)
-            dense = linear.in_features * linear.out_features
-            factored = rank * (linear.in_features + linear.out_features)
-            if factored >= dense and self.config.only_if_smaller:
+        grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
+        whiteners: dict[int, torch.Tensor] = {}
+
+        def scaled_of(lin: Linear) -> Scaled:
+            return self.scaled(graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners)
+
+        spectra = {}
+        if any(self.fixed_rank(lin) is None for lin in linears):
+            spectra = {lin.node.name: torch.linalg.svdvals(scaled_of(lin).matrix) for lin in linears}
+        ranks = self.allocate(graph, linears, spectra, ctx, report)
+
+        for lin in linears:
+            rank = ranks[lin.node.name]
+            if rank is None:
+                reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
                 report.layers.append(
-                    LayerReport(
-                        linear.path,
-                        "skipped",
-                        linear.params,
-                        linear.params,
-                        {"rank": rank, "reason": f"rank {rank} x (in + out) = {factored} >= in x out = {dense}"},
-                    )
+                    LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": None, "reason": reason})
                 )
                 continue
-            weight = graph.weight(linear.weight)
-            bias = graph.weight(linear.bias) if linear.bias else None
-            a, b, spectrum = factor(weight, rank)
-            graph.replace_linear(linear, two_linears(a, b, bias))
-            x = inputs[linear.node.name]
-            report.layers.append(
-                LayerReport(
-                    linear.path,
-                    "factored",
-                    linear.params,
-                    factored + (linear.out_features if bias is not None else 0),
-                    {
-                        "rank": rank,
-                        "full_rank": min(linear.in_features, linear.out_features),
-                        "weight_error": relative_error(b.float() @ a.float(), weight.float()),
-                        "output_error": relative_error(x @ (b.float() @ a.float()).T, x @ weight.float().T),
-                        "spectrum": subsample(spectrum, SPECTRUM_POINTS),
-                    },
+            factored = rank * (lin.in_features + lin.out_features)
+            if factored >= lin.in_features * lin.out_features and self.config.only_if_smaller:
+                reason = f"rank {rank} x (in + out) = {factored} >= in x out = {lin.in_features * lin.out_features}"
+                report.layers.append(
+                    LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": rank, "reason": reason})
                 )
-            )
+                continue
+            report.layers.append(self.factor_layer(graph, lin, rank, scaled_of(lin), inputs[lin.node.name], ctx))
         return report
+
+    def factor_layer(
+        self, graph: Graph, lin: Linear, rank: int, scaled: Scaled, inputs: LinearInputs, ctx: PassContext
+    ) -> LayerReport:
+        weight = graph.weight(lin.weight)
+        bias = graph.weight(lin.bias) if lin.bias else None
+        kind = self.svd_kind(lin, rank)
+        if kind == "randomized":
+            gen = torch.Generator().manual_seed(ctx.seed)
+            u, s, vh = randomized_svd(scaled.matrix, rank + self.config.oversample, self.config.power_iters, gen)
+        else:
+            u, s, vh = torch.linalg.svd(scaled.matrix, full_matrices=False)
+        a, b = scaled.factors(u[:, :rank], s[:rank], vh[:rank])
+        graph.replace_linear(lin, two_linears(a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous(), bias))
+        approx, exact = (b @ a).float(), weight.detach().float()
+        x = inputs.rows
+        return LayerReport(
+            lin.path,
+            "factored",
+            lin.params,
+            rank * (lin.in_features + lin.out_features) + (lin.out_features if bias is not None else 0),
+            {
+                "rank": rank,
+                "full_rank": min(lin.in_features, lin.out_features),
+                "method": self.config.method,
+                "svd": kind,
+                "weight_error": relative_error(approx, exact),
+                "output_error": relative_error(x @ approx.T, x @ exact.T),
+                "spectrum": subsample(s, SPECTRUM_POINTS),
+                "spectrum_complete": kind == "exact",
+            },
+        )
+
+    def svd_kind(self, lin: Linear, rank: int) -> str:
+        if self.config.svd != "auto":
+            return self.config.svd
+        smaller = min(lin.in_features, lin.out_features)
+        return "randomized" if smaller >= 1024 and rank + self.config.oversample <= smaller // 2 else "exact"
+
+
+def whitener(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower-triangular S with S S^T = X^T X + lambda I, lambda = damping * mean diag (grown until PD)."""
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    ridge = damping * gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    for _ in range(8):
+        s, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if info == 0:
+            return s
+        ridge = max(ridge * 10, torch.finfo(gram.dtype).eps)
+    raise PassPreconditionError("the calibration inputs' covariance is not positive definite even with damping")
+
+
+def randomized_svd(matrix: torch.Tensor, columns: int, power_iters: int, gen: torch.Generator):
+    """Top singular triplets by a seeded randomized range finder (Halko, Martinsson, Tropp 2011)."""
+    columns = min(columns, *matrix.shape)
+    omega = torch.randn(matrix.shape[1], columns, generator=gen, dtype=matrix.dtype)
+    q = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(matrix.T @ q).Q
+        q = torch.linalg.qr(matrix @ q).Q
+    u_small, s, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)
+    return q @ u_small, s, vh
+
+
+def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
+    """Smallest r with sum_{k<r} s_k^2 >= energy * sum s_k^2."""
+    cumulative = spectrum.double().square().cumsum(0)
+    return int(torch.searchsorted(cumulative, energy * cumulative[-1] * (1 - 1e-12)).item()) + 1
+
+
+def max_useful_rank(lin: Linear) -> int:
+    """The largest rank at which two factors hold fewer parameters than the dense weight."""
+    return (lin.in_features * lin.out_features - 1) // (lin.in_features + lin.out_features)
 
 
 def factor(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, B, singular values) with B @ A the best rank-`rank` approximation of `weight`."""
+    """Plain truncated SVD: (A, B, singular values) with B @ A the best rank-`rank` approximation."""
     u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-    root = s[:rank].sqrt()
-    a = (root[:, None] * vh[:rank]).to(weight.dtype).contiguous()
-    b = (u[:, :rank] * root[None, :]).to(weight.dtype).contiguous()
-    return a, b, s
+    a, b = Scaled(weight, None, None).factors(u[:, :rank], s[:rank], vh[:rank])
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous(), s
 
 
 def two_linears(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):

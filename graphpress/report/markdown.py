@@ -21,6 +21,12 @@ def _fmt_err(x) -> str:
     return "" if x is None else f"{x:.3g}"
 
 
+def _fmt_detail(value) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_fmt_detail(v)}" for k, v in value.items()) + ")"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "n/a"
 
@@ -50,6 +56,8 @@ def render_markdown(report: CompressionReport) -> str:
                 f"Verification vs original ({verdict}): {v['metric']} = {v[v['metric']]:.4g} (max {v['max']:g}); "
                 f"rel_l2 {v['rel_l2']:.4g}, max_abs {v['max_abs']:.4g}, cosine distance {v['cosine_distance']:.3g}."
             )
+        if p.get("details"):
+            lines.append("Details: " + "; ".join(f"{k} {_fmt_detail(v)}" for k, v in p["details"].items()) + ".")
         lines += [
             f"Parameters {_fmt_int(p['params_before'])} -> {_fmt_int(p['params_after'])}; time {p['seconds']:.2f} s.",
             "",

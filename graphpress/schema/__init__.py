@@ -2,11 +2,14 @@
 
 from .backends import BACKEND_CONFIGS, OnnxBackendConfig
 from .loading import json_schema, load_spec
-from .passes import PASS_CONFIGS, LowRankConfig, ParamRatio, PassConfig
+from .passes import PASS_CONFIGS, Budget, Energy, GlobalBudget, LowRankConfig, ParamRatio, PassConfig
 from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
 
 __all__ = [
     "BACKEND_CONFIGS",
+    "Budget",
+    "Energy",
+    "GlobalBudget",
     "PASS_CONFIGS",
     "CalibrationConfig",
     "CaptureConfig",

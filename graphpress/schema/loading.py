@@ -54,7 +54,7 @@ def json_schema() -> dict:
 
 def _describe(err: dict, data: Any) -> tuple[str, str]:
     path, model = _json_path(err["loc"], data, keep_missing_key=err["type"] == "missing")
-    kind, msg = err["type"], err["msg"]
+    kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden" and model is not None:
         field = str(err["loc"][-1])
         allowed = sorted(f.alias or name for name, f in model.model_fields.items())

@@ -7,9 +7,9 @@ Schema printed) without importing any pass.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from .base import StrictModel
 
@@ -24,9 +24,62 @@ Targets = Annotated[
 
 
 class ParamRatio(StrictModel):
-    """Keep this fraction of the layer's parameters: rank = floor(ratio * in * out / (in + out))."""
+    """Per layer, keep this fraction of its parameters: rank = floor(ratio * in * out / (in + out))."""
 
     param_ratio: float = Field(gt=0.0, le=1.0)
+
+
+class Energy(StrictModel):
+    """Per layer, the smallest rank whose singular values hold this fraction of the squared spectrum."""
+
+    energy: float = Field(gt=0.0, le=1.0)
+
+
+class Budget(StrictModel):
+    """One budget for all targeted layers together; give exactly one of the three."""
+
+    param_ratio: float | None = Field(None, gt=0.0, le=1.0, description="Fraction of the targeted layers' parameters.")
+    params: int | None = Field(None, gt=0, description="Parameters of the targeted layers after factoring.")
+    bytes: int | None = Field(
+        None, gt=0, description="Bytes of the targeted layers' weights and biases after factoring."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        given = [k for k in ("param_ratio", "params", "bytes") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of param_ratio, params, bytes (got {', '.join(given) or 'none'})")
+        return self
+
+
+class GlobalBudget(StrictModel):
+    """Ranks allocated across layers to minimise total (relative) error within one budget."""
+
+    budget: Budget
+
+
+def _rank_kind(value: Any) -> str | None:
+    """The tag of a rank policy: 'fixed' for an int, else the dict's single key."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "fixed"
+    if isinstance(value, dict) and len(value) == 1:
+        return next(iter(value))
+    if isinstance(value, StrictModel):
+        return next(iter(type(value).model_fields))
+    return None
+
+
+RankPolicy = Annotated[
+    Annotated[int, Tag("fixed"), Field(ge=1)]
+    | Annotated[ParamRatio, Tag("param_ratio")]
+    | Annotated[Energy, Tag("energy")]
+    | Annotated[GlobalBudget, Tag("budget")],
+    Discriminator(
+        _rank_kind,
+        custom_error_type="rank_policy",
+        custom_error_message="a rank policy is an int or one of {'param_ratio': r}, {'energy': e}, {'budget': {...}}",
+    ),
+]
 
 
 class PassConfig(StrictModel):
@@ -44,12 +97,29 @@ class LowRankConfig(PassConfig):
     """
 
     pass_: Literal["low_rank"] = Field(alias="pass")
-    method: Literal["svd"] = Field("svd", description="How W is factored: truncated SVD, W ~= U_r S_r V_r^T.")
-    rank: int | ParamRatio = Field(
-        description="A fixed rank for every targeted layer (int), or {'param_ratio': r} per layer."
+    method: Literal["svd", "whitened_svd", "fisher_svd"] = Field(
+        "svd",
+        description="svd: minimise weight error ||W - W'||_F. whitened_svd (SVD-LLM/ASVD): minimise output error "
+        "||X (W - W')^T||_F on the calibration inputs. fisher_svd (FWSVD): weight rows by their Fisher information.",
+    )
+    rank: RankPolicy = Field(
+        description="A fixed rank (int); {'param_ratio': r} or {'energy': e} per layer; or "
+        "{'budget': {'param_ratio' | 'params' | 'bytes': ...}} for all targeted layers together."
     )
     min_rank: int = Field(1, ge=1, description="Never factor below this rank.")
     only_if_smaller: bool = Field(True, description="Skip layers where factoring would not save parameters.")
+    svd: Literal["auto", "exact", "randomized"] = Field(
+        "auto",
+        description="randomized (Halko et al., seeded) is used by 'auto' when min(in, out) >= 1024 and "
+        "rank + oversample <= min(in, out) / 2.",
+    )
+    oversample: int = Field(10, ge=0, description="Extra columns of the randomized range finder.")
+    power_iters: int = Field(2, ge=0, description="Power iterations of the randomized range finder.")
+    damping: float = Field(
+        1e-4,
+        ge=0,
+        description="whitened_svd: ridge added to X^T X, relative to its mean diagonal (keeps it invertible).",
+    )
 
 
 PASS_CONFIGS: dict[str, type[PassConfig]] = {"low_rank": LowRankConfig}
