@@ -112,7 +112,7 @@ def latency_table(repeats: int) -> None:
         )
 
 
-def big_run(layers: int) -> None:
+def big_run(layers: int, methods: list[str]) -> None:
     cfg = TinyLlamaConfig(
         vocab_size=32000,
         hidden_size=2048,
@@ -134,7 +134,7 @@ def big_run(layers: int) -> None:
     start = time.perf_counter()
     graph = capture(model, calib[0])
     print(f"capture: {time.perf_counter() - start:.1f} s")
-    for method in ("svd", "whitened_svd"):
+    for method in methods:
         start = time.perf_counter()
         result = low_rank(method=method, targets="layers.*", rank={"param_ratio": 0.5}).run(graph, PassContext(calib))
         seconds = time.perf_counter() - start
@@ -155,14 +155,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--big", action="store_true", help="also time the pass on a ~1B-parameter Llama-shaped model")
     ap.add_argument("--big-layers", type=int, default=22)
-    ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--big-methods", default="svd,whitened_svd")
+    ap.add_argument("--only-big", action="store_true", help="skip the perplexity and latency tables")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    if not args.skip_ppl:
+    if not args.only_big:
         perplexity_table(args.heldout_bytes, args.samples)
-    latency_table(args.repeats)
-    if args.big:
-        big_run(args.big_layers)
+        latency_table(args.repeats)
+    if args.big or args.only_big:
+        big_run(args.big_layers, args.big_methods.split(","))
 
 
 if __name__ == "__main__":

@@ -76,12 +76,13 @@ class LowRank(Pass):
         grad_sq: torch.Tensor | None,
         whiteners: dict[int, torch.Tensor],
     ) -> Scaled:
-        """M = D W S for this pass's method; ``whiteners`` caches S for linears that share an input."""
+        """M = D W S for this pass's method; ``whiteners`` caches S for consecutive linears of one input."""
         dtype = torch.float64 if min(weight.shape) <= FLOAT64_MAX_DIM else torch.float32
         w = weight.detach().to(dtype)
         if self.config.method == "whitened_svd":
             key = id(inputs.gram)  # q/k/v (and gate/up) share one X^T X object, so one S
             if key not in whiteners:
+                whiteners.clear()  # linears of one input come together: keep one S, not one per input
                 whiteners[key] = whitener(inputs.gram.to(torch.float64), self.config.damping)
             s = whiteners[key].to(dtype)
             return Scaled(w @ s, None, s)
