@@ -107,3 +107,13 @@ def test_clone_keeps_the_signature_when_fx_renames_a_node():
     clone = graph.clone()
     x = torch.randn(3, 4)
     assert torch.equal(clone(x), graph(x))
+
+
+def test_program_code_is_current_after_edits(graph):
+    """Edits regenerate the module's code lazily; reading ``program`` must see every edit."""
+    work = graph.clone()
+    fc2 = work.linears("fc2")[0]
+    w = work.weight(fc2.weight)
+    work.replace_linear(fc2, lambda sub, h: sub.linear(sub.linear(h, "0", torch.eye(32)), "1", w))
+    code = work.program.graph_module.code
+    assert "p_fc2_0_weight" in code and "p_fc2_weight" not in code

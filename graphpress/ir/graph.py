@@ -67,15 +67,28 @@ _revisions = itertools.count()
 
 class Graph:
     def __init__(self, program: ExportedProgram):
-        self.program = program
+        self._program = program
+        self._stale_code = False
         self._module: torch.nn.Module | None = None
         self.revision = next(_revisions)
         """Unique across graphs and bumped by every change: a key for caches of computed values."""
 
     # ------------------------------------------------------------------ reading
     @property
+    def program(self) -> ExportedProgram:
+        """The ExportedProgram, its generated Python code brought up to date with the graph.
+
+        Edits only mark the code stale: regenerating it after every edit cost most of a
+        pass's time on large graphs (it is O(nodes) per edit).
+        """
+        if self._stale_code:
+            self._program.graph_module.recompile()
+            self._stale_code = False
+        return self._program
+
+    @property
     def fx(self) -> fx.Graph:
-        return self.program.graph
+        return self._program.graph
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -84,8 +97,8 @@ class Graph:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by name: parameters, buffers and lifted constants."""
         return {
-            **self.program.state_dict,
-            **{k: v for k, v in self.program.constants.items() if isinstance(v, torch.Tensor)},
+            **self._program.state_dict,
+            **{k: v for k, v in self._program.constants.items() if isinstance(v, torch.Tensor)},
         }
 
     def weight(self, name: str) -> torch.Tensor:
@@ -98,7 +111,7 @@ class Graph:
         """The stored tensor a placeholder node stands for, or None for user inputs and computed values."""
         if not isinstance(node, fx.Node) or node.op != "placeholder":
             return None
-        sig = self.program.graph_signature
+        sig = self._program.graph_signature
         return (
             sig.inputs_to_parameters.get(node.name)
             or sig.inputs_to_buffers.get(node.name)
@@ -172,7 +185,7 @@ class Graph:
 
         Interprets the lifted graph directly, so taps see the nodes passes select.
         """
-        ep = self.program
+        ep = self._program
         user_inputs = iter(pytree.tree_leaves((args, kwargs or {})))
         feeds = []
         for spec in ep.graph_signature.input_specs:
@@ -190,7 +203,7 @@ class Graph:
 
         Sharing is safe because Graph never writes into a tensor: it only rebinds names.
         """
-        ep = self.program
+        ep = self._program
         graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
         out_val, out_node = graph.graph_copy(ep.graph, val_map, return_output_node=True)
@@ -216,7 +229,7 @@ class Graph:
 
     # ------------------------------------------------------------------ mutating
     def _changed(self) -> None:
-        self.program.graph_module.recompile()
+        self._stale_code = True
         self._module = None
         self.revision = next(_revisions)
 
@@ -228,7 +241,7 @@ class Graph:
         """A new trainable parameter ``name`` (a state_dict key, e.g. 'layers.0.mlp.up_proj.0.weight')."""
         if name in self.tensors():
             raise ValueError(f"the graph already has a tensor named {name!r}")
-        specs = self.program.graph_signature.input_specs
+        specs = self._program.graph_signature.input_specs
         placeholders = [n for n in self.fx.nodes if n.op == "placeholder"]
         last_param = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1)
         anchor = placeholders[last_param + 1] if last_param + 1 < len(placeholders) else None
@@ -242,7 +255,7 @@ class Graph:
         value = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad or value.is_floating_point())
         node.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
         specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target=name))
-        self.program.state_dict[name] = value
+        self._program.state_dict[name] = value
         self._changed()
         return node
 
@@ -251,7 +264,7 @@ class Graph:
         old = self.weight(name)
         if old.shape != value.shape or old.dtype != value.dtype:
             raise ValueError(f"{name}: new value {tuple(value.shape)}/{value.dtype} != {tuple(old.shape)}/{old.dtype}")
-        store = self.program.state_dict if name in self.program.state_dict else self.program.constants
+        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
         store[name] = (
             torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
             if isinstance(old, torch.nn.Parameter)
@@ -276,14 +289,14 @@ class Graph:
     def remove_unused_tensors(self) -> list[str]:
         """Drop stored tensors no node reads any more (so bytes shrink when a pass replaces a weight)."""
         removed = []
-        specs = self.program.graph_signature.input_specs
+        specs = self._program.graph_signature.input_specs
         for node in [n for n in self.fx.nodes if n.op == "placeholder" and not n.users]:
             name = self.tensor_name(node)
             if name is None:
                 continue
             specs[:] = [s for s in specs if s.arg.name != node.name]
-            self.program.state_dict.pop(name, None)
-            self.program.constants.pop(name, None)
+            self._program.state_dict.pop(name, None)
+            self._program.constants.pop(name, None)
             self.fx.erase_node(node)
             removed.append(name)
         self._changed()
