@@ -3,6 +3,8 @@
 A *model directory* is a Python package (a folder with ``__init__.py``) that provides
 ``load_model()`` and ``example_inputs()``, and optionally
 ``calibration_batches(samples, seq_len, seed)``. ``examples/tiny_llama`` is one.
+'package.module:factory' names an importable module with the same functions, the
+model coming from ``factory()`` instead of ``load_model()``.
 """
 
 from __future__ import annotations
@@ -32,27 +34,28 @@ class ModelSource:
 def load_source(source: str | Path) -> ModelSource:
     """A ModelSource from a model directory path or a 'module:factory' reference."""
     path = Path(source)
+    factory = "load_model"
     if path.is_dir():
-        module = _import_directory(path)
+        module, name = _import_directory(path), path.resolve().name
     elif ":" in str(source):
         module_name, _, factory = str(source).partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise CaptureError(f"--model {source}: cannot import {module_name!r}: {exc}") from exc
-        if not hasattr(module, factory):
-            raise CaptureError(f"--model {source}: {module_name!r} has no attribute {factory!r}")
-        return ModelSource(_as_module(getattr(module, factory)(), source), name=factory)
+        name = factory
     else:
         raise CaptureError(f"--model {source}: not a model directory (a package folder) nor 'module:factory'")
-    for required in ("load_model", "example_inputs"):
-        if not hasattr(module, required):
-            raise CaptureError(f"--model {source}: the model directory's __init__.py must define {required}()")
+    for required in (factory, "example_inputs"):
+        if not callable(getattr(module, required, None)):
+            raise CaptureError(
+                f"--model {source}: {module.__name__} must define {required}() (see examples/tiny_llama)"
+            )
     return ModelSource(
-        model=_as_module(module.load_model(), source),
+        model=_as_module(getattr(module, factory)(), source),
         example_inputs=_as_tuple(module.example_inputs()),
         calibration_batches=getattr(module, "calibration_batches", None),
-        name=path.resolve().name,
+        name=name,
     )
 
 

@@ -98,3 +98,18 @@ def test_cli_schema_prints_json():
 def test_spec_errors_are_typed():
     with pytest.raises(SpecError):
         compress(torch.nn.Linear(2, 2), {"passes": [{"pass": "nope"}]}, (torch.randn(1, 2),))
+
+
+def test_model_sources():
+    from graphpress import CaptureError
+    from graphpress.model_source import load_source
+
+    source = load_source("examples.tiny_llama:load_model")
+    assert source.example_inputs[0].shape == (1, 64) and source.calibration_batches is not None
+    assert load_source("examples/tiny_llama").name == "tiny_llama"
+    with pytest.raises(CaptureError, match="must define make_model"):
+        load_source("examples.tiny_llama:make_model")
+    with pytest.raises(CaptureError, match="cannot import"):
+        load_source("no_such_module:f")
+    with pytest.raises(CaptureError, match="not a model directory"):
+        load_source("no/such/dir")
