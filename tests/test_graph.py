@@ -93,12 +93,13 @@ def test_to_networkx(graph):
     assert nx_graph.has_edge(fc1_weight, linear_nodes[0])
 
 
-def test_revision_changes_with_every_edit(graph):
+def test_revision_names_the_content(graph):
     work = graph.clone()
-    assert work.revision != graph.revision
-    before = work.revision
+    assert work.revision == graph.revision  # same content: cached statistics carry over
     work.add_parameter("extra", torch.ones(1))
-    assert work.revision != before
+    assert work.revision != graph.revision
+    other = capture(TwoLinears(), (torch.randn(3, 16),))
+    assert other.revision != graph.revision
 
 
 def test_clone_keeps_the_signature_when_fx_renames_a_node():

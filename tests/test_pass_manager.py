@@ -130,3 +130,14 @@ def test_registry_builds_passes_from_the_spec():
     assert built.name == "low_rank" and isinstance(built.config, LowRankConfig)
     with pytest.raises(TypeError, match="takes a LowRankConfig"):
         type(built)(ScaleConfig())
+
+
+def test_calibration_statistics_are_collected_once_per_graph_content(setup, monkeypatch):
+    graph, ctx, _ = setup
+    runs = []
+    original = type(graph).run_with_taps
+    monkeypatch.setattr(type(graph), "run_with_taps", lambda self, *a, **k: (runs.append(1), original(self, *a, **k)))
+    linears = graph.linears()
+    ctx.linear_inputs(graph, linears)
+    ctx.linear_inputs(graph.clone(), linears)  # a clone has the same content: no new sweep
+    assert len(runs) == len(ctx.calibration_inputs)

@@ -71,7 +71,7 @@ class Graph:
         self._stale_code = False
         self._module: torch.nn.Module | None = None
         self.revision = next(_revisions)
-        """Unique across graphs and bumped by every change: a key for caches of computed values."""
+        """Names the graph's content: shared by a clone, new after every edit. A key for caches."""
 
     # ------------------------------------------------------------------ reading
     @property
@@ -225,7 +225,9 @@ class Graph:
             constants=dict(ep.constants),
             verifiers=list(ep.verifiers),
         )
-        return Graph(program)
+        copy = Graph(program)
+        copy.revision = self.revision  # same content, so cached statistics still apply
+        return copy
 
     # ------------------------------------------------------------------ mutating
     def _changed(self) -> None:
