@@ -136,3 +136,24 @@ def test_capture_restores_training_flags(tiny_llama):
         assert all(m.training for m in tiny_llama.modules())
     finally:
         tiny_llama.eval()
+
+
+@torch.library.custom_op("graphpress_test::no_fake", mutates_args=())
+def _no_fake(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+class UsesOpWithoutFake(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(4, 4))
+
+    def forward(self, x):
+        return _no_fake(self.block(x)) + 1
+
+
+def test_capture_error_names_the_op():
+    with pytest.raises(
+        CaptureError, match="module '<root>' at op graphpress_test::no_fake: RuntimeError: There was no fake impl"
+    ):
+        capture(UsesOpWithoutFake(), (torch.randn(2, 4),))

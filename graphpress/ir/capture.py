@@ -140,6 +140,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _failing_op(exc: BaseException) -> str | None:
-    """The aten/custom op named in torch's message, if any (e.g. 'aten.nonzero.default')."""
-    match = re.search(r"\b((?:aten|prim|[a-z_]+)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)\b", str(exc))
-    return match.group(1) if match and match.group(1).split(".")[0] in {"aten", "prim"} else None
+    """The op named in torch's message, if any: 'aten.nonzero.default' or a custom 'ns::op'."""
+    text = str(exc)
+    match = re.search(r"\b((?:aten|prim)\.\w+(?:\.\w+)?)\b", text) or re.search(r"\b([A-Za-z_]\w*::\w+)\b", text)
+    return match.group(1) if match else None
