@@ -29,7 +29,6 @@ class LinearInputs:
 
     rows: torch.Tensor
     gram: torch.Tensor
-    count: int
 
 
 @dataclass
@@ -64,10 +63,9 @@ class PassContext:
             gen = torch.Generator().manual_seed(self.seed)
             for producer in sorted(missing):
                 x = torch.cat(rows.pop(producer))
-                count = len(x)
-                if count > self.max_rows:
-                    x = x[torch.randperm(count, generator=gen)[: self.max_rows].sort().values]
-                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer), count)
+                if len(x) > self.max_rows:
+                    x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
+                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer))
         return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
 
     def weight_grad_squares(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, torch.Tensor]:

@@ -108,19 +108,11 @@ class LowRank(Pass):
     def clamp(self, linear: Linear, rank: int) -> int:
         return max(self.config.min_rank, min(rank, linear.in_features, linear.out_features))
 
-    def allocate(
-        self,
-        graph: Graph,
-        linears: list[Linear],
-        spectra: dict[str, torch.Tensor],
-        ctx: PassContext,
-        report: PassReport,
-    ) -> dict[str, int]:
+    def per_layer_ranks(self, linears: list[Linear], spectra: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Ranks of the per-layer policies: fixed, param_ratio, energy."""
         rank = self.config.rank
         if isinstance(rank, Energy):
             return {lin.node.name: self.clamp(lin, energy_rank(spectra[lin.node.name], rank.energy)) for lin in linears}
-        if isinstance(rank, GlobalBudget):
-            return self.budget_ranks(graph, linears, spectra, ctx, report)
         return {lin.node.name: self.clamp(lin, self.fixed_rank(lin)) for lin in linears}
 
     def budget_ranks(
@@ -139,9 +131,10 @@ class LowRank(Pass):
         unit = {lin.node.name: graph.weight(lin.weight).element_size() if budget.bytes else 1 for lin in linears}
         target = budget.bytes or budget.params or int(budget.param_ratio * sum(lin.params for lin in linears))
         ranks: dict[str, int | None] = {}
+        caps = {lin.node.name: max_useful_rank(lin) for lin in linears}
         spent, items = 0, []
         for order, lin in enumerate(linears):
-            name, cap = lin.node.name, max_useful_rank(lin)
+            name, cap = lin.node.name, caps[lin.node.name]
             if cap < self.config.min_rank:  # too small to factor
                 ranks[name], spent = None, spent + lin.params * unit[name]
                 continue
@@ -158,7 +151,6 @@ class LowRank(Pass):
                 f"{ctx.spec_path}.rank.budget: {target:,} is below the least these layers can take "
                 f"({spent:,} at min_rank {self.config.min_rank}); raise the budget or lower min_rank"
             )
-        caps = {lin.node.name: max_useful_rank(lin) for lin in linears}
         blocked = set()
         for _, _, k, name, cost in sorted(items, key=lambda item: item[:3]):
             if name in blocked or k != ranks[name]:
@@ -186,7 +178,10 @@ class LowRank(Pass):
         spectra = {}
         if any(self.fixed_rank(lin) is None for lin in linears):
             spectra = {lin.node.name: torch.linalg.svdvals(scaled_of(lin).matrix) for lin in linears}
-        ranks = self.allocate(graph, linears, spectra, ctx, report)
+        if isinstance(self.config.rank, GlobalBudget):
+            ranks = self.budget_ranks(graph, linears, spectra, ctx, report)
+        else:
+            ranks = self.per_layer_ranks(linears, spectra)
 
         for lin in linears:
             rank = ranks[lin.node.name]
