@@ -8,6 +8,11 @@ heads) through ``scaled_dot_product_attention`` and a SwiGLU MLP.
 Module paths follow Hugging Face Llama (``layers.N.self_attn.q_proj``,
 ``layers.N.mlp.down_proj``) so one spec targets both.
 
+With ``past_key_values`` (a list of per-layer ``(key, value)`` tensors, each
+``(batch, kv_heads, past_len, head_dim)``, keys after RoPE) and ``position_ids``,
+``forward`` runs a cached decoding step and returns ``(logits, present)``: the
+protocol ``graphpress`` decode-mode capture drives (with ``init_kv_cache``).
+
 This directory is a *model directory* for ``graphpress compress --model``:
 it provides ``load_model()``, ``example_inputs()`` and ``calibration_batches()``.
 """
@@ -79,16 +84,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past=None, mask=None):
+        """Causal self-attention; with ``past`` (key, value) also returns the grown cache."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        present = (k, v)
         n_rep = self.num_heads // self.num_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        if past is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return out if past is None else (out, present)
 
 
 class MLP(nn.Module):
@@ -110,9 +123,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past=None, mask=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
+        attn, present = attn if past is not None else (attn, None)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if past is None else (x, present)
 
 
 class TinyLlama(nn.Module):
@@ -132,12 +148,37 @@ class TinyLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def rope_at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables (batch, 1, seq, head_dim) at the given positions."""
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+    def init_kv_cache(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """An empty cache: per layer (key, value), each (batch, kv_heads, 0, head_dim)."""
+        cfg = self.config
+        shape = (batch_size, cfg.num_kv_heads, 0, cfg.head_dim)
+        dtype = self.lm_head.weight.dtype
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_tables(input_ids.shape[1])
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        if past_key_values is None:
+            cos, sin = self.rope_tables(input_ids.shape[1])
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return self.lm_head(self.norm(x))
+        past_len = past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
+        cos, sin = self.rope_at(position_ids)
+        key_positions = torch.arange(past_len + input_ids.shape[1], device=input_ids.device)
+        mask = key_positions[None, None, None, :] <= position_ids[:, None, :, None]
+        present = []
+        for layer, past in zip(self.layers, past_key_values, strict=True):
+            x, kv = layer(x, cos, sin, past, mask)
+            present.append(kv)
+        return self.lm_head(self.norm(x)), present
 
 
 def init_weights(model: TinyLlama, seed: int) -> None:

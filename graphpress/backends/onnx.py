@@ -26,6 +26,7 @@ from ..schema import OnnxBackendConfig
 from .base import Backend, BackendRecord, publish, staging_dir
 
 PROTOBUF_LIMIT = 2 * 1024**3
+DECODE_VALIDATION_TOKENS = 32
 
 
 @contextlib.contextmanager
@@ -57,6 +58,8 @@ class OnnxBackend(Backend):
             try:
                 with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs():
                     program = torch.onnx.export(graph.program, dynamo=True, opset_version=cfg.opset, verbose=False)
+                if graph.cache is not None:
+                    _name_decode_io(program.model, graph.cache)
                 program.save(str(staged), external_data=external)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
@@ -85,6 +88,8 @@ class OnnxBackend(Backend):
 
     @torch.no_grad()
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+        if graph.cache is not None:
+            return self.validate_decode(path, graph, inputs)
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -108,3 +113,29 @@ class OnnxBackend(Backend):
                 ]
             )
         return compare_outputs(outputs, references)
+
+    def validate_decode(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+        """Teacher-forced logits of the first calibration sample (up to 32 tokens), onnxruntime vs eager."""
+        from ..runtime import OnnxDecoder, TorchDecoder, teacher_forced_logits
+
+        ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
+        ours = teacher_forced_logits(OnnxDecoder(path), ids)
+        return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+
+
+def _name_decode_io(model, layout) -> None:
+    """Inputs input_ids, position_ids, past.<entry>...; outputs logits, present.<entry>...; the layout as metadata."""
+    from ..runtime import LAYOUT_KEY
+
+    graph = model.graph
+    names = ["input_ids", "position_ids", *(f"past.{e.name}" for e in layout)]
+    if len(graph.inputs) != len(names) or len(graph.outputs) != len(layout) + 1:
+        raise BackendError(
+            f"decode graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs; "
+            f"its cache layout describes {len(layout)} cache tensors"
+        )
+    for value, name in zip(graph.inputs, names):
+        value.name = name
+    for value, name in zip(graph.outputs, ["logits", *(f"present.{e.name}" for e in layout)]):
+        value.name = name
+    model.metadata_props[LAYOUT_KEY] = layout.to_json()

@@ -5,6 +5,9 @@ dimensions not specialised, so a model captured on a (1, 64) batch still runs on
 (8, 256). The captured graph owns copies of the model's tensors: nothing a pass
 or a user does to the result can reach the original model.
 
+``mode="decode"`` captures one decoding step with the KV cache as explicit inputs
+and outputs instead (see :mod:`graphpress.ir.decode`).
+
 When export fails, the error names the innermost module that was running
 (tracked with forward hooks) and the op torch.export complained about.
 """
@@ -23,9 +26,10 @@ import torch.fx.experimental._config as fx_config
 from torch.export import Dim
 
 from ..errors import CaptureError
+from .decode import CacheLayout, DecodeStep, decode_example
 from .graph import Graph
 
-MODES = ("forward",)
+MODES = ("forward", "decode")
 
 
 def capture(
@@ -42,12 +46,20 @@ def capture(
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     kwargs = example_kwargs or {}
-    dynamic_shapes = _auto_dynamic(_bind(model, example_inputs, kwargs)) if dynamic else None
+    layout = None
+    if mode == "decode":
+        traced = DecodeStep(model)
+        layout = traced.layout
+        example_inputs, kwargs = decode_example(layout, _batch_size(example_inputs)), {}
+        dynamic_shapes = _decode_dynamic(layout) if dynamic else None
+    else:
+        traced = model
+        dynamic_shapes = _auto_dynamic(_bind(model, example_inputs, kwargs)) if dynamic else None
 
     tracker = _ModuleTracker(model)
     try:
         with tracker, _eval_mode(model), fx_config.patch(backed_size_oblivious=dynamic):
-            program = torch.export.export(model, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.export.export(traced, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many types; all become one clear error
         where = f" in module '{tracker.failed_in}'" if tracker.failed_in is not None else ""
         op = _failing_op(exc)
@@ -64,7 +76,42 @@ def capture(
     for name, value in list(program.constants.items()):
         if isinstance(value, torch.Tensor):
             program.constants[name] = value.detach().clone()
-    return Graph(program)
+    if mode == "decode":
+        _strip_prefix(program, "model.")
+    return Graph(program, cache=layout)
+
+
+def _batch_size(example_inputs: tuple) -> int:
+    first = example_inputs[0] if example_inputs else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() >= 1 else 1
+
+
+def _decode_dynamic(layout: CacheLayout) -> dict[str, Any]:
+    """Batch and cache length symbolic; the step stays one token."""
+    return {
+        "input_ids": {0: Dim.AUTO},
+        "position_ids": {0: Dim.AUTO},
+        "cache": [{0: Dim.AUTO, e.seq_axis: Dim.AUTO} for e in layout],
+    }
+
+
+def _strip_prefix(program, prefix: str) -> None:
+    """Module paths and tensor names as in the user's model, not under the DecodeStep wrapper."""
+
+    def strip(path: str) -> str:
+        return "" if path == prefix.rstrip(".") else path.removeprefix(prefix)
+
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (strip(path), cls) for k, (path, cls) in stack.items()}
+    renames = {name: name.removeprefix(prefix) for name in [*program.state_dict, *program.constants]}
+    for store in (program.state_dict, program.constants):
+        for old in [k for k in store if k.startswith(prefix)]:
+            store[renames[old]] = store.pop(old)
+    for spec in program.graph_signature.input_specs:
+        if spec.target is not None and spec.target.startswith(prefix):
+            spec.target = renames[spec.target]
 
 
 def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
+from .decode import CacheLayout
+
 aten = torch.ops.aten
 
 
@@ -66,8 +68,10 @@ _revisions = itertools.count()
 
 
 class Graph:
-    def __init__(self, program: ExportedProgram):
+    def __init__(self, program: ExportedProgram, cache: CacheLayout | None = None):
         self._program = program
+        self.cache = cache
+        """Decode graphs: what the cache inputs/outputs hold (None for forward graphs)."""
         self._stale_code = False
         self._module: torch.nn.Module | None = None
         self.revision = next(_revisions)
@@ -180,10 +184,11 @@ class Graph:
         return self.module()(*args, **kwargs)
 
     @torch.no_grad()
-    def run_with_taps(self, args: tuple, taps: dict[str, Callable[[Any], None]], kwargs: dict | None = None) -> None:
+    def run_with_taps(self, args: tuple, taps: dict[str, Callable[[Any], None]], kwargs: dict | None = None) -> tuple:
         """Run the graph on one input and hand each tapped node's value to ``taps[node.name]``.
 
-        Interprets the lifted graph directly, so taps see the nodes passes select.
+        Interprets the lifted graph directly, so taps see the nodes passes select. Returns the
+        graph's flat outputs.
         """
         ep = self._program
         user_inputs = iter(pytree.tree_leaves((args, kwargs or {})))
@@ -195,7 +200,7 @@ class Graph:
                 feeds.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
             else:
                 feeds.append(ep.constants[spec.target])
-        _TapInterpreter(ep.graph_module, taps).run(*feeds)
+        return tuple(_TapInterpreter(ep.graph_module, taps).run(*feeds))
 
     # ------------------------------------------------------------------ copying
     def clone(self) -> Graph:
@@ -225,7 +230,7 @@ class Graph:
             constants=dict(ep.constants),
             verifiers=list(ep.verifiers),
         )
-        copy = Graph(program)
+        copy = Graph(program, cache=self.cache)
         copy.revision = self.revision  # same content, so cached statistics still apply
         return copy
 

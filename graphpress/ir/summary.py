@@ -1,4 +1,4 @@
-"""Size and cost of a graph: parameters, bytes per dtype, linear FLOPs per token."""
+"""Size and cost of a graph: parameters, bytes per dtype, linear FLOPs per token, KV-cache bytes per token."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ class GraphSummary:
     bytes: int
     bytes_by_dtype: dict[str, int]
     linear_flops_per_token: int
+    kv_cache_bytes_per_token: int | None = None
+    """Decode graphs: bytes the cache grows by per token of one sequence (all layers)."""
     op_histogram: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -37,5 +39,6 @@ def summarize(graph: Graph) -> GraphSummary:
         bytes=sum(by_dtype.values()),
         bytes_by_dtype=dict(sorted(by_dtype.items())),
         linear_flops_per_token=flops,
+        kv_cache_bytes_per_token=graph.cache.bytes_per_token if graph.cache is not None else None,
         op_histogram=dict(sorted(ops.items())),
     )

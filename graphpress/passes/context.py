@@ -18,6 +18,21 @@ from ..ir import Graph, Linear
 from ..metrics import logits_of
 
 
+def run_calibration_sample(graph: Graph, args: tuple, taps: dict | None = None):
+    """Run ``graph`` on one calibration sample: its outputs (forward graphs) or its logits (decode graphs).
+
+    A decode graph is fed the sample's input ids one token per step (teacher forcing), so
+    statistics cover every position and the cache a pass rewrote is the one it reads back.
+    """
+    if graph.cache is not None:
+        from ..runtime import TorchDecoder, teacher_forced_logits
+
+        return teacher_forced_logits(TorchDecoder(graph, taps), args[0])
+    if taps is not None:
+        return graph.run_with_taps(args, taps)
+    return graph.module()(*args)
+
+
 @dataclass(frozen=True)
 class LinearInputs:
     """A linear's input on the calibration data.
@@ -59,7 +74,7 @@ class PassContext:
                 return record
 
             for args in self.calibration_inputs:
-                graph.run_with_taps(args, {p: tap(p) for p in missing})
+                run_calibration_sample(graph, args, {p: tap(p) for p in missing})
             gen = torch.Generator().manual_seed(self.seed)
             for producer in sorted(missing):
                 x = torch.cat(rows.pop(producer))
@@ -76,6 +91,10 @@ class PassContext:
         information of the weights, as Fisher-weighted SVD uses it.
         """
         missing = [lin.weight for lin in linears if (graph.revision, lin.weight) not in self._grad_squares]
+        if missing and graph.cache is not None:
+            raise PassPreconditionError(
+                f"{self.spec_path}: Fisher weights are computed on forward graphs; capture with mode 'forward'"
+            )
         if missing:
             module = graph.module()
             params = dict(module.named_parameters())

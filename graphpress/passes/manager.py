@@ -17,7 +17,7 @@ from ..ir import Graph
 from ..metrics import compare_outputs
 from ..schema import VerifyConfig
 from .base import Pass, PassReport, PassResult
-from .context import PassContext
+from .context import PassContext, run_calibration_sample
 
 
 class Verifier:
@@ -30,8 +30,8 @@ class Verifier:
 
     @torch.no_grad()
     def outputs(self, graph: Graph) -> list:
-        module = graph.module()
-        return [module(*args) for args in self.inputs]
+        """Outputs per calibration sample; decode graphs are scored token by token (their logits)."""
+        return [run_calibration_sample(graph, args) for args in self.inputs]
 
     def check(self, graph: Graph, where: str) -> dict:
         errors = compare_outputs(self.outputs(graph), self.reference_outputs)

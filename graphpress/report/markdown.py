@@ -42,6 +42,11 @@ def render_markdown(report: CompressionReport) -> str:
         f"| stored bytes | {_fmt_bytes(o['bytes'])} | {_fmt_bytes(c['bytes'])} | {_ratio(c['bytes'], o['bytes'])} |",
         f"| linear FLOPs / token | {_fmt_int(o['linear_flops_per_token'])} | {_fmt_int(c['linear_flops_per_token'])} "
         f"| {_ratio(c['linear_flops_per_token'], o['linear_flops_per_token'])} |",
+    ]
+    if o.get("kv_cache_bytes_per_token"):
+        ok, ck = o["kv_cache_bytes_per_token"], c["kv_cache_bytes_per_token"]
+        lines.append(f"| KV-cache bytes / token | {_fmt_int(ok)} | {_fmt_int(ck)} | {_ratio(ck, ok)} |")
+    lines += [
         "",
         f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "
         f"seed {report.calibration.get('seed', '?')}.",

@@ -12,8 +12,11 @@ from .passes import AnyPassConfig
 
 
 class CaptureConfig(StrictModel):
-    mode: Literal["forward"] = Field(
-        "forward", description="'forward' captures the model's forward as called with the example inputs."
+    mode: Literal["forward", "decode"] = Field(
+        "forward",
+        description="'forward' captures the model's forward as called with the example inputs. 'decode' captures "
+        "one decoding step of a causal LM, the KV cache an explicit graph input and output "
+        "(step(input_ids (B, 1), position_ids (B, 1), cache) -> (logits, cache)).",
     )
     dynamic: bool = Field(True, description="Keep every input dimension symbolic (batch, sequence, ...).")
 

@@ -1,0 +1,110 @@
+"""Drive decode graphs: greedy generation and teacher-forced scoring, in eager torch or onnxruntime.
+
+A *decoder* is anything with ``layout`` (a :class:`~graphpress.ir.decode.CacheLayout`) and
+``step(input_ids, position_ids, cache) -> (logits, cache)`` on torch tensors. Prompts go
+through the one-token step graph token by token, so one graph serves prefill and decoding.
+Positions are cache slots: sequences in a batch are assumed unpadded and equally long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .ir import Graph
+from .ir.decode import CacheLayout
+
+LAYOUT_KEY = "graphpress.cache_layout"
+
+
+class Decoder(Protocol):
+    layout: CacheLayout
+
+    def step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+class TorchDecoder:
+    """A decode Graph run eagerly; with ``taps``, through the FX interpreter so taps see each node."""
+
+    def __init__(self, graph: Graph, taps: dict[str, Callable[[Any], None]] | None = None):
+        if graph.cache is None:
+            raise ValueError("TorchDecoder needs a decode graph (captured with mode='decode')")
+        self.graph, self.layout, self.taps = graph, graph.cache, taps
+
+    @torch.no_grad()
+    def step(self, input_ids, position_ids, cache):
+        if self.taps is not None:
+            flat = self.graph.run_with_taps((input_ids, position_ids, list(cache)), self.taps)
+            return flat[0], list(flat[1:])
+        logits, present = self.graph.module()(input_ids, position_ids, list(cache))
+        return logits, list(present)
+
+
+class OnnxDecoder:
+    """An ONNX decode graph written by graphpress (its cache layout is in the file's metadata)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnx
+        import onnxruntime as ort
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if LAYOUT_KEY not in meta:
+            raise ValueError(f"{path}: not a graphpress decode graph (no {LAYOUT_KEY!r} metadata)")
+        self.layout = CacheLayout.from_json(meta[LAYOUT_KEY])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def step(self, input_ids, position_ids, cache):
+        feeds = dict(zip(self.input_names, [_numpy(input_ids), _numpy(position_ids), *map(_numpy, cache)]))
+        outs = self.session.run(self.output_names, feeds)
+        return torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _positions(batch: int, position: int) -> torch.Tensor:
+    return torch.full((batch, 1), position, dtype=torch.long)
+
+
+@torch.no_grad()
+def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, L, V) of feeding ``input_ids`` (B, L) one token per step: what forward would give."""
+    batch, length = input_ids.shape
+    cache = decoder.layout.empty(batch)
+    logits = []
+    for t in range(length):
+        step_logits, cache = decoder.step(input_ids[:, t : t + 1], _positions(batch, t), cache)
+        logits.append(step_logits)
+    return torch.cat(logits, dim=1)
+
+
+@torch.no_grad()
+def greedy_generate(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """``prompt`` (B, P) followed by ``max_new_tokens`` argmax tokens: (B, P + max_new_tokens)."""
+    batch, length = prompt.shape
+    if length < 1:
+        raise ValueError("greedy_generate needs a prompt of at least one token")
+    cache = decoder.layout.empty(batch)
+    tokens = prompt
+    for t in range(length + max_new_tokens - 1):
+        logits, cache = decoder.step(tokens[:, t : t + 1], _positions(batch, t), cache)
+        if t >= length - 1:
+            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1).to(tokens.dtype)], dim=1)
+    return tokens
+
+
+def cache_bytes(decoder: Decoder, batch: int, context: int) -> int:
+    """Bytes the cache holds for ``batch`` sequences of ``context`` tokens."""
+    return decoder.layout.bytes_per_token * batch * context
