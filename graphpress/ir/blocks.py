@@ -70,6 +70,64 @@ class MLPBlock:
         return tuple(x for x in (self.gate_proj, self.up_proj, self.down_proj) if x is not None)
 
 
+@dataclass(frozen=True)
+class Rope:
+    """``out = x * cos + rotate_half(x) * sin`` with half-split pairing (dim i rotates with i + d/2)."""
+
+    out: fx.Node
+    x: fx.Node
+    cos: fx.Node
+    sin: fx.Node
+
+
+def _call(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _mul_operands(node) -> tuple | None:
+    return tuple(node.args[:2]) if _call(node, aten.mul.Tensor) else None
+
+
+def _is_rotate_half(node, x) -> bool:
+    """cat([-x[..., d/2:], x[..., :d/2]], -1): Hugging Face Llama's rotate_half."""
+    if not _call(node, aten.cat.default) or len(node.args[0]) != 2:
+        return False
+    neg, first = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else 0
+    rank = x.meta["val"].dim()
+    if dim % rank != rank - 1 or not _call(neg, aten.neg.default):
+        return False
+    second = neg.args[0]
+    half = x.meta["val"].shape[-1] // 2
+
+    def is_slice(n, start, end) -> bool:
+        return (
+            _call(n, aten.slice.Tensor)
+            and n.args[0] is x
+            and n.args[1] % rank == rank - 1
+            and n.args[2] == start
+            and (n.args[3] if len(n.args) > 3 else end) >= end
+            and min(n.args[3] if len(n.args) > 3 else end, 2 * half) == end
+        )
+
+    return is_slice(second, half, 2 * half) and is_slice(first, 0, half)
+
+
+def match_rope(node) -> Rope | None:
+    """The RoPE application computing ``node``, or None if ``node`` is not one."""
+    if not _call(node, aten.add.Tensor):
+        return None
+    left, right = (_mul_operands(a) for a in node.args[:2])
+    if left is None or right is None:
+        return None
+    for plain, rotated in ((left, right), (right, left)):
+        for x, cos in (plain, plain[::-1]):
+            for rot, sin in (rotated, rotated[::-1]):
+                if isinstance(x, fx.Node) and _is_rotate_half(rot, x):
+                    return Rope(node, x, cos, sin)
+    return None
+
+
 def _walk_back(start, stop) -> tuple[set[fx.Node], list[fx.Node]]:
     """Nodes reachable backwards from ``start`` without crossing a ``stop(node)`` node; and the stops hit."""
     seen, hits, todo = set(), [], [start] if isinstance(start, fx.Node) else []

@@ -26,9 +26,16 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    OutputKind,
+    OutputSpec,
+    TensorArgument,
+)
 
-from .decode import CacheLayout
+from .decode import CacheEntry, CacheLayout
 
 aten = torch.ops.aten
 
@@ -230,6 +237,7 @@ class Graph:
             constants=dict(ep.constants),
             verifiers=list(ep.verifiers),
         )
+        program._guards_code = list(ep._guards_code)  # not re-derived: a cache rewrite may have pruned them
         copy = Graph(program, cache=self.cache)
         copy.revision = self.revision  # same content, so cached statistics still apply
         return copy
@@ -265,6 +273,145 @@ class Graph:
         self._program.state_dict[name] = value
         self._changed()
         return node
+
+    def add_buffer(self, name: str, value: torch.Tensor) -> fx.Node:
+        """A new persistent, non-trainable tensor ``name`` (e.g. an index table a rewrite needs)."""
+        if name in self.tensors():
+            raise ValueError(f"the graph already has a tensor named {name!r}")
+        specs = self._program.graph_signature.input_specs
+        placeholders = [n for n in self.fx.nodes if n.op == "placeholder"]
+        last = max((i for i, s in enumerate(specs) if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)), default=-1)
+        with self.fx.inserting_before(placeholders[last + 1]):
+            node = self.fx.placeholder("b_" + name.replace(".", "_"))
+        node.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        specs.insert(last + 1, InputSpec(InputKind.BUFFER, TensorArgument(node.name), target=name, persistent=True))
+        self._program.state_dict[name] = value
+        self._changed()
+        return node
+
+    # ------------------------------------------------------------------ the decode cache
+    def cache_input(self, name: str) -> fx.Node:
+        """The placeholder of cache entry ``name`` (decode graphs)."""
+        return self.user_inputs()[2 + self._cache_layout().index(name)]
+
+    def cache_output(self, name: str) -> fx.Node:
+        return self.user_outputs()[1 + self._cache_layout().index(name)]
+
+    def cache_entry_of(self, node: fx.Node) -> CacheEntry | None:
+        """The cache entry a placeholder node feeds, if it is one."""
+        if self.cache is None or node.op != "placeholder":
+            return None
+        inputs = self.user_inputs()
+        return self.cache.entries[inputs.index(node) - 2] if node in inputs[2:] else None
+
+    def replace_cache_entries(
+        self,
+        old: Sequence[str],
+        new: Sequence[CacheEntry],
+        build: Callable[[list[fx.Node]], list[fx.Node]],
+    ) -> None:
+        """Replace cache entries ``old`` by ``new``, in place in the layout (inputs and outputs alike).
+
+        ``build(placeholders)`` gets the new cache inputs and returns the new cache outputs
+        (rewiring whatever read the old ones). Shape reads of the old inputs (``sym_size``)
+        are redirected to the first new input: batch and length carry over, fixed axes
+        become constants. Nothing else may read an old input or output once ``build`` returns.
+        """
+        layout = self._cache_layout()
+        old = sorted(old, key=layout.index)
+        first = layout.index(old[0])
+        old_inputs = [self.cache_input(name) for name in old]
+        sample = old_inputs[0].meta["val"]
+        old_entry = layout.entries[first]
+        batch, length = sample.shape[0], sample.shape[old_entry.seq_axis]
+        placeholders = []
+        for entry in new:
+            with self.fx.inserting_before(old_inputs[0]):
+                node = self.fx.placeholder(_fresh_name(self.fx, "cache_" + entry.name.replace(".", "_")))
+            shape = [batch if d is None else d for d in entry.shape]
+            shape[entry.seq_axis] = length
+            with self._fake_mode():
+                node.meta["val"] = torch.empty(shape, dtype=getattr(torch, entry.dtype))
+            placeholders.append(node)
+        outputs = build(placeholders)
+
+        out_positions = {1 + layout.index(name) for name in old}
+        user_outs = [o for i, o in enumerate(self.user_outputs()) if i not in out_positions]
+        user_outs[1 + first : 1 + first] = outputs
+        self._set_user_outputs(user_outs)
+        kept = [e for e in layout.entries if e.name not in old]
+        self.cache = CacheLayout(tuple(kept[:first] + list(new) + kept[first:]))
+
+        for old_node in old_inputs:
+            for user in list(old_node.users):
+                if user.op == "call_function" and user.target is aten.sym_size.int:
+                    dim = user.args[1] % sample.dim()
+                    if dim == 0:
+                        user.args = (placeholders[0], 0)
+                    elif dim == old_entry.seq_axis:
+                        user.args = (placeholders[0], new[0].seq_axis)
+                    else:
+                        user.replace_all_uses_with(int(sample.shape[dim]))
+                        self.fx.erase_node(user)
+        self.eliminate_dead_code()
+        for old_node in old_inputs:
+            if old_node.users:
+                raise ValueError(f"cache input {old_node.name} is still read by {[u.name for u in old_node.users]}")
+
+        specs = self._program.graph_signature.input_specs
+        old_names = {n.name for n in old_inputs}
+        specs[:] = [s for s in specs if s.arg.name not in old_names]
+        for node in old_inputs:
+            self.fx.erase_node(node)
+        user_positions = [i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT]
+        anchor = user_positions[2 + first] if 2 + first < len(user_positions) else len(specs)
+        specs[anchor:anchor] = [
+            InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), target=None) for n in placeholders
+        ]
+        self._sync_call_signature()
+        # Export's shape guards address cache inputs by position, which just changed; the
+        # relations they state (shared batch and length) live on in the placeholders' symbols.
+        self._program._guards_code = [g for g in self._program._guards_code if "L['cache']" not in g]
+        self._changed()
+
+    def eliminate_dead_code(self) -> None:
+        """Drop nodes nothing reads. Seeded-random ops count as pure here: SDPA (dropout 0 at
+        inference) would otherwise keep a whole replaced attention alive."""
+        self.fx.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+        self._changed()
+
+    def _cache_layout(self) -> CacheLayout:
+        if self.cache is None:
+            raise ValueError("not a decode graph: it has no cache inputs/outputs")
+        return self.cache
+
+    def user_inputs(self) -> list[fx.Node]:
+        by_name = {n.name: n for n in self.fx.nodes if n.op == "placeholder"}
+        specs = self._program.graph_signature.input_specs
+        return [by_name[s.arg.name] for s in specs if s.kind == InputKind.USER_INPUT]
+
+    def _output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.fx.nodes) if n.op == "output")
+
+    def user_outputs(self) -> list[fx.Node]:
+        specs = self._program.graph_signature.output_specs
+        flat = list(self._output_node().args[0])
+        return [value for value, spec in zip(flat, specs) if spec.kind == OutputKind.USER_OUTPUT]
+
+    def _set_user_outputs(self, values: list[fx.Node]) -> None:
+        specs = self._program.graph_signature.output_specs
+        others = [(v, s) for v, s in zip(self._output_node().args[0], specs) if s.kind != OutputKind.USER_OUTPUT]
+        self._output_node().args = (tuple([v for v, _ in others] + values),)
+        specs[:] = [s for _, s in others] + [
+            OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(v.name), target=None) for v in values
+        ]
+
+    def _sync_call_signature(self) -> None:
+        """The pytree specs of a decode step: ((input_ids, position_ids, [cache...]), {}) -> (logits, [cache...])."""
+        n = len(self._cache_layout())
+        signature = self._program.module_call_graph[0].signature
+        signature.in_spec = pytree.tree_flatten(((0, 0, [0] * n), {}))[1]
+        signature.out_spec = pytree.tree_flatten((0, [0] * n))[1]
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
         """Rebind a stored tensor to a new value of the same shape and dtype."""
@@ -310,6 +457,14 @@ class Graph:
         return removed
 
 
+def _fresh_name(graph: fx.Graph, base: str) -> str:
+    taken = {n.name for n in graph.nodes}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def _renamed(spec, renamed: dict[str, str]):
     """A signature spec pointing at the copied node (FX may rename a node on copy, e.g. 'input')."""
     name = getattr(spec.arg, "name", None)
@@ -348,7 +503,7 @@ class SubgraphBuilder:
     def call(self, op, *args, module: str | None = None, **kwargs) -> fx.Node:
         """Insert ``op(*args, **kwargs)``; ``module`` is a sub-path for nn_module_stack."""
         node = self.graph.fx.call_function(op, tuple(args), kwargs)
-        fake_args = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+        fake_args = fx.map_arg((args, kwargs), self._value)
         # Size-oblivious, as at capture: otherwise a size-1 example dimension would be
         # guarded (Eq(s0, 1)) here and specialised by the next re-trace (e.g. ONNX export).
         with self._fake_mode, fx_config.patch(backed_size_oblivious=True):
@@ -362,6 +517,12 @@ class SubgraphBuilder:
             if key in self.origin.meta:
                 node.meta[key] = self.origin.meta[key]
         return node
+
+    def _value(self, node: fx.Node):
+        """What op calls see for ``node`` at build time: its fake value, or the submodule a get_attr names."""
+        if node.op == "get_attr":
+            return getattr(self.graph._program.graph_module, node.target)
+        return node.meta["val"]
 
     def linear(self, x: fx.Node, module: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> fx.Node:
         """A new linear module '<path>.<module>' with its own weight (and bias)."""

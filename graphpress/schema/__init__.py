@@ -2,7 +2,17 @@
 
 from .backends import BACKEND_CONFIGS, OnnxBackendConfig
 from .loading import json_schema, load_spec
-from .passes import PASS_CONFIGS, Budget, Energy, GlobalBudget, LowRankConfig, ParamRatio, PassConfig
+from .passes import (
+    PASS_CONFIGS,
+    Budget,
+    Energy,
+    GlobalBudget,
+    GqaToMlaConfig,
+    LowRankConfig,
+    ParamRatio,
+    PassConfig,
+    RopeHandling,
+)
 from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
 
 __all__ = [
@@ -10,6 +20,7 @@ __all__ = [
     "Budget",
     "Energy",
     "GlobalBudget",
+    "GqaToMlaConfig",
     "PASS_CONFIGS",
     "CalibrationConfig",
     "CaptureConfig",
@@ -17,6 +28,7 @@ __all__ = [
     "OnnxBackendConfig",
     "ParamRatio",
     "PassConfig",
+    "RopeHandling",
     "Spec",
     "VerifyConfig",
     "json_schema",

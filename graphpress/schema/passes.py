@@ -122,6 +122,60 @@ class LowRankConfig(PassConfig):
     )
 
 
-PASS_CONFIGS: dict[str, type[PassConfig]] = {"low_rank": LowRankConfig}
+class RopeHandling(StrictModel):
+    """How gqa_to_mla treats rotary position embeddings on the keys."""
+
+    mode: Literal["after_up_projection", "decoupled"] = Field(
+        "after_up_projection",
+        description="after_up_projection: cache the latent before RoPE, rebuild K from it and rotate it (exact "
+        "RoPE at any rank; no absorption). decoupled (TransMLA): rotate heads per frequency (RoRoPE) so a few "
+        "dimensions carry the positions, keep those as a RoPE key shared by all heads, compress the rest "
+        "without RoPE; enables the absorbed form.",
+    )
+    dims: int | None = Field(
+        None,
+        ge=2,
+        description="decoupled: dimensions of the shared RoPE key (even; default: head_dim). All of "
+        "num_kv_heads * head_dim keeps every position-carrying dimension (exact at full kv_rank).",
+    )
+
+
+class GqaToMlaConfig(PassConfig):
+    """Grouped-query attention -> multi-head latent attention (TransMLA).
+
+    K and V are produced from one latent c = W_down x that is cached instead of them. The latent
+    basis is the PCA of the calibration K/V activations (K and V balanced to equal norm first),
+    so at full rank the conversion is exact and below it the cache keeps the most energy.
+    """
+
+    pass_: Literal["gqa_to_mla"] = Field(alias="pass")
+    targets: Targets = Field("*", description="Glob pattern(s) over attention module paths, e.g. 'layers.*.self_attn'.")
+    kv_rank: int | None = Field(
+        None,
+        ge=1,
+        description="Numbers cached per token per layer for the latent (plus rope.dims in decoupled mode). "
+        "Default: full rank (2 * num_kv_heads * head_dim, minus rope.dims when decoupled): exact, no saving.",
+    )
+    rope: RopeHandling = RopeHandling()
+    absorb: bool | None = Field(
+        None,
+        description="Absorbed form (decoupled mode only; its default): W_uk folded into the query projection, "
+        "W_uv into the output projection, attention computed on the latent directly.",
+    )
+    balance_kv: bool = Field(True, description="Scale K to V's norm before the joint PCA, as TransMLA does.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GqaToMlaConfig:
+        if self.rope.mode == "after_up_projection":
+            if self.absorb:
+                raise ValueError("absorb needs rope.mode 'decoupled' (RoPE on the rebuilt K prevents absorbing W_uk)")
+            if self.rope.dims is not None:
+                raise ValueError("rope.dims applies to rope.mode 'decoupled' only")
+        if self.rope.dims is not None and self.rope.dims % 2:
+            raise ValueError(f"rope.dims must be even (RoPE rotates pairs of dimensions), got {self.rope.dims}")
+        return self
+
+
+PASS_CONFIGS: dict[str, type[PassConfig]] = {"low_rank": LowRankConfig, "gqa_to_mla": GqaToMlaConfig}
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007

@@ -1,0 +1,547 @@
+"""gqa_to_mla: grouped-query attention -> multi-head latent attention (TransMLA, Meng et al. 2025).
+
+GQA already is MLA: with W_down = [W_k; W_v] the "latent" is [K; V], and the up-projection
+copies each KV head to its query heads. Rotating that latent basis changes nothing, so we
+choose the rotation that makes truncation cheapest: the PCA of the calibration activations
+[alpha K; V] (alpha balances the norms of K and V so neither dominates the joint PCA). With
+U_r the top-r principal directions,
+
+    c = U_r^T [alpha W_k; W_v] x   (cached: r numbers per token)
+    K ~= (U_r[:D] / alpha) c,   V ~= U_r[D:] c          (D = kv_heads * head_dim)
+
+RoPE rotates K per position, so it cannot be folded into a cached latent. Two ways out:
+
+* ``after_up_projection``: cache c before RoPE; every step rebuilds K for all cached
+  positions and rotates it (the RoPE tables for the cache slots are recomputed by copying
+  the graph's own cos/sin subgraph with the slot positions). Exact RoPE at any rank.
+* ``decoupled`` (TransMLA's RoRoPE): RoPE turns the (i, i + d/2) pair of every head by the
+  same angle for frequency i, so an orthogonal mix of *heads* per frequency commutes with
+  it. The PCA across KV heads per frequency concentrates the key energy in a few rotated
+  components; the ``rope.dims`` strongest keep RoPE as one key shared by all heads (cached
+  after rotation, as DeepSeek-V2 does), the rest lose RoPE and join V in the latent PCA.
+  Each query head gets the same per-frequency mix, so scores are unchanged except for the
+  RoPE dropped on the weak components. Without RoPE on the latent part, W_uk folds into
+  the query projection and W_uv into the output projection (the *absorbed* form):
+
+      score_h = (W_uk^T q_h)^T c + q_rope_h^T k_rope,     o = W_o [W_uv softmax(score) c]_h
+
+Invariants (tested): at full rank, after_up_projection matches the original to 1e-5 (fp32)
+in forward and decode graphs, and so does decoupled with rope.dims = kv_heads * head_dim;
+absorbed and non-absorbed forms agree; a decode graph's cache becomes the latent (and the
+RoPE key) per converted layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..errors import PassPreconditionError
+from ..ir import Graph, SubgraphBuilder
+from ..ir.blocks import AttentionBlock, Rope, match_rope
+from ..ir.decode import CacheEntry
+from ..schema import GqaToMlaConfig
+from .base import LayerReport, Pass, PassReport
+from .context import PassContext
+from .registry import register
+
+aten = torch.ops.aten
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention block as this pass needs it: where K and V come from and where they go."""
+
+    block: AttentionBlock
+    x: fx.Node
+    q_rope: Rope
+    k_rope: Rope
+    k_full: fx.Node  # K as repeat_kv/SDPA read it: the grown cache (decode) or the rotated K
+    v_full: fx.Node
+    k_cache: CacheEntry | None
+    v_cache: CacheEntry | None
+
+
+@dataclass
+class Plan:
+    """The new weights of one block (float64, converted on use)."""
+
+    rank: int
+    rope_dims: int
+    w_down: torch.Tensor  # (r, d)
+    k_up: torch.Tensor  # (D_nope, r): K (or its non-RoPE part) from the latent
+    v_up: torch.Tensor  # (D, r)
+    energy_kept: float
+    k_rope: torch.Tensor | None = None  # (dr, d) decoupled: shared RoPE key
+    q_rope: torch.Tensor | None = None  # (H * dr, d)
+    q_nope: torch.Tensor | None = None  # (H * D_nope, d)
+    rope_freqs: torch.Tensor | None = None  # (dr,) column of the cos/sin tables for each RoPE dim
+    position_energy_kept: float = 1.0
+
+
+@register
+class GqaToMla(Pass):
+    name = "gqa_to_mla"
+    Config = GqaToMlaConfig
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        for site in self.sites(graph, ctx):
+            self.check_ranks(site, ctx)
+
+    def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        cfg: GqaToMlaConfig = self.config
+        report = self.new_report()
+        sites = self.sites(graph, ctx)
+        inputs = ctx.linear_inputs(graph, [s.block.k_proj for s in sites])
+        cache_before = graph.cache.bytes_per_token if graph.cache is not None else None
+        absorb = cfg.rope.mode == "decoupled" and cfg.absorb is not False
+        for site in sites:
+            block = site.block
+            gram = inputs[block.k_proj.node.name].gram.double()
+            rank, rope_dims = self.check_ranks(site, ctx)
+            weights = {
+                name: graph.weight(getattr(block, name).weight).double() for name in ("q_proj", "k_proj", "v_proj")
+            }
+            if cfg.rope.mode == "after_up_projection":
+                plan = plan_after_up(weights["k_proj"], weights["v_proj"], gram, rank, cfg.balance_kv)
+                rewrite_after_up(graph, site, plan)
+            else:
+                plan = plan_decoupled(block, weights, gram, rank, rope_dims, cfg.balance_kv)
+                o_weight = graph.weight(block.o_proj.weight).double()
+                rewrite_decoupled(graph, site, plan, o_weight if absorb else None)
+            before = sum(lin.params for lin in (block.q_proj, block.k_proj, block.v_proj, block.o_proj))
+            report.layers.append(
+                LayerReport(
+                    block.path,
+                    "converted",
+                    before,
+                    before,  # filled in below, once unused weights are dropped
+                    {
+                        "kv_rank": rank,
+                        "rope_dims": plan.rope_dims,
+                        "cache_numbers_per_token": (2 * block.num_kv_heads * block.head_dim, rank + plan.rope_dims),
+                        "kv_energy_kept": round(plan.energy_kept, 6),
+                        "position_energy_kept": round(plan.position_energy_kept, 6),
+                        "absorbed": absorb,
+                    },
+                )
+            )
+        graph.remove_unused_tensors()
+        new_params = _attention_params(graph, [s.block.path for s in sites])
+        for layer in report.layers:
+            layer.params_after = new_params.get(layer.path, 0)
+        report.details = {
+            "rope": cfg.rope.mode,
+            "absorbed": absorb,
+            "kv_cache_bytes_per_token": [cache_before, graph.cache.bytes_per_token if graph.cache else None],
+        }
+        return report
+
+    # ------------------------------------------------------------------ analysis
+    def sites(self, graph: Graph, ctx: PassContext) -> list[Site]:
+        blocks = graph.attention_blocks(self.config.targets)
+        blocks = [b for b in blocks if not self.config.exclude or not _matches(b.path, self.config.exclude)]
+        if not blocks:
+            found = [b.path for b in graph.attention_blocks()]
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.targets: {self.config.targets!r} matches no attention block; attention blocks "
+                f"recognised in this graph: {', '.join(found) or 'none (no scaled_dot_product_attention fed by q/k/v linears)'}"
+            )
+        return [find_site(graph, b, ctx) for b in blocks]
+
+    def check_ranks(self, site: Site, ctx: PassContext) -> tuple[int, int]:
+        cfg: GqaToMlaConfig = self.config
+        block = site.block
+        d = block.num_kv_heads * block.head_dim
+        rope_dims = 0
+        if cfg.rope.mode == "decoupled":
+            rope_dims = cfg.rope.dims if cfg.rope.dims is not None else block.head_dim
+            if rope_dims > d:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.dims: {rope_dims} exceeds the {d} key dimensions of {block.path} "
+                    f"({block.num_kv_heads} KV heads x {block.head_dim})"
+                )
+        full = 2 * d - rope_dims
+        rank = cfg.kv_rank if cfg.kv_rank is not None else full
+        if rank > full:
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.kv_rank: {rank} exceeds what exactness needs for {block.path}: "
+                f"2 x {block.num_kv_heads} KV heads x {block.head_dim}"
+                + (f" - rope.dims {rope_dims}" if rope_dims else "")
+                + f" = {full}"
+            )
+        return rank, rope_dims
+
+
+def _matches(path: str, patterns) -> bool:
+    from ..ir import matches
+
+    return matches(path, patterns)
+
+
+def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:
+    counts = dict.fromkeys(paths, 0)
+    for name in graph.program.graph_signature.parameters:
+        for path in paths:
+            if name.startswith(path + "."):
+                counts[path] += graph.weight(name).numel()
+    return counts
+
+
+def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
+    where = f"{ctx.spec_path}: {block.path}"
+    x = block.k_proj.node.args[0]
+    if block.v_proj.node.args[0] is not x or block.q_proj.node.args[0] is not x:
+        raise PassPreconditionError(f"{where}: q_proj, k_proj and v_proj do not read the same input")
+    if any(lin.bias for lin in (block.q_proj, block.k_proj, block.v_proj)):
+        raise PassPreconditionError(f"{where}: biased q/k/v projections are not supported")
+    if block.head_dim % 2:
+        raise PassPreconditionError(f"{where}: head_dim {block.head_dim} is odd; RoPE needs pairs")
+    q_heads = _heads(block.q_proj.node, block.num_heads, block.head_dim)
+    k_heads = _heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
+    v_heads = _heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
+    if q_heads is None or k_heads is None or v_heads is None:
+        raise PassPreconditionError(
+            f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
+        )
+    q_rope, k_rope = _rope_of(q_heads), _rope_of(k_heads)
+    if q_rope is None or k_rope is None:
+        raise PassPreconditionError(
+            f"{where}: no RoPE of the half-split form x*cos + rotate_half(x)*sin on both q and k; other position "
+            "encodings (interleaved RoPE, partial rotary, none) are not handled"
+        )
+    k_full, k_cache = _cache_concat(graph, k_rope.out)
+    v_full, v_cache = _cache_concat(graph, v_heads)
+    if graph.cache is not None and (k_cache is None or v_cache is None):
+        raise PassPreconditionError(f"{where}: K/V are not appended to cache inputs of this decode graph")
+    return Site(block, x, q_rope, k_rope, k_full, v_full, k_cache, v_cache)
+
+
+def _heads(linear: fx.Node, heads: int, head_dim: int) -> fx.Node | None:
+    """The (B, heads, S, head_dim) node made from a linear's output by view + transpose(1, 2)."""
+    for view in linear.users:
+        if view.op != "call_function" or view.target not in VIEWS:
+            continue
+        if tuple(view.meta["val"].shape[-2:]) != (heads, head_dim) or view.meta["val"].dim() != 4:
+            continue
+        for t in view.users:
+            if (
+                t.op == "call_function"
+                and t.target is aten.transpose.int
+                and sorted(a % 4 for a in t.args[1:]) == [1, 2]
+            ):
+                return t
+    return None
+
+
+def _rope_of(heads: fx.Node) -> Rope | None:
+    for mul in heads.users:
+        for add in mul.users:
+            rope = match_rope(add)
+            if rope is not None and rope.x is heads:
+                return rope
+    return None
+
+
+def _cache_concat(graph: Graph, node: fx.Node) -> tuple[fx.Node, CacheEntry | None]:
+    """(cat(past, node) on the sequence axis, its cache entry) in decode graphs; (node, None) otherwise."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is aten.cat.default and len(user.args[0]) == 2:
+            past, new = user.args[0]
+            entry = _cache_source(graph, past)
+            if new is node and entry is not None:
+                return user, entry
+    return node, None
+
+
+def _is_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.numel() == 0
+
+
+def _cache_source(graph: Graph, node) -> CacheEntry | None:
+    """The cache entry ``node`` is, looking through concatenation with an empty tensor
+    (transformers' DynamicCache starts each layer from ``torch.tensor([])``)."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        return graph.cache_entry_of(node)
+    if node.op == "call_function" and node.target is aten.cat.default and len(node.args[0]) == 2:
+        empty = [a for a in node.args[0] if _is_empty(a)]
+        rest = [a for a in node.args[0] if a not in empty]
+        if len(empty) == 1 and len(rest) == 1:
+            return _cache_source(graph, rest[0])
+    return None
+
+
+# ---------------------------------------------------------------------- the math
+def joint_pca(parts: list[torch.Tensor], gram: torch.Tensor, rank: int, balance: bool):
+    """PCA of the activations [alpha P_0 x; P_1 x] (alpha balancing norms); (W_down, [ups], energy kept)."""
+    norms = [torch.einsum("ij,jk,ik->", w, gram, w).clamp_min(1e-30) for w in parts]
+    alpha = (norms[1] / norms[0]).sqrt() if balance and parts[0].numel() else torch.tensor(1.0, dtype=gram.dtype)
+    stacked = torch.cat([alpha * parts[0], parts[1]])
+    cov = stacked @ gram @ stacked.T
+    vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+    vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
+    u = vecs[:, :rank]
+    energy = (vals[:rank].sum() / vals.sum()).item() if vals.sum() > 0 else 1.0
+    split = parts[0].shape[0]
+    return u.T @ stacked, (u[:split] / alpha, u[split:]), energy
+
+
+def plan_after_up(w_k: torch.Tensor, w_v: torch.Tensor, gram: torch.Tensor, rank: int, balance: bool) -> Plan:
+    w_down, (k_up, v_up), energy = joint_pca([w_k, w_v], gram, rank, balance)
+    return Plan(rank, 0, w_down, k_up, v_up, energy)
+
+
+def plan_decoupled(block: AttentionBlock, w: dict[str, torch.Tensor], gram, rank: int, rope_dims: int, balance: bool):
+    """RoRoPE: per frequency, PCA across KV heads; the top rope_dims/2 components keep RoPE."""
+    n_kv, hd, heads = block.num_kv_heads, block.head_dim, block.num_heads
+    half, d = hd // 2, n_kv * hd
+    cov_k = w["k_proj"] @ gram @ w["k_proj"].T
+    candidates, mixes = [], []
+    for i in range(half):
+        re = [g * hd + i for g in range(n_kv)]
+        im = [g * hd + i + half for g in range(n_kv)]
+        cov = cov_k[re][:, re] + cov_k[im][:, im]
+        vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        mixes.append((re, im, vecs))
+        candidates += [(-vals[j].item(), i, j) for j in range(n_kv)]
+    candidates.sort()
+    m = rope_dims // 2
+    kept = sorted((i, j) for _, i, j in candidates[:m])
+    dropped = sorted((i, j) for _, i, j in candidates[m:])
+    total = -sum(c[0] for c in candidates)
+    position_energy = -sum(c[0] for c in candidates[:m]) / total if total > 0 else 1.0
+
+    def row(i: int, j: int, imaginary: bool) -> torch.Tensor:
+        re, im, vecs = mixes[i]
+        r = torch.zeros(d, dtype=gram.dtype)
+        r[im if imaginary else re] = vecs[:, j]
+        return r
+
+    rows = [row(i, j, False) for i, j in kept] + [row(i, j, True) for i, j in kept]
+    rows += [row(i, j, part) for i, j in dropped for part in (False, True)]
+    mix = torch.stack(rows)  # orthogonal (D x D): rotated key = mix @ k
+    k_rot = mix @ w["k_proj"]
+    group = block.group_size
+    q_rot = torch.stack(
+        [mix[:, (h // group) * hd : (h // group + 1) * hd] @ w["q_proj"][h * hd : (h + 1) * hd] for h in range(heads)]
+    )  # (H, D, d): each query head against the rotated key of its KV head
+    w_down, (k_up, v_up), energy = joint_pca([k_rot[rope_dims:], w["v_proj"]], gram, rank, balance)
+    freqs = torch.tensor([i for i, _ in kept] + [i + half for i, _ in kept], dtype=torch.long)
+    return Plan(
+        rank,
+        rope_dims,
+        w_down,
+        k_up,
+        v_up,
+        energy,
+        k_rope=k_rot[:rope_dims],
+        q_rope=q_rot[:, :rope_dims].reshape(heads * rope_dims, q_rot.shape[-1]),
+        q_nope=q_rot[:, rope_dims:].reshape(heads * (d - rope_dims), q_rot.shape[-1]),
+        rope_freqs=freqs,
+        position_energy_kept=position_energy,
+    )
+
+
+# ---------------------------------------------------------------------- rewriting
+class _Builder(SubgraphBuilder):
+    """SubgraphBuilder plus the few tensor-shape helpers attention needs (core ATen ops only)."""
+
+    def __init__(self, graph: Graph, path: str, origin: fx.Node, dtype: torch.dtype):
+        super().__init__(graph, path, origin)
+        self.dtype = dtype
+
+    def dense(self, x, module: str, weight: torch.Tensor) -> fx.Node:
+        return self.linear(x, module, weight.to(self.dtype).contiguous())
+
+    def size(self, x, dim: int) -> fx.Node:
+        return self.call(aten.sym_size.int, x, dim)
+
+    def split_heads(self, x, heads: int) -> fx.Node:
+        """(B, S, heads * e) -> (B, heads, S, e)."""
+        e = x.meta["val"].shape[-1] // heads
+        view = self.call(aten.view.default, x, [self.size(x, 0), self.size(x, 1), heads, e])
+        return self.call(aten.transpose.int, view, 1, 2)
+
+    def merge_heads(self, x) -> fx.Node:
+        """(B, H, S, e) -> (B, S, H * e)."""
+        b, h, _, e = x.meta["val"].shape
+        t = self.call(aten.transpose.int, x, 1, 2)
+        return self.call(aten.reshape.default, t, [self.size(x, 0), self.size(x, 2), int(h) * int(e)])
+
+    def broadcast_heads(self, x, heads: int) -> fx.Node:
+        """(B, S, e) -> (B, heads, S, e), one tensor shared by every head."""
+        return self.call(aten.expand.default, self.call(aten.unsqueeze.default, x, 1), [-1, heads, -1, -1])
+
+    def repeat_heads(self, x, group: int) -> fx.Node:
+        """(B, KV, S, e) -> (B, KV * group, S, e): each KV head serves ``group`` query heads."""
+        b, kv, _, e = x.meta["val"].shape
+        wide = self.call(aten.expand.default, self.call(aten.unsqueeze.default, x, 2), [-1, -1, group, -1, -1])
+        return self.call(aten.reshape.default, wide, [self.size(x, 0), int(kv) * group, self.size(x, 2), int(e)])
+
+    def rope(self, x, cos, sin) -> fx.Node:
+        half = x.meta["val"].shape[-1] // 2
+        rotated = self.call(
+            aten.cat.default,
+            [
+                self.call(aten.neg.default, self.call(aten.slice.Tensor, x, -1, half, 2 * half)),
+                self.call(aten.slice.Tensor, x, -1, 0, half),
+            ],
+            -1,
+        )
+        return self.call(aten.add.Tensor, self.call(aten.mul.Tensor, x, cos), self.call(aten.mul.Tensor, rotated, sin))
+
+
+def _first_user(nodes: list[fx.Node]) -> fx.Node:
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    users = [u for n in nodes for u in n.users if u.op != "output"]
+    return min(users, key=order.__getitem__)
+
+
+def _grow(graph: Graph, site: Site, entries: list[tuple[CacheEntry, fx.Node]], build) -> None:
+    """Make ``entries`` (new cache entry, this step's value) the block's cache; ``build(full values)`` rewires."""
+    if graph.cache is None:
+        build([new for _, new in entries])
+        return
+
+    def grown(placeholders: list[fx.Node]) -> list[fx.Node]:
+        builder = SubgraphBuilder(graph, site.block.path, site.k_full)
+        with graph.fx.inserting_after(max((new for _, new in entries), key=_order(graph).__getitem__)):
+            full = [builder.call(aten.cat.default, [ph, new], 1) for ph, (_, new) in zip(placeholders, entries)]
+        build(full)
+        return full
+
+    graph.replace_cache_entries([site.k_cache.name, site.v_cache.name], [e for e, _ in entries], grown)
+
+
+def _order(graph: Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.fx.nodes)}
+
+
+def _latent_entry(site: Site, kind: str, width: int) -> CacheEntry:
+    base = site.k_cache.name.rsplit(".", 1)[0]
+    return CacheEntry(f"{base}.{kind}", kind, (None, None, width), 1, site.k_cache.dtype)
+
+
+def rewrite_after_up(graph: Graph, site: Site, plan: Plan) -> None:
+    block = site.block
+    dtype = graph.weight(block.k_proj.weight).dtype
+    b = _Builder(graph, block.path, block.k_proj.node, dtype)
+    with graph.fx.inserting_before(_first_user([site.k_full, site.v_full])):
+        latent = b.dense(site.x, "kv_down", plan.w_down)
+    entries = [(_latent_entry(site, "latent", plan.rank), latent)] if graph.cache is not None else [(None, latent)]
+
+    def build(full: list[fx.Node]) -> None:
+        (c,) = full
+        with graph.fx.inserting_before(_first_user([site.k_full, site.v_full])):
+            k = b.split_heads(b.dense(c, "k_up", plan.k_up), block.num_kv_heads)
+            cos, sin = _key_tables(graph, b, site, c)
+            k = b.rope(k, cos, sin)
+            v = b.split_heads(b.dense(c, "v_up", plan.v_up), block.num_kv_heads)
+        _replace_uses(site.k_full, k)
+        _replace_uses(site.v_full, v)
+
+    _grow(graph, site, entries, build)
+    graph.eliminate_dead_code()
+
+
+def _replace_uses(old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user.op != "output")
+
+
+def _key_tables(graph: Graph, b: _Builder, site: Site, latent: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """cos/sin for every cached position 0..L-1: the query's tables recomputed from slot positions."""
+    rope = site.k_rope
+    if graph.cache is None:
+        return rope.cos, rope.sin
+    positions = graph.user_inputs()[1]
+    length = b.size(latent, 1)
+    slots = b.call(aten.arange.start_step, 0, length, 1, dtype=positions.meta["val"].dtype)
+    slots = b.call(aten.expand.default, b.call(aten.unsqueeze.default, slots, 0), [b.size(positions, 0), -1])
+    return tuple(_recompute(graph, b, [rope.cos, rope.sin], positions, slots, site))
+
+
+def _recompute(graph: Graph, b: _Builder, outputs: list[fx.Node], source: fx.Node, replacement: fx.Node, site):
+    """Copy the nodes between ``source`` and ``outputs``, reading ``replacement`` instead of ``source``."""
+    needed: set[fx.Node] = set()
+    todo = list(outputs)
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    if source not in needed:
+        raise PassPreconditionError(
+            f"{site.block.path}: the RoPE tables do not come from the position_ids input, so they cannot be "
+            "recomputed for cached positions; use rope.mode 'decoupled'"
+        )
+    depends = {source}
+    env = {source: replacement}
+    for n in graph.fx.nodes:
+        if n in needed and n not in depends and any(a in depends for a in n.all_input_nodes):
+            depends.add(n)
+            args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: env.get(a, a))
+            env[n] = b.call(n.target, *args, **kwargs)
+    return [env[o] for o in outputs]
+
+
+def rewrite_decoupled(graph: Graph, site: Site, plan: Plan, o_weight: torch.Tensor | None) -> None:
+    """MLA with a decoupled RoPE key; absorbed when ``o_weight`` (the output projection) is given."""
+    block = site.block
+    heads, hd, dr = block.num_heads, block.head_dim, plan.rope_dims
+    dtype = graph.weight(block.k_proj.weight).dtype
+    sdpa = block.sdpa
+    b = _Builder(graph, block.path, block.k_proj.node, dtype)
+    with graph.fx.inserting_before(sdpa):
+        freqs = graph.add_buffer(f"{block.path}.rope_freqs", plan.rope_freqs)
+    with graph.fx.inserting_before(sdpa):
+        cos = b.call(aten.index_select.default, site.q_rope.cos, -1, freqs)
+        sin = b.call(aten.index_select.default, site.q_rope.sin, -1, freqs)
+        latent = b.dense(site.x, "kv_down", plan.w_down)
+        k_rope = b.dense(site.x, "k_rope", plan.k_rope)
+        k_rope = b.call(aten.squeeze.dim, b.rope(b.call(aten.unsqueeze.default, k_rope, 1), cos, sin), 1)
+        q_rope = b.rope(b.split_heads(b.dense(site.x, "q_rope", plan.q_rope), heads), cos, sin)
+    entries = (
+        [(_latent_entry(site, "latent", plan.rank), latent), (_latent_entry(site, "k_rope", dr), k_rope)]
+        if graph.cache is not None
+        else [(None, latent), (None, k_rope)]
+    )
+    scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(hd)
+    out_node = block.o_proj.node
+
+    def build(full: list[fx.Node]) -> None:
+        c, kr = full
+        with graph.fx.inserting_before(sdpa):
+            if o_weight is not None:
+                q_nope = plan.q_nope.reshape(heads, plan.k_up.shape[0], plan.q_nope.shape[-1])
+                q_lat = torch.stack([plan.k_up.T @ q for q in q_nope])
+                q = b.split_heads(b.dense(site.x, "q_latent", q_lat.reshape(heads * plan.rank, -1)), heads)
+                k = b.call(aten.cat.default, [c, kr], -1)
+                v = c
+                q = b.call(aten.cat.default, [q, q_rope], -1)
+                k, v = b.broadcast_heads(k, heads), b.broadcast_heads(v, heads)
+            else:
+                q = b.split_heads(b.dense(site.x, "q_nope", plan.q_nope), heads)
+                q = b.call(aten.cat.default, [q, q_rope], -1)
+                k = b.broadcast_heads(b.call(aten.cat.default, [b.dense(c, "k_up", plan.k_up), kr], -1), heads)
+                v = b.repeat_heads(b.split_heads(b.dense(c, "v_up", plan.v_up), block.num_kv_heads), block.group_size)
+            attn = b.call(sdpa.target, q, k, v, *sdpa.args[3:], **{**sdpa.kwargs, "scale": scale})
+            merged = b.merge_heads(attn)
+            if o_weight is not None:
+                group, n_kv = block.group_size, block.num_kv_heads
+                v_up = plan.v_up.view(n_kv, hd, plan.rank)
+                folded = torch.cat([o_weight[:, h * hd : (h + 1) * hd] @ v_up[h // group] for h in range(heads)], 1)
+                out = b.dense(merged, "o_latent", folded)
+                out_node.replace_all_uses_with(out)
+            else:
+                out_node.replace_input_with(out_node.args[0], merged)
+
+    _grow(graph, site, entries, build)
+    graph.eliminate_dead_code()
