@@ -1,0 +1,223 @@
+"""gqa_to_mla: exact at full rank (forward and decode, example LM and transformers' Llama), a latent cache below it."""
+
+from __future__ import annotations
+
+import pytest
+import pydantic
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphpress import compress
+from graphpress.errors import PassPreconditionError
+from graphpress.ir import capture
+from graphpress.passes import PassContext, build_pass
+from graphpress.runtime import OnnxDecoder, TorchDecoder, greedy_generate, teacher_forced_logits
+from graphpress.schema import GqaToMlaConfig
+
+from .conftest import rel_err
+
+AFTER_UP = {"rope": {"mode": "after_up_projection"}}
+DECOUPLED_FULL = {"rope": {"mode": "decoupled", "dims": 64}}  # 2 KV heads x 32: every position dim kept
+
+
+def mla(**fields) -> GqaToMlaConfig:
+    return GqaToMlaConfig(**{"pass": "gqa_to_mla", **fields})
+
+
+def convert(graph, calibration, **fields):
+    return build_pass(mla(**fields)).run(graph, PassContext(calibration))
+
+
+def logits(graph, ids: torch.Tensor) -> torch.Tensor:
+    if graph.cache is not None:
+        return teacher_forced_logits(TorchDecoder(graph), ids)
+    out = graph.module()(ids)
+    return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (2, 24), generator=gen),) for _ in range(2)]
+
+
+# ---------------------------------------------------------------------- exactness at full rank
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+@pytest.mark.parametrize("fields", [AFTER_UP, DECOUPLED_FULL, {**DECOUPLED_FULL, "absorb": False}], ids=str)
+def test_full_rank_is_exact_on_the_example_lm(trained_llama, calibration, mode, fields):
+    ids = calibration[0][0]
+    graph = capture(trained_llama, (ids,), mode=mode)
+    result = convert(graph, calibration, **fields)
+    assert rel_err(logits(result.graph, ids), trained_llama(ids)) < 1e-5
+    assert {layer.action for layer in result.report.layers} == {"converted"}
+    assert len(result.report.layers) == trained_llama.config.num_layers
+
+
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+@pytest.mark.parametrize(
+    "fields", [{}, {"rope": {"mode": "decoupled", "dims": 32}}, {"rope": {"mode": "decoupled", "dims": 32}, "absorb": False}]
+)
+def test_full_rank_is_exact_on_transformers_llama(hf_llama, mode, fields):
+    gen = torch.Generator().manual_seed(0)
+    calibration = [(torch.randint(0, 128, (2, 16), generator=gen),) for _ in range(2)]
+    ids = calibration[0][0]
+    graph = capture(hf_llama, (ids,), mode=mode)
+    result = convert(graph, calibration, **fields)
+    assert rel_err(logits(result.graph, ids), hf_llama(ids).logits) < 1e-5
+
+
+# ---------------------------------------------------------------------- compression
+def test_decode_cache_becomes_the_latent(trained_llama, calibration):
+    graph = capture(trained_llama, (calibration[0][0],), mode="decode")
+    after_up = convert(graph, calibration, kv_rank=48).graph
+    assert [e.name for e in after_up.cache][:2] == ["layers.0.latent", "layers.1.latent"]
+    assert after_up.cache.entries[0].shape == (None, None, 48)
+    assert after_up.cache.bytes_per_token == 4 * 48 * 4
+    decoupled = convert(graph, calibration, kv_rank=48, rope={"mode": "decoupled", "dims": 16}).graph
+    assert [e.name for e in decoupled.cache][:2] == ["layers.0.latent", "layers.0.k_rope"]
+    assert decoupled.cache.bytes_per_token == 4 * (48 + 16) * 4
+    assert graph.cache.bytes_per_token == 4 * 2 * 2 * 32 * 4  # the input graph is untouched
+    assert rel_err(teacher_forced_logits(TorchDecoder(graph), calibration[0][0]), trained_llama(calibration[0][0])) < 1e-5
+
+
+@pytest.mark.parametrize("rope", [AFTER_UP["rope"], {"mode": "decoupled", "dims": 32}], ids=str)
+def test_error_shrinks_as_the_latent_grows(trained_llama, calibration, rope):
+    ids = calibration[0][0]
+    graph = capture(trained_llama, (ids,))
+    reference = trained_llama(ids)
+    errors = [rel_err(logits(convert(graph, calibration, kv_rank=r, rope=rope).graph, ids), reference) for r in (16, 48, 96)]
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_absorbed_and_non_absorbed_forms_agree_below_full_rank(trained_llama, calibration):
+    ids = calibration[0][0]
+    graph = capture(trained_llama, (ids,), mode="decode")
+    rope = {"mode": "decoupled", "dims": 16}
+    absorbed = convert(graph, calibration, kv_rank=40, rope=rope)
+    plain = convert(graph, calibration, kv_rank=40, rope=rope, absorb=False)
+    a, p = logits(absorbed.graph, ids), logits(plain.graph, ids)
+    assert rel_err(a, p) < 1e-5
+    assert rel_err(a, trained_llama(ids)) > 1e-3  # a real approximation, not the identity
+    assert absorbed.report.details["absorbed"] and not plain.report.details["absorbed"]
+    # absorbed: no per-head K or V is ever rebuilt from the latent
+    assert not any("k_up" in name or "v_up" in name for name in absorbed.graph.tensors())
+    assert any("k_up" in name for name in plain.graph.tensors())
+
+
+def test_report_and_determinism(trained_llama, calibration):
+    graph = capture(trained_llama, (calibration[0][0],), mode="decode")
+    first = convert(graph, calibration, kv_rank=32, rope={"mode": "decoupled", "dims": 16})
+    second = convert(graph, calibration, kv_rank=32, rope={"mode": "decoupled", "dims": 16})
+    for name, tensor in first.graph.tensors().items():
+        assert torch.equal(tensor, second.graph.tensors()[name])
+    layer = first.report.layers[0]
+    assert layer.details["cache_numbers_per_token"] == (128, 48)
+    assert 0 < layer.details["kv_energy_kept"] < 1 and 0 < layer.details["position_energy_kept"] < 1
+    assert first.report.details["kv_cache_bytes_per_token"] == [4 * 128 * 4, 4 * 48 * 4]
+
+
+# ---------------------------------------------------------------------- the ONNX decode loop
+def test_onnx_latent_cache_generation_matches_eager(tmp_path):
+    spec = {
+        "capture": {"mode": "decode"},
+        "calibration": {"samples": 2, "seq_len": 48},
+        "verify": {"max": 0.5},
+        "passes": [{"pass": "gqa_to_mla", "kv_rank": 48, "rope": {"mode": "decoupled", "dims": 16}}],
+    }
+    result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
+    decoder = OnnxDecoder(result.artifacts["onnx"])
+    assert decoder.input_names[2:4] == ["past.layers.0.latent", "past.layers.0.k_rope"]
+    assert decoder.output_names[1:3] == ["present.layers.0.latent", "present.layers.0.k_rope"]
+    assert result.report.compressed["kv_cache_bytes_per_token"] == 4 * 64 * 4
+    prompt = torch.tensor([list(b"class Foo"), list(b"import sy")])
+    ours = greedy_generate(decoder, prompt, 24)
+    assert torch.equal(ours, greedy_generate(TorchDecoder(result.graph), prompt, 24))
+
+
+# ---------------------------------------------------------------------- bad input
+class ToyAttention(nn.Module):
+    """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J) or none."""
+
+    def __init__(self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.rope, self.heads, self.kv_heads, self.hd = rope, heads, kv_heads, d // heads
+        self.q_proj = nn.Linear(d, heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(heads * self.hd, d, bias=False)
+
+    def _rotate(self, x, cos, sin):
+        if self.rope == "half":
+            h = x.shape[-1] // 2
+            return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+        pairs = torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        return x * cos + pairs * sin
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
+        if self.rope:
+            angles = torch.arange(s)[:, None] * 0.1 * torch.arange(1, self.hd + 1)
+            q, k = self._rotate(q, angles.cos(), angles.sin()), self._rotate(k, angles.cos(), angles.sin())
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.fixture
+def toy_input():
+    return torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_toy_half_split_rope_attention_converts_exactly(toy_input):
+    torch.manual_seed(0)
+    model = ToyAttention("half").eval()
+    graph = capture(model, (toy_input,))
+    for fields in (AFTER_UP, {"rope": {"mode": "decoupled", "dims": 16}}):
+        out = convert(graph, [(toy_input,)], **fields).graph.module()(toy_input)
+        assert rel_err(out, model(toy_input)) < 1e-5
+
+
+@pytest.mark.parametrize("rope", ["interleaved", None])
+def test_unhandled_position_encodings_are_refused(toy_input, rope):
+    graph = capture(ToyAttention(rope).eval(), (toy_input,))
+    with pytest.raises(PassPreconditionError, match="half-split form.*interleaved RoPE"):
+        convert(graph, [(toy_input,)])
+
+
+def test_rank_and_layout_errors_name_the_field(trained_llama, calibration):
+    graph = capture(trained_llama, (calibration[0][0],))
+    with pytest.raises(PassPreconditionError, match=r"kv_rank: 200 exceeds what exactness needs.* = 128"):
+        convert(graph, calibration, kv_rank=200)
+    with pytest.raises(PassPreconditionError, match=r"kv_rank: 100 exceeds .*rope.dims 32 = 96"):
+        convert(graph, calibration, kv_rank=100, rope={"mode": "decoupled", "dims": 32})
+    with pytest.raises(PassPreconditionError, match=r"rope.dims: 96 exceeds the 64 key dimensions"):
+        convert(graph, calibration, rope={"mode": "decoupled", "dims": 96})
+    with pytest.raises(PassPreconditionError, match=r"targets: 'decoder\.\*' matches no attention block.*layers\.0\.self_attn"):
+        convert(graph, calibration, targets="decoder.*")
+
+
+def test_models_without_attention_are_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    with pytest.raises(PassPreconditionError, match="matches no attention block.*none"):
+        convert(capture(model, (x,)), [(x,)])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"absorb": True}, "absorb needs rope.mode 'decoupled'"),
+        ({"rope": {"mode": "decoupled", "dims": 15}}, "rope.dims must be even"),
+        ({"rope": {"mode": "after_up_projection", "dims": 16}}, "decoupled' only"),
+        ({"kv_rank": 0}, "greater than or equal to 1"),
+        ({"rope": {"mode": "nope"}}, "after_up_projection"),
+    ],
+)
+def test_config_errors(fields, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        mla(**fields)
