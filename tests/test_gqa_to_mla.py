@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import pydantic
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +56,8 @@ def test_full_rank_is_exact_on_the_example_lm(trained_llama, calibration, mode, 
 
 @pytest.mark.parametrize("mode", ["forward", "decode"])
 @pytest.mark.parametrize(
-    "fields", [{}, {"rope": {"mode": "decoupled", "dims": 32}}, {"rope": {"mode": "decoupled", "dims": 32}, "absorb": False}]
+    "fields",
+    [{}, {"rope": {"mode": "decoupled", "dims": 32}}, {"rope": {"mode": "decoupled", "dims": 32}, "absorb": False}],
 )
 def test_full_rank_is_exact_on_transformers_llama(hf_llama, mode, fields):
     gen = torch.Generator().manual_seed(0)
@@ -78,7 +79,11 @@ def test_decode_cache_becomes_the_latent(trained_llama, calibration):
     assert [e.name for e in decoupled.cache][:2] == ["layers.0.latent", "layers.0.k_rope"]
     assert decoupled.cache.bytes_per_token == 4 * (48 + 16) * 4
     assert graph.cache.bytes_per_token == 4 * 2 * 2 * 32 * 4  # the input graph is untouched
-    assert rel_err(teacher_forced_logits(TorchDecoder(graph), calibration[0][0]), trained_llama(calibration[0][0])) < 1e-5
+    assert graph.program.call_spec.in_spec.num_leaves == 2 + 8
+    assert after_up.program.call_spec.in_spec.num_leaves == 2 + 4
+    assert (
+        rel_err(teacher_forced_logits(TorchDecoder(graph), calibration[0][0]), trained_llama(calibration[0][0])) < 1e-5
+    )
 
 
 @pytest.mark.parametrize("rope", [AFTER_UP["rope"], {"mode": "decoupled", "dims": 32}], ids=str)
@@ -86,7 +91,9 @@ def test_error_shrinks_as_the_latent_grows(trained_llama, calibration, rope):
     ids = calibration[0][0]
     graph = capture(trained_llama, (ids,))
     reference = trained_llama(ids)
-    errors = [rel_err(logits(convert(graph, calibration, kv_rank=r, rope=rope).graph, ids), reference) for r in (16, 48, 96)]
+    errors = [
+        rel_err(logits(convert(graph, calibration, kv_rank=r, rope=rope).graph, ids), reference) for r in (16, 48, 96)
+    ]
     assert errors[0] > errors[1] > errors[2] > 0
 
 
@@ -197,7 +204,9 @@ def test_rank_and_layout_errors_name_the_field(trained_llama, calibration):
         convert(graph, calibration, kv_rank=100, rope={"mode": "decoupled", "dims": 32})
     with pytest.raises(PassPreconditionError, match=r"rope.dims: 96 exceeds the 64 key dimensions"):
         convert(graph, calibration, rope={"mode": "decoupled", "dims": 96})
-    with pytest.raises(PassPreconditionError, match=r"targets: 'decoder\.\*' matches no attention block.*layers\.0\.self_attn"):
+    with pytest.raises(
+        PassPreconditionError, match=r"targets: 'decoder\.\*' matches no attention block.*layers\.0\.self_attn"
+    ):
         convert(graph, calibration, targets="decoder.*")
 
 

@@ -409,9 +409,13 @@ class Graph:
     def _sync_call_signature(self) -> None:
         """The pytree specs of a decode step: ((input_ids, position_ids, [cache...]), {}) -> (logits, [cache...])."""
         n = len(self._cache_layout())
-        signature = self._program.module_call_graph[0].signature
-        signature.in_spec = pytree.tree_flatten(((0, 0, [0] * n), {}))[1]
-        signature.out_spec = pytree.tree_flatten((0, [0] * n))[1]
+        entries = self._program._module_call_graph
+        signature = dataclasses.replace(
+            entries[0].signature,
+            in_spec=pytree.tree_flatten(((0, 0, [0] * n), {}))[1],
+            out_spec=pytree.tree_flatten((0, [0] * n))[1],
+        )
+        entries[0] = dataclasses.replace(entries[0], signature=signature)  # a new entry: clones share the old one
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
         """Rebind a stored tensor to a new value of the same shape and dtype."""

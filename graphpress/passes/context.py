@@ -56,6 +56,7 @@ class PassContext:
     spec_path: str = "passes"
     _inputs: dict[tuple[int, str], LinearInputs] = field(default_factory=dict, repr=False)
     _grad_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    _means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def linear_inputs(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, LinearInputs]:
         """Inputs of each linear (keyed by the linear's node name) on the calibration data."""
@@ -82,6 +83,27 @@ class PassContext:
                     x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
                 self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer))
         return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
+
+    def column_means(self, graph: Graph, nodes: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Mean of each node's value over every axis but the last, on the calibration data."""
+        missing = [n for n in nodes if (graph.revision, n) not in self._means]
+        if missing:
+            sums: dict[str, torch.Tensor] = {}
+            counts = dict.fromkeys(missing, 0)
+
+            def tap(name):
+                def record(value):
+                    rows = value.detach().reshape(-1, value.shape[-1]).double()
+                    sums[name] = sums[name] + rows.sum(0) if name in sums else rows.sum(0)
+                    counts[name] += len(rows)
+
+                return record
+
+            for args in self.calibration_inputs:
+                run_calibration_sample(graph, args, {n: tap(n) for n in missing})
+            for name in missing:
+                self._means[(graph.revision, name)] = sums[name] / counts[name]
+        return {n: self._means[(graph.revision, n)] for n in nodes}
 
     def weight_grad_squares(self, graph: Graph, linears: Sequence[Linear]) -> dict[str, torch.Tensor]:
         """Sum over calibration samples of (dL/dW)^2 for each linear's weight (keyed by weight name).

@@ -97,6 +97,7 @@ class GqaToMla(Pass):
         report = self.new_report()
         sites = self.sites(graph, ctx)
         inputs = ctx.linear_inputs(graph, [s.block.k_proj for s in sites])
+        tables = ctx.column_means(graph, sorted({n.name for s in sites for n in (s.q_rope.cos, s.q_rope.sin)}))
         cache_before = graph.cache.bytes_per_token if graph.cache is not None else None
         absorb = cfg.rope.mode == "decoupled" and cfg.absorb is not False
         for site in sites:
@@ -110,7 +111,9 @@ class GqaToMla(Pass):
                 plan = plan_after_up(weights["k_proj"], weights["v_proj"], gram, rank, cfg.balance_kv)
                 rewrite_after_up(graph, site, plan)
             else:
-                plan = plan_decoupled(block, weights, gram, rank, rope_dims, cfg.balance_kv)
+                cos, sin = tables[site.q_rope.cos.name], tables[site.q_rope.sin.name]
+                damage = 1 - (cos.square() + sin.square())[: block.head_dim // 2]
+                plan = plan_decoupled(block, weights, gram, rank, rope_dims, cfg.balance_kv, damage)
                 o_weight = graph.weight(block.o_proj.weight).double()
                 rewrite_decoupled(graph, site, plan, o_weight if absorb else None)
             before = sum(lin.params for lin in (block.q_proj, block.k_proj, block.v_proj, block.o_proj))
@@ -298,24 +301,47 @@ def plan_after_up(w_k: torch.Tensor, w_v: torch.Tensor, gram: torch.Tensor, rank
     return Plan(rank, 0, w_down, k_up, v_up, energy)
 
 
-def plan_decoupled(block: AttentionBlock, w: dict[str, torch.Tensor], gram, rank: int, rope_dims: int, balance: bool):
-    """RoRoPE: per frequency, PCA across KV heads; the top rope_dims/2 components keep RoPE."""
-    n_kv, hd, heads = block.num_kv_heads, block.head_dim, block.num_heads
+def plan_decoupled(
+    block: AttentionBlock,
+    w: dict[str, torch.Tensor],
+    gram: torch.Tensor,
+    rank: int,
+    rope_dims: int,
+    balance: bool,
+    damage: torch.Tensor,
+) -> Plan:
+    """RoRoPE: per frequency, PCA across KV heads; the rope_dims/2 components that matter most keep RoPE.
+
+    A component (frequency i, rotated head j) matters by the score variance it carries,
+    E|q_ij|^2 E|k_ij|^2 summed over query heads, times ``damage[i]``: how far RoPE at that
+    frequency moves over the calibration positions (1 - |mean e^{i theta_i p}|^2; ~0 for
+    frequencies too slow to turn within the context, where dropping RoPE costs nothing).
+    """
+    n_kv, hd, heads, group = block.num_kv_heads, block.head_dim, block.num_heads, block.group_size
     half, d = hd // 2, n_kv * hd
     cov_k = w["k_proj"] @ gram @ w["k_proj"].T
+    cov_q = w["q_proj"] @ gram @ w["q_proj"].T
     candidates, mixes = [], []
     for i in range(half):
         re = [g * hd + i for g in range(n_kv)]
         im = [g * hd + i + half for g in range(n_kv)]
         cov = cov_k[re][:, re] + cov_k[im][:, im]
         vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
-        vals, vecs = vals.flip(0), vecs.flip(1)
+        vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
         mixes.append((re, im, vecs))
-        candidates += [(-vals[j].item(), i, j) for j in range(n_kv)]
+        for j in range(n_kv):
+            # query energy on component (i, j): each query head h sees it with weight vecs[g(h), j]
+            q_energy = sum(
+                vecs[h // group, j].square()
+                * (cov_q[h * hd + i, h * hd + i] + cov_q[h * hd + i + half, h * hd + i + half])
+                for h in range(heads)
+            )
+            score = (damage[i].clamp_min(0) * vals[j] * q_energy).item()
+            candidates.append((-score, -vals[j].item(), i, j))
     candidates.sort()
     m = rope_dims // 2
-    kept = sorted((i, j) for _, i, j in candidates[:m])
-    dropped = sorted((i, j) for _, i, j in candidates[m:])
+    kept = sorted((i, j) for *_, i, j in candidates[:m])
+    dropped = sorted((i, j) for *_, i, j in candidates[m:])
     total = -sum(c[0] for c in candidates)
     position_energy = -sum(c[0] for c in candidates[:m]) / total if total > 0 else 1.0
 
@@ -523,10 +549,10 @@ def rewrite_decoupled(graph: Graph, site: Site, plan: Plan, o_weight: torch.Tens
                 q_nope = plan.q_nope.reshape(heads, plan.k_up.shape[0], plan.q_nope.shape[-1])
                 q_lat = torch.stack([plan.k_up.T @ q for q in q_nope])
                 q = b.split_heads(b.dense(site.x, "q_latent", q_lat.reshape(heads * plan.rank, -1)), heads)
-                k = b.call(aten.cat.default, [c, kr], -1)
-                v = c
                 q = b.call(aten.cat.default, [q, q_rope], -1)
-                k, v = b.broadcast_heads(k, heads), b.broadcast_heads(v, heads)
+                # One latent key/value for all heads: SDPA broadcasts it (no per-head copies).
+                k = b.call(aten.unsqueeze.default, b.call(aten.cat.default, [c, kr], -1), 1)
+                v = b.call(aten.unsqueeze.default, c, 1)
             else:
                 q = b.split_heads(b.dense(site.x, "q_nope", plan.q_nope), heads)
                 q = b.call(aten.cat.default, [q, q_rope], -1)
