@@ -137,6 +137,9 @@ def test_onnx_latent_cache_generation_matches_eager(tmp_path):
     assert decoder.input_names[2:4] == ["past.layers.0.latent", "past.layers.0.k_rope"]
     assert decoder.output_names[1:3] == ["present.layers.0.latent", "present.layers.0.k_rope"]
     assert result.report.compressed["kv_cache_bytes_per_token"] == 4 * 64 * 4
+    markdown = result.artifacts["report_md"].read_text()
+    assert "| KV-cache bytes / token | 2,048 | 1,024 | 0.500 |" in markdown
+    assert "| `layers.0.self_attn` | converted |" in markdown and "kv rank" in markdown
     prompt = torch.tensor([list(b"class Foo"), list(b"import sy")])
     ours = greedy_generate(decoder, prompt, 24)
     assert torch.equal(ours, greedy_generate(TorchDecoder(result.graph), prompt, 24))

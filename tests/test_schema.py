@@ -97,3 +97,15 @@ def test_spec_objects_are_frozen():
     spec = Spec()
     with pytest.raises(Exception, match="frozen"):
         spec.version = 2
+
+
+@pytest.mark.parametrize("path", ["examples/tiny_llama/spec.json", "examples/tiny_llama/spec_mla.json"])
+def test_example_specs_validate(path):
+    assert load_spec(path).passes
+
+
+def test_gqa_to_mla_errors_name_the_json_path():
+    found = problems({"passes": [{"pass": "gqa_to_mla", "rope": {"mode": "decoupled", "dimz": 16}}]})
+    assert "did you mean 'dims'" in found["passes[0].rope.dimz"]
+    found = problems({"capture": {"mode": "prefill"}})
+    assert "'forward'" in found["capture.mode"] and "'decode'" in found["capture.mode"]

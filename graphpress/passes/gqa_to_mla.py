@@ -40,7 +40,7 @@ import torch
 from torch import fx
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, SubgraphBuilder
+from ..ir import Graph, SubgraphBuilder, matches
 from ..ir.blocks import AttentionBlock, Rope, match_rope
 from ..ir.decode import CacheEntry
 from ..schema import GqaToMlaConfig
@@ -147,7 +147,7 @@ class GqaToMla(Pass):
     # ------------------------------------------------------------------ analysis
     def sites(self, graph: Graph, ctx: PassContext) -> list[Site]:
         blocks = graph.attention_blocks(self.config.targets)
-        blocks = [b for b in blocks if not self.config.exclude or not _matches(b.path, self.config.exclude)]
+        blocks = [b for b in blocks if not self.config.exclude or not matches(b.path, self.config.exclude)]
         if not blocks:
             found = [b.path for b in graph.attention_blocks()]
             raise PassPreconditionError(
@@ -178,12 +178,6 @@ class GqaToMla(Pass):
                 + f" = {full}"
             )
         return rank, rope_dims
-
-
-def _matches(path: str, patterns) -> bool:
-    from ..ir import matches
-
-    return matches(path, patterns)
 
 
 def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:

@@ -27,6 +27,27 @@ def _fmt_detail(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _detail_columns(layers: list[dict]) -> list[str]:
+    """Per-layer details worth a table column: scalars and short tuples (not spectra, not reasons)."""
+    columns: list[str] = []
+    for layer in layers:
+        for key, value in layer["details"].items():
+            short = isinstance(value, (int, float, str)) or (isinstance(value, (list, tuple)) and len(value) <= 3)
+            if short and key != "reason" and key not in columns:
+                columns.append(key)
+    return columns
+
+
+def _fmt_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return _fmt_err(value)
+    if isinstance(value, (list, tuple)):
+        return " -> ".join(_fmt_cell(v) for v in value)
+    return _fmt_detail(value)
+
+
 def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "n/a"
 
@@ -63,18 +84,19 @@ def render_markdown(report: CompressionReport) -> str:
             )
         if p.get("details"):
             lines.append("Details: " + "; ".join(f"{k} {_fmt_detail(v)}" for k, v in p["details"].items()) + ".")
+        columns = _detail_columns(p["layers"])
         lines += [
             f"Parameters {_fmt_int(p['params_before'])} -> {_fmt_int(p['params_after'])}; time {p['seconds']:.2f} s.",
             "",
-            "| layer | action | params before | params after | rank | weight error | output error |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| layer | action | params before | params after |" + "".join(f" {c.replace('_', ' ')} |" for c in columns),
+            "|---|---|---:|---:|" + "---:|" * len(columns),
         ]
         for layer in p["layers"]:
             d = layer["details"]
+            cells = "".join(f" {_fmt_cell(d.get(c))} |" for c in columns)
             lines.append(
                 f"| `{layer['path']}` | {layer['action']} | {_fmt_int(layer['params_before'])} "
-                f"| {_fmt_int(layer['params_after'])} | {d.get('rank', '')} | {_fmt_err(d.get('weight_error'))} "
-                f"| {_fmt_err(d.get('output_error'))} |"
+                f"| {_fmt_int(layer['params_after'])} |{cells}"
             )
         skipped = [layer for layer in p["layers"] if layer["action"] == "skipped"]
         if skipped:
