@@ -106,5 +106,5 @@ def greedy_generate(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int)
 
 
 def cache_bytes(decoder: Decoder, batch: int, context: int) -> int:
-    """Bytes the cache holds for ``batch`` sequences of ``context`` tokens."""
-    return decoder.layout.bytes_per_token * batch * context
+    """Bytes the cache holds for ``batch`` sequences of ``context`` tokens (windows counted full)."""
+    return int(decoder.layout.bytes_at(context) * batch)

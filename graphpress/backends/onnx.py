@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..errors import BackendError
-from ..ir import Graph
+from ..ir import Graph, ops
 from ..metrics import compare_outputs
 from ..schema import OnnxBackendConfig
 from .base import Backend, BackendRecord, publish, staging_dir
@@ -57,7 +57,13 @@ class OnnxBackend(Backend):
             staged = tmp / cfg.filename
             try:
                 with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs():
-                    program = torch.onnx.export(graph.program, dynamo=True, opset_version=cfg.opset, verbose=False)
+                    program = torch.onnx.export(
+                        graph.program,
+                        dynamo=True,
+                        opset_version=cfg.opset,
+                        verbose=False,
+                        custom_translation_table=ops.onnx_translations(),
+                    )
                 if graph.cache is not None:
                     _name_decode_io(program.model, graph.cache)
                 program.save(str(staged), external_data=external)

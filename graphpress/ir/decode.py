@@ -27,16 +27,23 @@ from ..errors import CaptureError
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One cache tensor. ``shape`` has None for the batch and sequence axes."""
+    """One cache tensor. ``shape`` has None for the batch and sequence axes.
+
+    One slot on the sequence axis covers ``tokens_per_slot`` tokens (a quantization
+    group's scales cover several). A ``max_len`` entry is a bounded window (a
+    full-precision residual): it does not grow with the context.
+    """
 
     name: str
     kind: str
     shape: tuple[int | None, ...]
     seq_axis: int
     dtype: str = "float32"
+    tokens_per_slot: int = 1
+    max_len: int | None = None
 
     @property
-    def numbers_per_token(self) -> int:
+    def numbers_per_slot(self) -> int:
         n = 1
         for i, d in enumerate(self.shape):
             if i != self.seq_axis and d is not None:
@@ -44,8 +51,13 @@ class CacheEntry:
         return n
 
     @property
-    def bytes_per_token(self) -> int:
-        return self.numbers_per_token * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+    def bytes_per_slot(self) -> int:
+        return self.numbers_per_slot * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def bytes_per_token(self) -> float:
+        """What the entry adds per token of context (0 for a bounded window)."""
+        return 0 if self.max_len is not None else self.bytes_per_slot / self.tokens_per_slot
 
     def empty(self, batch_size: int) -> torch.Tensor:
         shape = [batch_size if d is None and i != self.seq_axis else d for i, d in enumerate(self.shape)]
@@ -72,9 +84,18 @@ class CacheLayout:
         raise KeyError(name)
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes the cache grows by per token per sequence (all layers)."""
+    def bytes_per_token(self) -> float:
+        """Bytes the cache grows by per token per sequence (all layers; bounded windows excluded)."""
         return sum(e.bytes_per_token for e in self.entries)
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of the bounded windows at their largest, per sequence (all layers)."""
+        return sum(e.bytes_per_slot * e.max_len for e in self.entries if e.max_len is not None)
+
+    def bytes_at(self, context: int) -> float:
+        """Bytes held for one sequence of ``context`` tokens (windows counted full)."""
+        return self.bytes_per_token * context + self.window_bytes
 
     def empty(self, batch_size: int) -> list[torch.Tensor]:
         return [e.empty(batch_size) for e in self.entries]

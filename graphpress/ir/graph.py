@@ -304,11 +304,40 @@ class Graph:
         inputs = self.user_inputs()
         return self.cache.entries[inputs.index(node) - 2] if node in inputs[2:] else None
 
+    def cache_append(self, name: str) -> tuple[fx.Node, fx.Node]:
+        """(the node that grows cache entry ``name``, the value it appends): its output is
+        ``cat([past, new], seq_axis)``, ``past`` the entry's input (seen through
+        concatenation with an empty tensor, as transformers' DynamicCache starts a layer)."""
+        entry = self._cache_layout().entries[self._cache_layout().index(name)]
+        grown = self.cache_output(name)
+        if grown.op == "call_function" and grown.target is aten.cat.default and len(grown.args[0]) == 2:
+            past, new = grown.args[0]
+            axis = grown.args[1] if len(grown.args) > 1 else 0
+            rank = grown.meta["val"].dim()
+            if axis % rank == entry.seq_axis and self.cache_source(past) is not None:
+                return grown, new
+        raise ValueError(f"cache entry {name}: its output is not cat([past, new]) on its sequence axis")
+
+    def cache_source(self, node) -> CacheEntry | None:
+        """The cache entry whose input ``node`` is, looking through concatenation with an empty tensor."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            return self.cache_entry_of(node)
+        if node.op == "call_function" and node.target is aten.cat.default and len(node.args[0]) == 2:
+            empty = [a for a in node.args[0] if _is_empty(a)]
+            rest = [a for a in node.args[0] if a not in empty]
+            if len(empty) == 1 and len(rest) == 1:
+                return self.cache_source(rest[0])
+        return None
+
     def replace_cache_entries(
         self,
         old: Sequence[str],
         new: Sequence[CacheEntry],
         build: Callable[[list[fx.Node]], list[fx.Node]],
+        same_length: bool = True,
+        past_length: Callable[[SubgraphBuilder, list[fx.Node]], fx.Node] | None = None,
     ) -> None:
         """Replace cache entries ``old`` by ``new``, in place in the layout (inputs and outputs alike).
 
@@ -316,6 +345,9 @@ class Graph:
         (rewiring whatever read the old ones). Shape reads of the old inputs (``sym_size``)
         are redirected to the first new input: batch and length carry over, fixed axes
         become constants. Nothing else may read an old input or output once ``build`` returns.
+        With ``same_length`` false each new input gets a sequence length of its own (a
+        quantized cache's codes, scales and residual window all differ in length), and
+        ``past_length(builder, inputs)`` says how many past tokens they hold together.
         """
         layout = self._cache_layout()
         old = sorted(old, key=layout.index)
@@ -329,7 +361,7 @@ class Graph:
             with self.fx.inserting_before(old_inputs[0]):
                 node = self.fx.placeholder(_fresh_name(self.fx, "cache_" + entry.name.replace(".", "_")))
             shape = [batch if d is None else d for d in entry.shape]
-            shape[entry.seq_axis] = length
+            shape[entry.seq_axis] = length if same_length else self._new_length(node.name)
             with self._fake_mode():
                 node.meta["val"] = torch.empty(shape, dtype=getattr(torch, entry.dtype))
             placeholders.append(node)
@@ -342,17 +374,19 @@ class Graph:
         kept = [e for e in layout.entries if e.name not in old]
         self.cache = CacheLayout(tuple(kept[:first] + list(new) + kept[first:]))
 
+        top = SubgraphBuilder(self, "", placeholders[0])
+        with self.fx.inserting_before(next(n for n in self.fx.nodes if n.op != "placeholder")):
+            sizes = {0: top.call(aten.sym_size.int, placeholders[0], 0)}
+            if past_length is None:
+                sizes[old_entry.seq_axis] = top.call(aten.sym_size.int, placeholders[0], new[0].seq_axis)
+            else:
+                sizes[old_entry.seq_axis] = past_length(top, placeholders)
         for old_node in old_inputs:
             for user in list(old_node.users):
                 if user.op == "call_function" and user.target is aten.sym_size.int:
                     dim = user.args[1] % sample.dim()
-                    if dim == 0:
-                        user.args = (placeholders[0], 0)
-                    elif dim == old_entry.seq_axis:
-                        user.args = (placeholders[0], new[0].seq_axis)
-                    else:
-                        user.replace_all_uses_with(int(sample.shape[dim]))
-                        self.fx.erase_node(user)
+                    user.replace_all_uses_with(sizes[dim] if dim in sizes else int(sample.shape[dim]))
+                    self.fx.erase_node(user)
         self.eliminate_dead_code()
         for old_node in old_inputs:
             if old_node.users:
@@ -379,6 +413,19 @@ class Graph:
         inference) would otherwise keep a whole replaced attention alive."""
         self.fx.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         self._changed()
+
+    def _new_length(self, name: str) -> torch.SymInt:
+        """A fresh symbolic size >= 0 for a new input's sequence axis."""
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic
+        from torch.utils._sympy.numbers import int_oo
+        from torch.utils._sympy.value_ranges import ValueRanges
+
+        shape_env = self._fake_mode().shape_env
+        source = ConstantSource(f"{name}_length")
+        symbol = shape_env.create_symbol(3, source, dynamic_dim=DimDynamic.DYNAMIC, positive=None)
+        self._program.range_constraints[symbol] = ValueRanges(0, int_oo)
+        return shape_env.create_symintnode(symbol, hint=3, source=source)
 
     def _cache_layout(self) -> CacheLayout:
         if self.cache is None:
@@ -459,6 +506,11 @@ class Graph:
             removed.append(name)
         self._changed()
         return removed
+
+
+def _is_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.numel() == 0
 
 
 def _fresh_name(graph: fx.Graph, base: str) -> str:

@@ -14,8 +14,10 @@ class GraphSummary:
     bytes: int
     bytes_by_dtype: dict[str, int]
     linear_flops_per_token: int
-    kv_cache_bytes_per_token: int | None = None
+    kv_cache_bytes_per_token: float | None = None
     """Decode graphs: bytes the cache grows by per token of one sequence (all layers)."""
+    kv_cache_window_bytes: int | None = None
+    """Decode graphs: bytes of bounded cache windows (full-precision residuals) per sequence."""
     op_histogram: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -40,5 +42,6 @@ def summarize(graph: Graph) -> GraphSummary:
         bytes_by_dtype=dict(sorted(by_dtype.items())),
         linear_flops_per_token=flops,
         kv_cache_bytes_per_token=graph.cache.bytes_per_token if graph.cache is not None else None,
+        kv_cache_window_bytes=graph.cache.window_bytes if graph.cache is not None else None,
         op_histogram=dict(sorted(ops.items())),
     )

@@ -249,30 +249,10 @@ def _cache_concat(graph: Graph, node: fx.Node) -> tuple[fx.Node, CacheEntry | No
     for user in node.users:
         if user.op == "call_function" and user.target is aten.cat.default and len(user.args[0]) == 2:
             past, new = user.args[0]
-            entry = _cache_source(graph, past)
+            entry = graph.cache_source(past)
             if new is node and entry is not None:
                 return user, entry
     return node, None
-
-
-def _is_empty(node) -> bool:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.numel() == 0
-
-
-def _cache_source(graph: Graph, node) -> CacheEntry | None:
-    """The cache entry ``node`` is, looking through concatenation with an empty tensor
-    (transformers' DynamicCache starts each layer from ``torch.tensor([])``)."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "placeholder":
-        return graph.cache_entry_of(node)
-    if node.op == "call_function" and node.target is aten.cat.default and len(node.args[0]) == 2:
-        empty = [a for a in node.args[0] if _is_empty(a)]
-        rest = [a for a in node.args[0] if a not in empty]
-        if len(empty) == 1 and len(rest) == 1:
-            return _cache_source(graph, rest[0])
-    return None
 
 
 # ---------------------------------------------------------------------- the math

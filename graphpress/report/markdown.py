@@ -17,6 +17,10 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _fmt_num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:,.2f}"
+
+
 def _fmt_err(x) -> str:
     return "" if x is None else f"{x:.3g}"
 
@@ -66,7 +70,9 @@ def render_markdown(report: CompressionReport) -> str:
     ]
     if o.get("kv_cache_bytes_per_token"):
         ok, ck = o["kv_cache_bytes_per_token"], c["kv_cache_bytes_per_token"]
-        lines.append(f"| KV-cache bytes / token | {_fmt_int(ok)} | {_fmt_int(ck)} | {_ratio(ck, ok)} |")
+        lines.append(f"| KV-cache bytes / token | {_fmt_num(ok)} | {_fmt_num(ck)} | {_ratio(ck, ok)} |")
+        if c.get("kv_cache_window_bytes"):
+            lines.append(f"| KV-cache window bytes (fp residual) | 0 | {_fmt_int(c['kv_cache_window_bytes'])} | |")
     lines += [
         "",
         f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "

@@ -176,6 +176,38 @@ class GqaToMlaConfig(PassConfig):
         return self
 
 
-PASS_CONFIGS: dict[str, type[PassConfig]] = {"low_rank": LowRankConfig, "gqa_to_mla": GqaToMlaConfig}
+class KvQuantSide(StrictModel):
+    """How one kind of cache tensor is quantized."""
+
+    bits: Literal[2, 4, 8] = Field(2, description="Bits per code; 8 // bits codes are packed per byte.")
+    axis: Literal["channel", "token"] = Field(
+        description="channel: each channel gets a scale per group of group_size tokens (KIVI's keys). "
+        "token: each token gets a scale per group of group_size channels (KIVI's values)."
+    )
+    group_size: int = Field(32, ge=1, description="Tokens (axis 'channel') or channels (axis 'token') per scale.")
+    symmetric: bool = Field(False, description="Symmetric codes (no zero point stored) instead of min/max.")
+
+
+class KvCacheQuantConfig(PassConfig):
+    """Quantize the KV cache of a decode graph at its boundary (KIVI): packed codes + scales cross it.
+
+    The newest tokens stay in full precision in a residual window of ``residual`` to
+    ``residual + block - 1`` tokens (block: the key group size for per-channel keys, 1 for
+    per-token); whole blocks leaving it are quantized and appended to the packed cache.
+    """
+
+    pass_: Literal["kv_cache_quant"] = Field(alias="pass")
+    targets: Targets = Field("*", description="Glob pattern(s) over cache entry names, e.g. 'layers.*.key'.")
+    key: KvQuantSide = Field(KvQuantSide(bits=2, axis="channel"), description="Keys (and MLA's RoPE key).")
+    value: KvQuantSide = Field(KvQuantSide(bits=2, axis="token"), description="Values.")
+    latent: KvQuantSide | None = Field(None, description="MLA latents (gqa_to_mla); default: the key settings.")
+    residual: int = Field(32, ge=0, description="Newest tokens kept in full precision (KIVI's residual length).")
+
+
+PASS_CONFIGS: dict[str, type[PassConfig]] = {
+    "low_rank": LowRankConfig,
+    "gqa_to_mla": GqaToMlaConfig,
+    "kv_cache_quant": KvCacheQuantConfig,
+}
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007

@@ -1,6 +1,13 @@
-"""The graphpress op set: each compressed weight format is a ``torch.library.custom_op``.
+"""The graphpress op set: each compressed format is a ``torch.library.custom_op`` under ``graphpress::``.
 
-One file per op (reference implementation, fake implementation, ONNX and TVM
-lowerings, Triton kernel). The formats arrive with the passes that produce them;
-``low_rank`` needs none (a factored linear is two linears).
+One file per op family (reference implementation, fake implementation, ONNX lowering;
+TVM and Triton forms arrive with those backends). ``low_rank`` and ``gqa_to_mla`` need
+none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
+
+from . import kv_quant
+
+
+def onnx_translations() -> dict:
+    """custom op overload -> ONNX lowering, for ``torch.onnx.export(custom_translation_table=...)``."""
+    return {**kv_quant.ONNX_TRANSLATIONS}

@@ -1,0 +1,177 @@
+"""Grouped integer quantization of cache tensors (KIVI family), packed into uint8.
+
+A cache tensor is (..., T, C): T tokens of C channels. Two groupings, as KIVI uses them:
+
+* ``per_channel`` (keys): every channel of every run of ``group_size`` consecutive tokens
+  shares one scale and zero point: stats (..., T / group_size, C). T must be a multiple
+  of ``group_size`` (the cache flushes whole groups).
+* per-token (values): every run of ``group_size`` channels of one token shares them:
+  stats (..., T, C / group_size).
+
+Codes are ``round((x - zero) / scale)`` clipped to [0, 2^bits - 1]. Asymmetric:
+zero = min, scale = (max - min) / (2^bits - 1). Symmetric: scale = absmax / (2^(bits-1) - 1)
+and zero = -2^(bits-1) * scale, which dequantization recomputes (no zero point stored).
+``8 // bits`` codes share a byte, the k-th in bits [k * bits, (k + 1) * bits): the
+channel count must be a multiple of ``8 // bits``.
+
+Both ops have an eager reference (this file defines the semantics), a fake
+implementation for export, and an ONNX lowering to standard ops (BitShift,
+BitwiseAnd/Or, Reshape, ReduceMin/Max, Round, Clip, Cast, Mul, Add).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def codes_per_byte(bits: int) -> int:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    return 8 // bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """(..., C) uint8 codes < 2^bits -> (..., C * bits / 8) bytes."""
+    per = codes_per_byte(bits)
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.uint8)
+    out = grouped[..., 0].clone()
+    for k in range(1, per):
+        out |= grouped[..., k] << (bits * k)
+    return out
+
+
+def unpack(packed: Tensor, bits: int) -> Tensor:
+    """(..., Cp) bytes -> (..., Cp * 8 / bits) uint8 codes."""
+    per = codes_per_byte(bits)
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def _grouped(x: Tensor, group_size: int, per_channel: bool) -> tuple[Tensor, int]:
+    """x viewed with its groups on one axis; the axis the stats reduce over."""
+    *lead, t, c = x.shape
+    if per_channel:
+        return x.reshape(*lead, t // group_size, group_size, c), -2
+    return x.reshape(*lead, t, c // group_size, group_size), -1
+
+
+@torch.library.custom_op("graphpress::kv_quantize", mutates_args=())
+def kv_quantize(
+    x: Tensor, bits: int, group_size: int, per_channel: bool, symmetric: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed codes, scale, zero) of x (..., T, C)."""
+    g, dim = _grouped(x.float(), group_size, per_channel)
+    if symmetric:
+        scale = (g.abs().amax(dim, keepdim=True) / (2 ** (bits - 1) - 1)).clamp_min(EPS)
+        zero = scale * -(2 ** (bits - 1))
+    else:
+        lo, hi = g.amin(dim, keepdim=True), g.amax(dim, keepdim=True)
+        scale = ((hi - lo) / (2**bits - 1)).clamp_min(EPS)
+        zero = lo
+    codes = torch.clamp(torch.round((g - zero) / scale), 0, 2**bits - 1).to(torch.uint8)
+    return pack(codes.reshape(x.shape), bits), scale.squeeze(dim), zero.squeeze(dim)
+
+
+@kv_quantize.register_fake
+def _(x, bits, group_size, per_channel, symmetric):
+    *lead, t, c = x.shape
+    stats = (*lead, t // group_size, c) if per_channel else (*lead, t, c // group_size)
+    packed = x.new_empty((*lead, t, c // codes_per_byte(bits)), dtype=torch.uint8)
+    return packed, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+
+
+@torch.library.custom_op("graphpress::kv_dequantize", mutates_args=())
+def kv_dequantize(
+    packed: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, per_channel: bool
+) -> Tensor:
+    """Float32 (..., T, C) from packed codes and their stats (zero None: symmetric)."""
+    codes = unpack(packed, bits).float()
+    g, dim = _grouped(codes, group_size, per_channel)
+    zero = scale * -(2 ** (bits - 1)) if zero is None else zero
+    return (g * scale.unsqueeze(dim) + zero.unsqueeze(dim)).reshape(codes.shape)
+
+
+@kv_dequantize.register_fake
+def _(packed, scale, zero, bits, group_size, per_channel):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * codes_per_byte(bits)), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------- ONNX
+def _onnx_ops():
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    return ir, op
+
+
+def _const(values, dtype) -> object:
+    ir, op = _onnx_ops()
+    return op.Constant(value=ir.tensor(np.asarray(values, dtype=dtype)))
+
+
+def _shape_with(x, end: int, tail: list[int]):
+    """Shape(x)[:end] followed by ``tail`` (a Reshape target for any leading rank)."""
+    _, op = _onnx_ops()
+    return op.Concat(op.Shape(x, end=end), _const(tail, np.int64), axis=0)
+
+
+def kv_quantize_onnx(x, bits: int, group_size: int, per_channel: bool, symmetric: bool):
+    ir, op = _onnx_ops()
+    channels = x.shape[-1]
+    per = codes_per_byte(bits)
+    x = op.Cast(x, to=ir.DataType.FLOAT)
+    if per_channel:
+        g, axis = op.Reshape(x, _shape_with(x, -2, [-1, group_size, channels])), -2
+    else:
+        g, axis = op.Reshape(x, _shape_with(x, -1, [channels // group_size, group_size])), -1
+    axes = _const([axis], np.int64)
+    eps = _const(EPS, np.float32)
+    if symmetric:
+        amax = op.ReduceMax(op.Abs(g), axes, keepdims=1)
+        scale = op.Max(op.Div(amax, _const(2 ** (bits - 1) - 1, np.float32)), eps)
+        zero = op.Mul(scale, _const(-(2 ** (bits - 1)), np.float32))
+    else:
+        lo, hi = op.ReduceMin(g, axes, keepdims=1), op.ReduceMax(g, axes, keepdims=1)
+        scale = op.Max(op.Div(op.Sub(hi, lo), _const(2**bits - 1, np.float32)), eps)
+        zero = lo
+    codes = op.Clip(op.Round(op.Div(op.Sub(g, zero), scale)), _const(0, np.float32), _const(2**bits - 1, np.float32))
+    codes = op.Reshape(op.Cast(codes, to=ir.DataType.UINT8), _shape_with(x, -1, [channels // per, per]))
+    shifted = op.BitShift(codes, _const(np.arange(per) * bits, np.uint8), direction="LEFT")
+    parts = op.Split(shifted, axis=-1, num_outputs=per) if per > 1 else [shifted]
+    packed = parts[0]
+    for part in parts[1:]:
+        packed = op.BitwiseOr(packed, part)
+    packed = op.Squeeze(packed, _const([-1], np.int64))
+    return packed, op.Squeeze(scale, axes), op.Squeeze(zero, axes)
+
+
+def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_channel: bool):
+    ir, op = _onnx_ops()
+    per = codes_per_byte(bits)
+    channels = packed.shape[-1] * per
+    codes = op.BitwiseAnd(
+        op.BitShift(
+            op.Unsqueeze(packed, _const([-1], np.int64)), _const(np.arange(per) * bits, np.uint8), direction="RIGHT"
+        ),
+        _const(2**bits - 1, np.uint8),
+    )
+    codes = op.Cast(codes, to=ir.DataType.FLOAT)
+    if per_channel:
+        g, axis = op.Reshape(codes, _shape_with(packed, -2, [-1, group_size, channels])), -2
+    else:
+        g, axis = op.Reshape(codes, _shape_with(packed, -1, [channels // group_size, group_size])), -1
+    axes = _const([axis], np.int64)
+    scale = op.Unsqueeze(scale, axes)
+    zero = op.Mul(scale, _const(-(2 ** (bits - 1)), np.float32)) if zero is None else op.Unsqueeze(zero, axes)
+    return op.Reshape(op.Add(op.Mul(g, scale), zero), _shape_with(packed, -1, [channels]))
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.graphpress.kv_quantize.default: kv_quantize_onnx,
+    torch.ops.graphpress.kv_dequantize.default: kv_dequantize_onnx,
+}
