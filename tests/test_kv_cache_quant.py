@@ -162,3 +162,23 @@ def test_bad_configs_and_graphs_are_refused(trained_llama, decode_graph, calibra
         quant(value={"bits": 2})
     with pytest.raises(PassPreconditionError, match=r"passes\[0\] \(kv_cache_quant\) must run after gqa_to_mla"):
         PassManager([build_pass(quant()), build_pass(GqaToMlaConfig(**{"pass": "gqa_to_mla"}))])
+
+
+def test_hadamard_rotation_is_exact_to_rounding_and_checks_its_shape(trained_llama, decode_graph, calibration):
+    from graphpress.passes.kv_cache_quant import hadamard
+
+    h = hadamard(32)
+    assert torch.allclose(h @ h, torch.eye(32), atol=1e-6) and torch.equal(h, h.T)
+    ids = calibration[0][0]
+    reference = trained_llama(ids)
+    side = {"bits": 8, "axis": "token", "group_size": 32}
+
+    def error(rotate):
+        fields = {"key": {**side, "rotate": rotate}, "value": side, "residual": 0}
+        graph = build_pass(quant(**fields)).run(decode_graph, PassContext(calibration)).graph
+        return rel_err(teacher_forced_logits(TorchDecoder(graph), ids), reference)
+
+    assert error("hadamard") < 0.01 and error("none") < 0.01
+    mla = build_pass(GqaToMlaConfig(**{"pass": "gqa_to_mla", "kv_rank": 48})).run(decode_graph, PassContext(calibration))
+    with pytest.raises(PassPreconditionError, match=r"latent.rotate: a Hadamard rotation needs a power-of-two"):
+        build_pass(quant(latent={**side, "group_size": 16, "rotate": "hadamard"})).run(mla.graph, PassContext(calibration))

@@ -186,6 +186,12 @@ class KvQuantSide(StrictModel):
     )
     group_size: int = Field(32, ge=1, description="Tokens (axis 'channel') or channels (axis 'token') per scale.")
     symmetric: bool = Field(False, description="Symmetric codes (no zero point stored) instead of min/max.")
+    rotate: Literal["none", "hadamard"] = Field(
+        "none",
+        description="hadamard (RotateKV-style): quantize x H instead of x, H the orthonormal Hadamard matrix of the "
+        "channel count (a power of two), which spreads outlier channels over all of them; undone after "
+        "dequantization.",
+    )
 
 
 class KvCacheQuantConfig(PassConfig):
