@@ -179,6 +179,10 @@ def test_hadamard_rotation_is_exact_to_rounding_and_checks_its_shape(trained_lla
         return rel_err(teacher_forced_logits(TorchDecoder(graph), ids), reference)
 
     assert error("hadamard") < 0.01 and error("none") < 0.01
-    mla = build_pass(GqaToMlaConfig(**{"pass": "gqa_to_mla", "kv_rank": 48})).run(decode_graph, PassContext(calibration))
+    mla = build_pass(GqaToMlaConfig(**{"pass": "gqa_to_mla", "kv_rank": 48})).run(
+        decode_graph, PassContext(calibration)
+    )
     with pytest.raises(PassPreconditionError, match=r"latent.rotate: a Hadamard rotation needs a power-of-two"):
-        build_pass(quant(latent={**side, "group_size": 16, "rotate": "hadamard"})).run(mla.graph, PassContext(calibration))
+        build_pass(quant(latent={**side, "group_size": 16, "rotate": "hadamard"})).run(
+            mla.graph, PassContext(calibration)
+        )
