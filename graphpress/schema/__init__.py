@@ -14,6 +14,7 @@ from .passes import (
     ParamRatio,
     PassConfig,
     RopeHandling,
+    WeightClusteringConfig,
 )
 from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
 
@@ -35,6 +36,7 @@ __all__ = [
     "RopeHandling",
     "Spec",
     "VerifyConfig",
+    "WeightClusteringConfig",
     "json_schema",
     "load_spec",
 ]

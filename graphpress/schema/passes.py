@@ -210,10 +210,29 @@ class KvCacheQuantConfig(PassConfig):
     residual: int = Field(32, ge=0, description="Newest tokens kept in full precision (KIVI's residual length).")
 
 
+class WeightClusteringConfig(PassConfig):
+    """Palettize linear weights: each weight becomes a b-bit index into a k-means codebook of 2^bits values."""
+
+    pass_: Literal["weight_clustering"] = Field(alias="pass")
+    bits: int = Field(4, ge=1, le=8, description="Index bits: 2^bits centroids per codebook.")
+    granularity: Literal["tensor", "channel", "group"] = Field(
+        "group",
+        description="One codebook per tensor, per output channel, or per group of group_size output channels.",
+    )
+    group_size: int = Field(64, ge=1, description="Output channels per codebook (granularity 'group').")
+    weighting: Literal["none", "activation"] = Field(
+        "none",
+        description="activation: weight each value in k-means by its input channel's calibration energy E[x_j^2] "
+        "(sensitivity-aware clustering in the spirit of eDKM / coremltools' sensitive k-means).",
+    )
+    iterations: int = Field(30, ge=1, description="Lloyd iterations after k-means++ initialisation (seeded).")
+
+
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "low_rank": LowRankConfig,
     "gqa_to_mla": GqaToMlaConfig,
     "kv_cache_quant": KvCacheQuantConfig,
+    "weight_clustering": WeightClusteringConfig,
 }
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007
