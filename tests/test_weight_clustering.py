@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from graphpress import compress
 from graphpress.errors import PassPreconditionError
 from graphpress.ir import capture
-from graphpress.ir.ops.lut import lut_weight, pack_bits, packed_width, unpack_bits
+from graphpress.ir.ops.bitstream import pack_bits, packed_width, unpack_bits
+from graphpress.ir.ops.lut import lut_weight
 from graphpress.passes import PassContext, build_pass
 from graphpress.passes.weight_clustering import cluster
 from graphpress.schema import WeightClusteringConfig

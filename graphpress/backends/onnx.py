@@ -63,7 +63,9 @@ class OnnxBackend(Backend):
                         opset_version=cfg.opset,
                         verbose=False,
                         custom_translation_table=ops.onnx_translations(),
+                        optimize=False,
                     )
+                    _optimize(program.model)
                 if graph.cache is not None:
                     _name_decode_io(program.model, graph.cache)
                 program.save(str(staged), external_data=external)
@@ -127,6 +129,34 @@ class OnnxBackend(Backend):
         ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
         ours = teacher_forced_logits(OnnxDecoder(path), ids)
         return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+
+
+def _optimize(model) -> None:
+    """The exporter's optimizer, minus folds that expand stored data.
+
+    Constant folding would turn a compressed weight's rebuild (unpack + Gather/Scatter)
+    into the dense weight and store that: the file would grow back. Folds whose result is
+    no bigger than their constant inputs (a transposed weight, a reshaped shape) still run.
+    """
+    import onnxscript.optimizer
+
+    def should_fold(node) -> bool | None:
+        out_bytes = sum(_nbytes(v) for v in node.outputs)
+        in_bytes = sum(_nbytes(v) for v in node.inputs if v is not None)
+        if out_bytes is None or in_bytes is None:
+            return None
+        return False if out_bytes > max(in_bytes, 1024) else None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def _nbytes(value) -> int | None:
+    if value is None or value.shape is None or value.dtype is None or not value.shape.is_static():
+        return None
+    count = 1
+    for d in value.shape:
+        count *= int(d)
+    return count * value.dtype.itemsize
 
 
 def _name_decode_io(model, layout) -> None:

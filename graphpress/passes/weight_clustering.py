@@ -21,7 +21,7 @@ import torch
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
-from ..ir.ops.lut import pack_bits, packed_width
+from ..ir.ops.bitstream import pack_bits, packed_width
 from ..schema import WeightClusteringConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext

@@ -228,11 +228,41 @@ class WeightClusteringConfig(PassConfig):
     iterations: int = Field(30, ge=1, description="Lloyd iterations after k-means++ initialisation (seeded).")
 
 
+class NmSparsityConfig(PassConfig):
+    """N:M structured sparsity along the input dimension: at most n non-zeros in every m consecutive inputs."""
+
+    pass_: Literal["nm_sparsity"] = Field(alias="pass")
+    n: int = Field(2, ge=1, description="Weights kept per group.")
+    m: Literal[4, 8, 16] = Field(4, description="Group size along the input dimension.")
+    score: Literal["magnitude", "activation"] = Field(
+        "magnitude",
+        description="Which weights to keep: largest |W|, or largest |W| * ||X_j|| (Wanda) from calibration.",
+    )
+    update: bool = Field(
+        False,
+        description="Refit the kept weights of each row by least squares on the calibration inputs "
+        "(min ||X w' - X w|| over the kept support; SparseGPT-flavoured, one shot).",
+    )
+    damping: float = Field(0.01, gt=0, description="update: ridge on X^T X, relative to its mean diagonal.")
+    storage: Literal["compressed", "dense"] = Field(
+        "compressed",
+        description="compressed: kept values + packed positions (graphpress::nm_weight). dense: the masked weight "
+        "with zeros, for runtimes that want that.",
+    )
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> NmSparsityConfig:
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m (got {self.n}:{self.m})")
+        return self
+
+
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "low_rank": LowRankConfig,
     "gqa_to_mla": GqaToMlaConfig,
     "kv_cache_quant": KvCacheQuantConfig,
     "weight_clustering": WeightClusteringConfig,
+    "nm_sparsity": NmSparsityConfig,
 }
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007

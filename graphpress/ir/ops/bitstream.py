@@ -1,0 +1,70 @@
+"""Sub-byte bit streams: rows of b-bit codes (b = 1..8) packed into bytes, and their ONNX unpacking.
+
+Each run of 8 codes along a row fills exactly ``bits`` bytes: code k sits in bits
+[k * bits, (k + 1) * bits) of the run's little-endian concatenation. Rows are padded to
+a multiple of 8 codes; 8-bit codes are plain bytes. Shared by the palettized (LUT) and
+N:M sparse weight formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes per row for ``n`` indices of ``bits`` bits."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    return n if bits == 8 else -(-n // 8) * bits
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """(..., n) indices < 2^bits -> (..., packed_width(n, bits)) uint8."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    n = codes.shape[-1]
+    padded = torch.nn.functional.pad(codes.long(), (0, -n % 8))
+    runs = padded.reshape(*codes.shape[:-1], -1, 8)
+    words = (runs << (bits * torch.arange(8))).sum(-1)  # < 2^56: fits int64
+    out = (words.unsqueeze(-1) >> (8 * torch.arange(bits))) & 255
+    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """(..., packed_width(n, bits)) uint8 -> (..., n) int64 indices."""
+    if bits == 8:
+        return packed.long()
+    runs = packed.long().reshape(*packed.shape[:-1], -1, bits)
+    words = (runs << (8 * torch.arange(bits))).sum(-1)
+    codes = (words.unsqueeze(-1) >> (bits * torch.arange(8))) & (2**bits - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def onnx_const(values, dtype):
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    return op.Constant(value=ir.tensor(np.asarray(values, dtype=dtype)))
+
+
+def unpack_bits_onnx(packed, bits: int, rows: int, n: int):
+    """ONNX for :func:`unpack_bits` on a (rows, width) uint8 tensor: bytes -> int64 words
+    (Mul + ReduceSum) -> codes (Div + Mod) -> the first n per row, int64."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    codes = op.Cast(packed, to=ir.DataType.INT64)
+    if bits == 8:
+        return codes
+    runs = op.Reshape(codes, onnx_const([rows, -1, bits], np.int64))
+    words = op.ReduceSum(
+        op.Mul(runs, onnx_const(256 ** np.arange(bits), np.int64)), onnx_const([-1], np.int64), keepdims=0
+    )
+    codes = op.Mod(
+        op.Div(op.Unsqueeze(words, onnx_const([-1], np.int64)), onnx_const(2 ** (bits * np.arange(8)), np.int64)),
+        onnx_const(2**bits, np.int64),
+    )
+    flat = op.Reshape(codes, onnx_const([rows, -1], np.int64))
+    return op.Slice(flat, onnx_const([0], np.int64), onnx_const([n], np.int64), onnx_const([1], np.int64))
