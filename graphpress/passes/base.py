@@ -109,5 +109,21 @@ class Pass(ABC):
             f"linear layer; linear layers in this graph: {shown or 'none'}"
         )
 
+    @staticmethod
+    def store_weight_as(graph: Graph, lin: Linear, op, tensors: dict, *args) -> None:
+        """Make ``lin`` read its weight from ``op(*stored tensors, *args)``; the dense weight is dropped.
+
+        The tensors become buffers '<path>.<name>': a compressed format's storage.
+        """
+        import torch
+
+        def build(b, x):
+            stored = [graph.add_buffer(f"{lin.path}.{name}", value) for name, value in tensors.items()]
+            weight = b.call(op, *stored, *args)
+            bias = lin.node.args[2] if len(lin.node.args) > 2 else None
+            return b.call(torch.ops.aten.linear.default, x, weight, *([bias] if bias is not None else []))
+
+        graph.replace_linear(lin, build)
+
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.config.model_dump(mode="json", by_alias=True))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, Linear
+from ..ir import Graph
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import position_bits
 from ..schema import NmSparsityConfig
@@ -28,7 +28,6 @@ from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
 
-aten = torch.ops.aten
 ROWS_PER_SOLVE = 32  # rows refit together (each a kept x kept system)
 
 
@@ -66,7 +65,9 @@ class NmSparsity(Pass):
             if cfg.storage == "dense":
                 graph.set_weight(lin.weight, dense)
             else:
-                self.replace(graph, lin, values, positions)
+                cfg_args = (cfg.n, cfg.m, lin.in_features)
+                tensors = {"nm_values": values, "nm_positions": positions}
+                self.store_weight_as(graph, lin, torch.ops.graphpress.nm_weight.default, tensors, *cfg_args)
             bytes_before = weight.numel() * weight.element_size()
             bytes_after = (
                 bytes_before if cfg.storage == "dense" else values.numel() * values.element_size() + positions.numel()
@@ -86,18 +87,6 @@ class NmSparsity(Pass):
                 )
             )
         return report
-
-    def replace(self, graph: Graph, lin: Linear, values: torch.Tensor, positions: torch.Tensor) -> None:
-        cfg: NmSparsityConfig = self.config
-
-        def build(b, x):
-            kept = graph.add_buffer(f"{lin.path}.nm_values", values)
-            where = graph.add_buffer(f"{lin.path}.nm_positions", positions)
-            weight = b.call(torch.ops.graphpress.nm_weight.default, kept, where, cfg.n, cfg.m, lin.in_features)
-            bias = lin.node.args[2] if len(lin.node.args) > 2 else None
-            return b.call(aten.linear.default, x, weight, *([bias] if bias is not None else []))
-
-        graph.replace_linear(lin, build)
 
 
 def keep(score: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,14 +21,12 @@ import torch
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
-from ..ir.ops.bitstream import pack_bits, packed_width
+from ..ir.ops.bitstream import pack_bits
 from ..schema import WeightClusteringConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
-
-aten = torch.ops.aten
 
 
 @register
@@ -64,7 +62,10 @@ class WeightClustering(Pass):
             ]
             x = inputs[lin.node.name].rows.to(weight.dtype)
             packed = pack_bits(codes, cfg.bits)
-            self.replace(graph, lin, packed, codebook, rows)
+            tensors = {"lut_indices": packed, "lut_codebook": codebook}
+            self.store_weight_as(
+                graph, lin, torch.ops.graphpress.lut_weight.default, tensors, cfg.bits, lin.in_features, rows
+            )
             bytes_before = weight.numel() * weight.element_size()
             bytes_after = packed.numel() + codebook.numel() * codebook.element_size()
             report.layers.append(
@@ -87,23 +88,6 @@ class WeightClustering(Pass):
     def group_rows(self, lin: Linear) -> int:
         cfg: WeightClusteringConfig = self.config
         return {"tensor": lin.out_features, "channel": 1, "group": cfg.group_size}[cfg.granularity]
-
-    def replace(self, graph: Graph, lin: Linear, packed: torch.Tensor, codebook: torch.Tensor, rows: int) -> None:
-        cfg: WeightClusteringConfig = self.config
-        assert packed.shape[1] == packed_width(lin.in_features, cfg.bits)
-
-        def build(b, x):
-            indices = graph.add_buffer(f"{lin.path}.lut_indices", packed)
-            table = graph.add_buffer(f"{lin.path}.lut_codebook", codebook)
-            weight = b.call(torch.ops.graphpress.lut_weight.default, indices, table, cfg.bits, lin.in_features, rows)
-            bias = graph_bias(graph, lin)
-            return b.call(aten.linear.default, x, weight, *([bias] if bias is not None else []))
-
-        graph.replace_linear(lin, build)
-
-
-def graph_bias(graph: Graph, lin: Linear):
-    return lin.node.args[2] if len(lin.node.args) > 2 else None
 
 
 def cluster(

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .bitstream import onnx_const
+
 EPS = 1e-8
 
 
@@ -109,15 +111,18 @@ def _onnx_ops():
     return ir, op
 
 
-def _const(values, dtype) -> object:
-    ir, op = _onnx_ops()
-    return op.Constant(value=ir.tensor(np.asarray(values, dtype=dtype)))
-
-
 def _shape_with(x, end: int, tail: list[int]):
     """Shape(x)[:end] followed by ``tail`` (a Reshape target for any leading rank)."""
     _, op = _onnx_ops()
-    return op.Concat(op.Shape(x, end=end), _const(tail, np.int64), axis=0)
+    return op.Concat(op.Shape(x, end=end), onnx_const(tail, np.int64), axis=0)
+
+
+def _grouped_onnx(t, shape_of, group_size: int, per_channel: bool, channels: int):
+    """ONNX for :func:`_grouped`: ``t`` reshaped with its groups on one axis, and that axis."""
+    _, op = _onnx_ops()
+    if per_channel:
+        return op.Reshape(t, _shape_with(shape_of, -2, [-1, group_size, channels])), -2
+    return op.Reshape(t, _shape_with(shape_of, -1, [channels // group_size, group_size])), -1
 
 
 def kv_quantize_onnx(x, bits: int, group_size: int, per_channel: bool, symmetric: bool):
@@ -125,28 +130,27 @@ def kv_quantize_onnx(x, bits: int, group_size: int, per_channel: bool, symmetric
     channels = x.shape[-1]
     per = codes_per_byte(bits)
     x = op.Cast(x, to=ir.DataType.FLOAT)
-    if per_channel:
-        g, axis = op.Reshape(x, _shape_with(x, -2, [-1, group_size, channels])), -2
-    else:
-        g, axis = op.Reshape(x, _shape_with(x, -1, [channels // group_size, group_size])), -1
-    axes = _const([axis], np.int64)
-    eps = _const(EPS, np.float32)
+    g, axis = _grouped_onnx(x, x, group_size, per_channel, channels)
+    axes = onnx_const([axis], np.int64)
+    eps = onnx_const(EPS, np.float32)
     if symmetric:
         amax = op.ReduceMax(op.Abs(g), axes, keepdims=1)
-        scale = op.Max(op.Div(amax, _const(2 ** (bits - 1) - 1, np.float32)), eps)
-        zero = op.Mul(scale, _const(-(2 ** (bits - 1)), np.float32))
+        scale = op.Max(op.Div(amax, onnx_const(2 ** (bits - 1) - 1, np.float32)), eps)
+        zero = op.Mul(scale, onnx_const(-(2 ** (bits - 1)), np.float32))
     else:
         lo, hi = op.ReduceMin(g, axes, keepdims=1), op.ReduceMax(g, axes, keepdims=1)
-        scale = op.Max(op.Div(op.Sub(hi, lo), _const(2**bits - 1, np.float32)), eps)
+        scale = op.Max(op.Div(op.Sub(hi, lo), onnx_const(2**bits - 1, np.float32)), eps)
         zero = lo
-    codes = op.Clip(op.Round(op.Div(op.Sub(g, zero), scale)), _const(0, np.float32), _const(2**bits - 1, np.float32))
+    codes = op.Clip(
+        op.Round(op.Div(op.Sub(g, zero), scale)), onnx_const(0, np.float32), onnx_const(2**bits - 1, np.float32)
+    )
     codes = op.Reshape(op.Cast(codes, to=ir.DataType.UINT8), _shape_with(x, -1, [channels // per, per]))
-    shifted = op.BitShift(codes, _const(np.arange(per) * bits, np.uint8), direction="LEFT")
+    shifted = op.BitShift(codes, onnx_const(np.arange(per) * bits, np.uint8), direction="LEFT")
     parts = op.Split(shifted, axis=-1, num_outputs=per) if per > 1 else [shifted]
     packed = parts[0]
     for part in parts[1:]:
         packed = op.BitwiseOr(packed, part)
-    packed = op.Squeeze(packed, _const([-1], np.int64))
+    packed = op.Squeeze(packed, onnx_const([-1], np.int64))
     return packed, op.Squeeze(scale, axes), op.Squeeze(zero, axes)
 
 
@@ -156,18 +160,17 @@ def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_chan
     channels = packed.shape[-1] * per
     codes = op.BitwiseAnd(
         op.BitShift(
-            op.Unsqueeze(packed, _const([-1], np.int64)), _const(np.arange(per) * bits, np.uint8), direction="RIGHT"
+            op.Unsqueeze(packed, onnx_const([-1], np.int64)),
+            onnx_const(np.arange(per) * bits, np.uint8),
+            direction="RIGHT",
         ),
-        _const(2**bits - 1, np.uint8),
+        onnx_const(2**bits - 1, np.uint8),
     )
     codes = op.Cast(codes, to=ir.DataType.FLOAT)
-    if per_channel:
-        g, axis = op.Reshape(codes, _shape_with(packed, -2, [-1, group_size, channels])), -2
-    else:
-        g, axis = op.Reshape(codes, _shape_with(packed, -1, [channels // group_size, group_size])), -1
-    axes = _const([axis], np.int64)
+    g, axis = _grouped_onnx(codes, packed, group_size, per_channel, channels)
+    axes = onnx_const([axis], np.int64)
     scale = op.Unsqueeze(scale, axes)
-    zero = op.Mul(scale, _const(-(2 ** (bits - 1)), np.float32)) if zero is None else op.Unsqueeze(zero, axes)
+    zero = op.Mul(scale, onnx_const(-(2 ** (bits - 1)), np.float32)) if zero is None else op.Unsqueeze(zero, axes)
     return op.Reshape(op.Add(op.Mul(g, scale), zero), _shape_with(packed, -1, [channels]))
 
 
