@@ -103,8 +103,3 @@ def greedy_generate(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int)
         if t >= length - 1:
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1).to(tokens.dtype)], dim=1)
     return tokens
-
-
-def cache_bytes(decoder: Decoder, batch: int, context: int) -> int:
-    """Bytes the cache holds for ``batch`` sequences of ``context`` tokens (windows counted full)."""
-    return int(decoder.layout.bytes_at(context) * batch)

@@ -400,7 +400,7 @@ class _Builder(SubgraphBuilder):
 
 
 def _first_user(nodes: list[fx.Node]) -> fx.Node:
-    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    order = _order(nodes[0].graph)
     users = [u for n in nodes for u in n.users if u.op != "output"]
     return min(users, key=order.__getitem__)
 
@@ -421,8 +421,9 @@ def _grow(graph: Graph, site: Site, entries: list[tuple[CacheEntry, fx.Node]], b
     graph.replace_cache_entries([site.k_cache.name, site.v_cache.name], [e for e, _ in entries], grown)
 
 
-def _order(graph: Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.fx.nodes)}
+def _order(graph: Graph | fx.Graph) -> dict[fx.Node, int]:
+    nodes = graph.fx.nodes if isinstance(graph, Graph) else graph.nodes
+    return {n: i for i, n in enumerate(nodes)}
 
 
 def _latent_entry(site: Site, kind: str, width: int) -> CacheEntry:
