@@ -125,6 +125,18 @@ def test_budget_is_respected_exactly(budget):
     assert all(after + cost * unit > target for cost in growable)
 
 
+def test_rank_multiple_rounds_ranks_down_within_the_budget():
+    inputs = correlated_inputs(32, 2, 64, seed=1)
+    graph = capture(Wide(), inputs[0])
+    result = low_rank(rank={"budget": {"param_ratio": 0.4}}, rank_multiple=4).run(graph, PassContext(inputs))
+    ranks = [layer.details["rank"] for layer in result.report.layers if layer.details["rank"] is not None]
+    assert ranks and all(rank % 4 == 0 for rank in ranks)
+    after = sum(layer.params_after for layer in result.report.layers)
+    assert result.report.details["budget"]["spent"] == after <= result.report.details["budget"]["target"]
+    fixed = low_rank(rank=10, rank_multiple=4).run(graph, PassContext(inputs)).report
+    assert {layer.details["rank"] for layer in fixed.layers} == {8}
+
+
 def test_budget_favours_the_layer_whose_spectrum_decays_slowly():
     model = Wide(features=32, hidden=32)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from .blocks import AttentionBlock, MLPBlock
 from .capture import capture
-from .graph import Graph, Linear, SubgraphBuilder, matches, module_path
+from .graph import Graph, Linear, StoredLinear, SubgraphBuilder, matches, module_path
 from .summary import GraphSummary
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "GraphSummary",
     "Linear",
     "MLPBlock",
+    "StoredLinear",
     "SubgraphBuilder",
     "capture",
     "matches",

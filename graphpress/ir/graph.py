@@ -71,6 +71,20 @@ class Linear:
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
+@dataclass(frozen=True)
+class StoredLinear:
+    """An ``aten.linear`` whose weight a ``graphpress::`` format op rebuilds: y = x op(...)^T + b."""
+
+    node: fx.Node
+    path: str
+    op: fx.Node
+
+    @property
+    def format(self) -> str:
+        """The op's qualified name, e.g. 'graphpress::nm_weight'."""
+        return self.op.target.name()
+
+
 _revisions = itertools.count()
 
 
@@ -143,6 +157,24 @@ class Graph:
             bias = self.tensor_name(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
             out_features, in_features = self.weight(weight).shape
             found.append(Linear(node, path, weight, bias, in_features, out_features))
+        return found
+
+    def stored_linears(self, targets: str | Sequence[str] = "*", exclude: Sequence[str] = ()) -> list[StoredLinear]:
+        """Linears whose weight is already stored in a compressed format (not a parameter)."""
+        found = []
+        for node in self.fx.nodes:
+            if node.op != "call_function" or node.target is not aten.linear.default:
+                continue
+            op = node.args[1]
+            if not (
+                isinstance(op, fx.Node)
+                and op.op == "call_function"
+                and getattr(op.target, "namespace", None) == "graphpress"
+            ):
+                continue
+            path = module_path(node)
+            if matches(path, targets) and not (exclude and matches(path, exclude)):
+                found.append(StoredLinear(node, path, op))
         return found
 
     def attention_blocks(self, targets: str | Sequence[str] = "*"):
@@ -487,9 +519,40 @@ class Graph:
         if old_val.shape != new_val.shape or old_val.dtype != new_val.dtype:
             raise ValueError(f"replacement for {linear.path} changes its output {old_val.shape} -> {new_val.shape}")
         node.replace_all_uses_with(out)
+        self._rename_outputs(node.name, out.name)
         self.fx.erase_node(node)
         self.remove_unused_tensors()
         return out
+
+    def _rename_outputs(self, old: str, new: str) -> None:
+        """Keep the output signature naming the node that now produces a graph output."""
+        specs = self._program.graph_signature.output_specs
+        specs[:] = [
+            dataclasses.replace(s, arg=dataclasses.replace(s.arg, name=new))
+            if getattr(s.arg, "name", None) == old
+            else s
+            for s in specs
+        ]
+
+    def replace_input(
+        self, node: fx.Node, index: int, path: str, build: Callable[[SubgraphBuilder], fx.Node]
+    ) -> fx.Node:
+        """Make ``node`` read its ``index``-th argument from the subgraph ``build(builder)`` returns.
+
+        For formats that nest (the kept values of an N:M weight, themselves palettized).
+        Tensors left unused are dropped.
+        """
+        builder = SubgraphBuilder(self, path, node)
+        with self.fx.inserting_before(node):
+            new = build(builder)
+        old_val, new_val = node.args[index].meta["val"], new.meta["val"]
+        if old_val.shape != new_val.shape or old_val.dtype != new_val.dtype:
+            raise ValueError(
+                f"replacement for argument {index} of {node.name} changes it {old_val.shape} -> {new_val.shape}"
+            )
+        node.update_arg(index, new)
+        self.remove_unused_tensors()
+        return new
 
     def remove_unused_tensors(self) -> list[str]:
         """Drop stored tensors no node reads any more (so bytes shrink when a pass replaces a weight)."""

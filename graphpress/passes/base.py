@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, Linear
+from ..ir import Graph, Linear, StoredLinear
 from ..schema import PassConfig
 from .context import PassContext
 
@@ -96,11 +96,28 @@ class Pass(ABC):
         return PassResult(work if modified else graph, report, modified)
 
     # helpers shared by passes that select linears
+    accepts_stored: ClassVar[tuple[str, ...]] = ()
+    """Compressed weight formats (op names) this pass can rewrite further; others are refused."""
+
     def selected_linears(self, graph: Graph, ctx: PassContext) -> list[Linear]:
         return graph.linears(self.config.targets, self.config.exclude)
 
+    def selected_stored(self, graph: Graph, ctx: PassContext) -> list[StoredLinear]:
+        stored = graph.stored_linears(self.config.targets, self.config.exclude)
+        return [lin for lin in stored if lin.format in self.accepts_stored]
+
     def require_linears(self, graph: Graph, ctx: PassContext) -> None:
-        if self.selected_linears(graph, ctx):
+        stored = graph.stored_linears(self.config.targets, self.config.exclude)
+        refused = [lin for lin in stored if lin.format not in self.accepts_stored]
+        if refused:
+            shown = ", ".join(f"{lin.path} ({lin.format})" for lin in refused[:4]) + (
+                ", ..." if len(refused) > 4 else ""
+            )
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.targets: {self.name} needs dense weights, but these already store theirs compressed: "
+                f"{shown}; run {self.name} before the pass that compressed them, or exclude them"
+            )
+        if self.selected_linears(graph, ctx) or stored:
             return
         available = sorted({lin.path for lin in graph.linears()})
         shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")

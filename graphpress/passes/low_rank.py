@@ -108,6 +108,13 @@ class LowRank(Pass):
     def clamp(self, linear: Linear, rank: int) -> int:
         return max(self.config.min_rank, min(rank, linear.in_features, linear.out_features))
 
+    def round(self, linear: Linear, rank: int | None) -> int | None:
+        """Down to a multiple of ``rank_multiple``, so budgets still hold; a smaller rank is raised to it."""
+        multiple = self.config.rank_multiple
+        if rank is None or multiple == 1:
+            return rank
+        return min(max(multiple, rank - rank % multiple), linear.in_features, linear.out_features)
+
     def per_layer_ranks(self, linears: list[Linear], spectra: dict[str, torch.Tensor]) -> dict[str, int]:
         """Ranks of the per-layer policies: fixed, param_ratio, energy."""
         rank = self.config.rank
@@ -160,6 +167,11 @@ class LowRank(Pass):
                 continue
             ranks[name] = None if k == caps[name] else k + 1
             spent += cost
+        for lin in linears:
+            rank = ranks[lin.node.name]
+            if rank is not None:
+                ranks[lin.node.name] = self.round(lin, rank)
+                spent += (ranks[lin.node.name] - rank) * (lin.in_features + lin.out_features) * unit[lin.node.name]
         report.details["budget"] = {"target": target, "spent": spent, "unit": "bytes" if budget.bytes else "params"}
         return ranks
 
@@ -184,7 +196,7 @@ class LowRank(Pass):
             ranks = self.per_layer_ranks(linears, spectra)
 
         for lin in linears:
-            rank = ranks[lin.node.name]
+            rank = self.round(lin, ranks[lin.node.name])
             if rank is None:
                 reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
                 report.layers.append(

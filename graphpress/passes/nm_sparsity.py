@@ -6,12 +6,18 @@ In every run of m consecutive inputs of a row, the n weights with the highest sc
 refit by least squares on the calibration inputs (the one-shot reconstruction SparseGPT
 approximates column by column), which can only lower the calibration output error.
 
+With ``permute`` the input channels are first reordered so that the masks keep more of
+the score (NVIDIA ASP's channel-swap search), where the order folds into the producing
+linears' rows (:mod:`graphpress.ir.channels`: SwiGLU down projections, low-rank second
+factors); the graph is exact after permuting, before masking.
+
 Storage: ``compressed`` replaces the linear's weight by ``graphpress::nm_weight(values,
 positions)`` (kept values + log2(m)-bit positions; 2:4 fp32 is 0.52x of dense), ``dense``
 writes the masked weight with zeros back into the same parameter.
 
 Invariants (tested): every group of m inputs has at most n non-zeros; the stored format
-rebuilds exactly the masked weight; ``update`` does not raise the output error.
+rebuilds exactly the masked weight; ``update`` does not raise the output error;
+permuting alone leaves the function unchanged and never lowers the kept score.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import PassPreconditionError
-from ..ir import Graph
+from ..ir import Graph, Linear
+from ..ir.channels import channel_producers, permute_input_channels
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import position_bits
 from ..schema import NmSparsityConfig
@@ -49,12 +56,13 @@ class NmSparsity(Pass):
         cfg: NmSparsityConfig = self.config
         report = self.new_report()
         linears = self.selected_linears(graph, ctx)
-        inputs = ctx.linear_inputs(graph, linears)
+        permuted = self.permute(graph, ctx, linears, report) if cfg.permute else {}
+        inputs = ctx.linear_inputs(graph, linears)  # after permuting: the graph's own channel order
         for lin in linears:
             weight = graph.weight(lin.weight)
             w = weight.detach().double()
+            score = self.score(w, inputs[lin.node.name].gram)
             gram = inputs[lin.node.name].gram.double()
-            score = w.abs() * gram.diagonal().clamp_min(0).sqrt() if cfg.score == "activation" else w.abs()
             columns, within = keep(score, cfg.n, cfg.m)
             if cfg.update:
                 w = refit(w, gram, columns, cfg.damping)
@@ -80,6 +88,8 @@ class NmSparsity(Pass):
                     lin.params if cfg.storage == "dense" else values.numel() + (lin.out_features if lin.bias else 0),
                     {
                         "pattern": f"{cfg.n}:{cfg.m}",
+                        "kept_score": kept_fraction(score, columns),
+                        **({"kept_score_unpermuted": permuted[lin.path]} if lin.path in permuted else {}),
                         "weight_bytes": (bytes_before, bytes_after),
                         "weight_error": relative_error(dense, weight),
                         "output_error": relative_error(x @ dense.T, x @ weight.T),
@@ -87,6 +97,37 @@ class NmSparsity(Pass):
                 )
             )
         return report
+
+    def score(self, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        if self.config.score == "magnitude":
+            return weight.abs()
+        return weight.abs() * gram.double().diagonal().clamp_min(0).sqrt()
+
+    def permute(self, graph: Graph, ctx: PassContext, linears: list[Linear], report: PassReport) -> dict[str, float]:
+        """Reorder input channels where the order folds into the producers; {path: kept score before}."""
+        cfg: NmSparsityConfig = self.config
+        inputs = ctx.linear_inputs(graph, linears)
+        before, unfoldable = {}, []
+        for lin in linears:
+            producers = channel_producers(graph, lin)
+            if producers is None:
+                unfoldable.append(lin.path)
+                continue
+            score = self.score(graph.weight(lin.weight).detach().double(), inputs[lin.node.name].gram)
+            perm = search_permutation(score, cfg.n, cfg.m, cfg.permute_rounds)
+            before[lin.path] = kept_fraction(score, keep(score, cfg.n, cfg.m)[0])
+            if not torch.equal(perm, torch.arange(len(perm))):
+                permute_input_channels(graph, lin, producers, perm)
+        if unfoldable:
+            report.warnings.append(
+                f"permute: not permuted (inputs not produced by linears through elementwise ops only, so the order "
+                f"cannot be folded away): {', '.join(unfoldable)}"
+            )
+        return before
+
+
+def kept_fraction(score: torch.Tensor, columns: torch.Tensor) -> float:
+    return float(score.gather(1, columns).sum() / score.sum().clamp_min(1e-300))
 
 
 def keep(score: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,3 +155,68 @@ def refit(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, damping: f
         solved = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
         out[rows] = torch.zeros_like(w[rows]).scatter(1, cols, solved)
     return out
+
+
+PAIRS_PER_CHUNK = 256  # group pairs scored together in the permutation search
+
+
+def search_permutation(score: torch.Tensor, n: int, m: int, rounds: int) -> torch.Tensor:
+    """An input-channel order under which the n-of-m masks keep more total score (NVIDIA ASP's channel swaps).
+
+    Each round scores every swap of one channel between two groups exactly (what the
+    two groups' kept sums become), then applies the best swap of as many disjoint group
+    pairs as improve, best first. Deterministic: no sampling, ties go to the lower index.
+    """
+    score = score.float()
+    channels = score.shape[1]
+    groups = channels // m
+    perm = torch.arange(channels)
+    pairs = torch.triu_indices(groups, groups, offset=1)
+    negligible = 1e-6 * score.sum()
+    for _ in range(rounds):
+        grouped = score[:, perm].reshape(-1, groups, m).transpose(0, 1)  # (groups, rows, m)
+        best = torch.cat(
+            [
+                _best_swaps(grouped, pairs[:, start : start + PAIRS_PER_CHUNK], n)
+                for start in range(0, pairs.shape[1], PAIRS_PER_CHUNK)
+            ]
+        )
+        gain, choice = best.max(1)
+        order = torch.sort(gain, descending=True, stable=True).indices
+        used: set[int] = set()
+        swapped = False
+        for index in order.tolist():
+            if gain[index] <= negligible:
+                break
+            a, b = pairs[:, index].tolist()
+            if a in used or b in used:
+                continue
+            used.update((a, b))
+            i, j = divmod(choice[index].item(), m)
+            perm[[a * m + i, b * m + j]] = perm[[b * m + j, a * m + i]]
+            swapped = True
+        if not swapped:
+            break
+    return perm
+
+
+def _best_swaps(grouped: torch.Tensor, pairs: torch.Tensor, n: int) -> torch.Tensor:
+    """(pairs, m*m) gain in kept score of swapping channel i of group a with channel j of group b."""
+    a, b = grouped[pairs[0]], grouped[pairs[1]]  # (P, rows, m)
+    gain_a = _replacement_gain(a, b, n)  # a's channel i replaced by b's channel j: (P, rows, i, j)
+    gain_b = _replacement_gain(b, a, n).transpose(-1, -2)
+    return (gain_a + gain_b).sum(1).flatten(1)
+
+
+def _replacement_gain(group: torch.Tensor, incoming: torch.Tensor, n: int) -> torch.Tensor:
+    """Change of a group's top-n sum when its channel i is replaced by ``incoming``'s channel j, per row."""
+    top = torch.topk(group, n + 1, dim=-1).values  # n < m
+    lowest_kept, best_dropped = top[..., n - 1 : n], top[..., n : n + 1]
+    kept = group >= lowest_kept  # ties change nothing: equal values give equal sums
+    v = incoming.unsqueeze(-2)  # (P, rows, 1, j)
+    out = group.unsqueeze(-1)  # (P, rows, i, 1)
+    return torch.where(
+        kept.unsqueeze(-1),
+        torch.maximum(v, best_dropped.unsqueeze(-1)) - out,
+        (v - lowest_kept.unsqueeze(-1)).clamp_min(0),
+    )

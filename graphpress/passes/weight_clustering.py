@@ -11,83 +11,125 @@ The linear becomes ``linear(x, graphpress::lut_weight(indices, codebook))``: ind
 codebooks are buffers, the dense weight is dropped, and the ONNX file stores the packed
 indices (``bits`` bits a weight) and the codebooks.
 
+An N:M-sparse linear (``nm_sparsity`` ran first) keeps its sparsity: its kept values are
+clustered and ``nm_weight`` reads them through the LUT, so 2:4 + 4-bit stores 3 bits per
+dense weight (4-bit values at half density + 2-bit positions).
+
 Invariants (tested): every rebuilt weight is one of its group's centroids; a group with
 at most 2^bits distinct values is reproduced exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, Linear
+from ..ir import Graph
 from ..ir.ops.bitstream import pack_bits
+from ..ir.ops.nm_sparse import kept_columns, nm_weight
 from ..schema import WeightClusteringConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
 
+LUT = torch.ops.graphpress.lut_weight.default
+
+
+@dataclass
+class Palette:
+    """One tensor's palettized storage (what lut_weight reads) and the tensor it rebuilds."""
+
+    tensors: dict[str, torch.Tensor]
+    args: tuple[int, int, int]
+    rebuilt: torch.Tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
 
 @register
 class WeightClustering(Pass):
     name = "weight_clustering"
     Config = WeightClusteringConfig
+    accepts_stored = ("graphpress::nm_weight",)
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         self.require_linears(graph, ctx)
         cfg: WeightClusteringConfig = self.config
         if cfg.granularity == "group":
-            for lin in self.selected_linears(graph, ctx):
-                if lin.out_features % cfg.group_size:
+            for lin in [*self.selected_linears(graph, ctx), *self.selected_stored(graph, ctx)]:
+                out_features = lin.node.meta["val"].shape[-1]
+                if out_features % cfg.group_size:
                     raise PassPreconditionError(
-                        f"{ctx.spec_path}.group_size: {cfg.group_size} does not divide the {lin.out_features} "
+                        f"{ctx.spec_path}.group_size: {cfg.group_size} does not divide the {out_features} "
                         f"output channels of {lin.path}"
                     )
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
-        cfg: WeightClusteringConfig = self.config
         report = self.new_report()
-        linears = self.selected_linears(graph, ctx)
-        inputs = ctx.linear_inputs(graph, linears)
+        dense, sparse = self.selected_linears(graph, ctx), self.selected_stored(graph, ctx)
+        inputs = ctx.linear_inputs(graph, [*dense, *sparse])
         gen = torch.Generator().manual_seed(ctx.seed)
-        for lin in linears:
+        for lin in dense:
             weight = graph.weight(lin.weight)
-            rows = self.group_rows(lin)
-            energy = inputs[lin.node.name].gram.diagonal().double() if cfg.weighting == "activation" else None
-            codes, codebook = cluster(weight.detach().double(), 2**cfg.bits, rows, cfg.iterations, gen, energy)
-            codebook = codebook.to(weight.dtype)
-            rebuilt = codebook.reshape(-1)[
-                codes + (torch.arange(lin.out_features) // rows * codebook.shape[1])[:, None]
-            ]
-            x = inputs[lin.node.name].rows.to(weight.dtype)
-            packed = pack_bits(codes, cfg.bits)
-            tensors = {"lut_indices": packed, "lut_codebook": codebook}
-            self.store_weight_as(
-                graph, lin, torch.ops.graphpress.lut_weight.default, tensors, cfg.bits, lin.in_features, rows
-            )
-            bytes_before = weight.numel() * weight.element_size()
-            bytes_after = packed.numel() + codebook.numel() * codebook.element_size()
+            energy = inputs[lin.node.name].gram.diagonal().double().expand_as(weight)
+            palette = self.palettize(weight, energy, gen)
+            self.store_weight_as(graph, lin, LUT, palette.tensors, *palette.args)
+            layer = self.layer_report(lin.path, weight, palette, inputs[lin.node.name].rows, weight, palette.rebuilt)
+            layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
+            report.layers.append(layer)
+        for lin in sparse:
+            # an N:M weight: its kept values are clustered, and nm_weight reads them from the LUT
+            values_node, positions_node, n, m, in_features = lin.op.args
+            values = graph.weight(graph.tensor_name(values_node))
+            positions = graph.weight(graph.tensor_name(positions_node))
+            energy = inputs[lin.node.name].gram.diagonal().double()[kept_columns(positions, n, m, values.shape[1])]
+            palette = self.palettize(values, energy, gen)
+
+            def build(b, lin=lin, palette=palette):
+                stored = [graph.add_buffer(f"{lin.path}.{name}", t) for name, t in palette.tensors.items()]
+                return b.call(LUT, *stored, *palette.args)
+
+            graph.replace_input(lin.op, 0, lin.path, build)
+            before = nm_weight(values, positions, n, m, in_features)
+            after = nm_weight(palette.rebuilt, positions, n, m, in_features)
             report.layers.append(
-                LayerReport(
-                    lin.path,
-                    "clustered",
-                    lin.params,
-                    lin.out_features if lin.bias else 0,
-                    {
-                        "bits": cfg.bits,
-                        "codebooks": codebook.shape[0],
-                        "weight_bytes": (bytes_before, bytes_after),
-                        "weight_error": relative_error(rebuilt, weight),
-                        "output_error": relative_error(x @ rebuilt.T, x @ weight.T),
-                    },
-                )
+                self.layer_report(lin.path, values, palette, inputs[lin.node.name].rows, before, after)
             )
         return report
 
-    def group_rows(self, lin: Linear) -> int:
+    def palettize(self, weight: torch.Tensor, energy: torch.Tensor, gen: torch.Generator) -> Palette:
+        """Cluster ``weight`` (out, in); ``energy`` (out, in) weighs each value when ``weighting`` is activation."""
         cfg: WeightClusteringConfig = self.config
-        return {"tensor": lin.out_features, "channel": 1, "group": cfg.group_size}[cfg.granularity]
+        out, inp = weight.shape
+        rows = {"tensor": out, "channel": 1, "group": cfg.group_size}[cfg.granularity]
+        importance = energy if cfg.weighting == "activation" else None
+        codes, codebook = cluster(weight.detach().double(), 2**cfg.bits, rows, cfg.iterations, gen, importance)
+        codebook = codebook.to(weight.dtype)
+        rebuilt = codebook.reshape(-1)[codes + (torch.arange(out) // rows * codebook.shape[1])[:, None]]
+        tensors = {"lut_indices": pack_bits(codes, cfg.bits), "lut_codebook": codebook}
+        return Palette(tensors, (cfg.bits, inp, rows), rebuilt)
+
+    def layer_report(self, path, stored, palette, x, dense_before, dense_after) -> LayerReport:
+        """``stored`` is the tensor clustered; ``dense_*`` the linear's weight before and after."""
+        x = x.to(dense_before.dtype)
+        return LayerReport(
+            path,
+            "clustered",
+            stored.numel(),
+            0,
+            {
+                "bits": self.config.bits,
+                "codebooks": palette.tensors["lut_codebook"].shape[0],
+                "weight_bytes": (stored.numel() * stored.element_size(), palette.bytes),
+                "weight_error": relative_error(palette.rebuilt, stored),
+                "output_error": relative_error(x @ dense_after.T, x @ dense_before.T),
+            },
+        )
 
 
 def cluster(
@@ -96,15 +138,18 @@ def cluster(
     group_rows: int,
     iterations: int,
     gen: torch.Generator,
-    energy: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices (out, in) int64, codebooks (groups, k)) of a weight, one k-means per group of rows."""
+    """(indices (out, in) int64, codebooks (groups, k)) of a weight, one k-means per group of rows.
+
+    ``importance`` (out, in): each value's weight in the k-means objective (uniform if None).
+    """
     out, inp = weight.shape
     values = weight.reshape(out // group_rows, group_rows * inp)
     weights = (
         torch.ones_like(values)
-        if energy is None
-        else energy.clamp_min(1e-12).repeat(group_rows)[None].expand_as(values)
+        if importance is None
+        else importance.to(values.dtype).clamp_min(1e-12).reshape(out // group_rows, group_rows * inp)
     )
     centroids = kmeans_plus_plus(values, weights, k, gen)
     for _ in range(iterations):

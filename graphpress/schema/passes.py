@@ -107,6 +107,12 @@ class LowRankConfig(PassConfig):
         "{'budget': {'param_ratio' | 'params' | 'bytes': ...}} for all targeted layers together."
     )
     min_rank: int = Field(1, ge=1, description="Never factor below this rank.")
+    rank_multiple: int = Field(
+        1,
+        ge=1,
+        description="Round every rank down to a multiple of this (4 lets nm_sparsity's 2:4 take the second factor; "
+        "8 or 16 suit tensor cores); a rank below it is raised to it.",
+    )
     only_if_smaller: bool = Field(True, description="Skip layers where factoring would not save parameters.")
     svd: Literal["auto", "exact", "randomized"] = Field(
         "auto",
@@ -237,6 +243,16 @@ class NmSparsityConfig(PassConfig):
     score: Literal["magnitude", "activation"] = Field(
         "magnitude",
         description="Which weights to keep: largest |W|, or largest |W| * ||X_j|| (Wanda) from calibration.",
+    )
+    permute: bool = Field(
+        False,
+        description="Search an input-channel order that keeps more score under the masks (NVIDIA ASP), folded into "
+        "the producing linears; layers whose input is not produced by linears are left in order (a warning).",
+    )
+    permute_rounds: int = Field(
+        8,
+        ge=1,
+        description="permute: at most this many rounds of channel swaps (each scores every swap between two groups).",
     )
     update: bool = Field(
         False,
