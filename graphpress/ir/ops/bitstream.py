@@ -1,4 +1,4 @@
-"""Sub-byte bit streams: rows of b-bit codes (b = 1..8) packed into bytes, and their ONNX unpacking.
+"""Sub-byte bit streams: rows of b-bit codes (b = 1..8) packed into bytes, and their ONNX and TVM unpacking.
 
 Each run of 8 codes along a row fills exactly ``bits`` bytes: code k sits in bits
 [k * bits, (k + 1) * bits) of the run's little-endian concatenation. Rows are padded to
@@ -68,3 +68,24 @@ def unpack_bits_onnx(packed, bits: int, rows: int, n: int):
     )
     flat = op.Reshape(codes, onnx_const([rows, -1], np.int64))
     return op.Slice(flat, onnx_const([0], np.int64), onnx_const([n], np.int64), onnx_const([1], np.int64))
+
+
+def relax_const(values, dtype: str):
+    from tvm import relax
+
+    return relax.const(np.asarray(values, dtype=dtype), dtype)
+
+
+def unpack_bits_relax(bb, packed, bits: int, rows: int, n: int):
+    """TVM Relax for :func:`unpack_bits` on a (rows, width) uint8 tensor, emitted into block builder ``bb``:
+    bytes -> int64 words (shift + sum) -> codes (shift + mask) -> the first n per row."""
+    from tvm.relax import op
+
+    codes = bb.emit(op.astype(packed, "int64"))
+    if bits == 8:
+        return codes
+    runs = bb.emit(op.reshape(codes, (rows, -1, bits)))
+    words = bb.emit(op.sum(bb.emit(op.left_shift(runs, relax_const(8 * np.arange(bits), "int64"))), axis=-1))
+    shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(words, -1)), relax_const(bits * np.arange(8), "int64")))
+    codes = bb.emit(op.bitwise_and(shifted, relax_const(2**bits - 1, "int64")))
+    return bb.emit(op.strided_slice(bb.emit(op.reshape(codes, (rows, -1))), axes=[1], begin=[0], end=[n]))

@@ -7,7 +7,7 @@ b-bit index of every weight into its row group's codebook (rows ``g * group_rows
 
 ``graphpress::lut_weight`` rebuilds the dense weight; a palettized linear is
 ``linear(x, lut_weight(...))``. ONNX: unpack the bit stream, then Gather from the
-flattened codebooks.
+flattened codebooks. TVM Relax: the same, with shifts and ``take``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const, unpack_bits, unpack_bits_onnx
+from .bitstream import onnx_const, relax_const, unpack_bits, unpack_bits_onnx, unpack_bits_relax
 
 
 def _row_offsets(out_features: int, group_rows: int, entries: int) -> Tensor:
@@ -45,4 +45,17 @@ def lut_weight_onnx(indices, codebook, bits: int, in_features: int, group_rows: 
     return op.Gather(op.Reshape(codebook, onnx_const([-1], np.int64)), op.Add(codes, offsets), axis=0)
 
 
+def lut_weight_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm.relax import op
+
+    bb, (indices, codebook) = importer.block_builder, (importer.env[a] for a in node.args[:2])
+    bits, in_features, group_rows = node.args[2:]
+    out_features, entries = node.args[0].meta["val"].shape[0], node.args[1].meta["val"].shape[1]
+    codes = unpack_bits_relax(bb, indices, bits, out_features, in_features)
+    flat = bb.emit(op.add(codes, relax_const(_row_offsets(out_features, group_rows, entries).numpy(), "int64")))
+    return bb.emit(op.take(bb.emit(op.reshape(codebook, (-1,))), flat, axis=0))
+
+
 ONNX_TRANSLATIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_onnx}
+RELAX_CONVERTERS = {torch.ops.graphpress.lut_weight.default: lut_weight_relax}

@@ -8,7 +8,7 @@ packed as a bit stream per row (:mod:`.bitstream`). For 2:4 in fp32 that is
 
 ``graphpress::nm_weight`` rebuilds the dense weight (zeros elsewhere); an N:M linear is
 ``linear(x, nm_weight(...))``. ONNX: unpack the positions, add each group's first
-column, ScatterElements the values into zeros.
+column, ScatterElements the values into zeros. TVM Relax: the same ops.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const, unpack_bits, unpack_bits_onnx
+from .bitstream import onnx_const, relax_const, unpack_bits, unpack_bits_onnx, unpack_bits_relax
 
 
 def position_bits(m: int) -> int:
@@ -30,11 +30,15 @@ def _group_starts(kept: int, n: int, m: int) -> Tensor:
     return (torch.arange(kept) // n * m).unsqueeze(0)
 
 
+def kept_columns(positions: Tensor, n: int, m: int, kept: int) -> Tensor:
+    """The input column of every kept value (out, kept)."""
+    return unpack_bits(positions, position_bits(m), kept) + _group_starts(kept, n, m).to(positions.device)
+
+
 @torch.library.custom_op("graphpress::nm_weight", mutates_args=())
 def nm_weight(values: Tensor, positions: Tensor, n: int, m: int, in_features: int) -> Tensor:
     """The dense weight (out, in) with ``values`` at their recorded columns."""
-    kept = values.shape[1]
-    columns = unpack_bits(positions, position_bits(m), kept) + _group_starts(kept, n, m).to(values.device)
+    columns = kept_columns(positions, n, m, values.shape[1])
     return values.new_zeros(values.shape[0], in_features).scatter(1, columns, values)
 
 
@@ -55,4 +59,19 @@ def nm_weight_onnx(values, positions, n: int, m: int, in_features: int):
     return op.ScatterElements(zeros, columns, values, axis=1)
 
 
+def nm_weight_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm.relax import op
+
+    bb, (values, positions) = importer.block_builder, (importer.env[a] for a in node.args[:2])
+    n, m, in_features = node.args[2:]
+    val = node.args[0].meta["val"]
+    out_features, kept = val.shape
+    within = unpack_bits_relax(bb, positions, position_bits(m), out_features, kept)
+    columns = bb.emit(op.add(within, relax_const(_group_starts(kept, n, m).numpy(), "int64")))
+    zeros = bb.emit(op.zeros((out_features, in_features), str(val.dtype).removeprefix("torch.")))
+    return bb.emit(op.scatter_elements(zeros, columns, values, axis=1))
+
+
 ONNX_TRANSLATIONS = {torch.ops.graphpress.nm_weight.default: nm_weight_onnx}
+RELAX_CONVERTERS = {torch.ops.graphpress.nm_weight.default: nm_weight_relax}
