@@ -42,6 +42,16 @@ def test_same_graph_gives_the_same_bytes(graph, tmp_path):
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
 
 
+def test_node_metadata_only_when_asked(graph, tmp_path):
+    inputs = [(torch.randint(0, 256, (2, 8)),)]
+    plain = backend().build(graph, inputs, tmp_path / "a")
+    debug = backend(node_metadata=True).build(graph, inputs, tmp_path / "b")
+    stripped, kept = (onnx.load(tmp_path / d / "model.onnx") for d in "ab")
+    assert not any(node.metadata_props for node in stripped.graph.node)  # no source paths: same bytes anywhere
+    assert any("stack_trace" in prop.key for node in kept.graph.node for prop in node.metadata_props)
+    assert plain.files["model.onnx"] < debug.files["model.onnx"]
+
+
 def test_external_data_when_asked(graph, tmp_path):
     record = backend(external_data="always").build(graph, [(torch.randint(0, 256, (2, 8)),)], tmp_path)
     assert sorted(record.files) == ["model.onnx", "model.onnx.data"]
