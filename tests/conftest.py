@@ -63,3 +63,37 @@ def hf_llama():
         attn_implementation="sdpa",
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+class ToyAttention(torch.nn.Module):
+    """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J) or none."""
+
+    def __init__(self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2, bias: bool = False):
+        super().__init__()
+        self.rope, self.heads, self.kv_heads, self.hd = rope, heads, kv_heads, d // heads
+        self.q_proj = torch.nn.Linear(d, heads * self.hd, bias=bias)
+        self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=bias)
+        self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=bias)
+        self.o_proj = torch.nn.Linear(heads * self.hd, d, bias=bias)
+
+    def _rotate(self, x, cos, sin):
+        if self.rope == "half":
+            h = x.shape[-1] // 2
+            return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+        pairs = torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        return x * cos + pairs * sin
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
+        if self.rope:
+            freqs = 0.1 * torch.arange(1, self.hd // 2 + 1)  # one frequency per rotated pair
+            pairs = torch.cat((freqs, freqs)) if self.rope == "half" else freqs.repeat_interleave(2)
+            angles = torch.arange(s)[:, None] * pairs
+            q, k = self._rotate(q, angles.cos(), angles.sin()), self._rotate(k, angles.cos(), angles.sin())
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from graphpress import compress
@@ -15,7 +14,7 @@ from graphpress.passes import PassContext, build_pass
 from graphpress.runtime import OnnxDecoder, TorchDecoder, greedy_generate, teacher_forced_logits
 from graphpress.schema import GqaToMlaConfig
 
-from .conftest import rel_err
+from .conftest import ToyAttention, rel_err
 
 AFTER_UP = {"rope": {"mode": "after_up_projection"}}
 DECOUPLED_FULL = {"rope": {"mode": "decoupled", "dims": 64}}  # 2 KV heads x 32: every position dim kept
@@ -146,38 +145,6 @@ def test_onnx_latent_cache_generation_matches_eager(tmp_path):
 
 
 # ---------------------------------------------------------------------- bad input
-class ToyAttention(nn.Module):
-    """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J) or none."""
-
-    def __init__(self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2):
-        super().__init__()
-        self.rope, self.heads, self.kv_heads, self.hd = rope, heads, kv_heads, d // heads
-        self.q_proj = nn.Linear(d, heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, kv_heads * self.hd, bias=False)
-        self.o_proj = nn.Linear(heads * self.hd, d, bias=False)
-
-    def _rotate(self, x, cos, sin):
-        if self.rope == "half":
-            h = x.shape[-1] // 2
-            return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
-        pairs = torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
-        return x * cos + pairs * sin
-
-    def forward(self, x):
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
-        if self.rope:
-            angles = torch.arange(s)[:, None] * 0.1 * torch.arange(1, self.hd + 1)
-            q, k = self._rotate(q, angles.cos(), angles.sin()), self._rotate(k, angles.cos(), angles.sin())
-        group = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
 @pytest.fixture
 def toy_input():
     return torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))

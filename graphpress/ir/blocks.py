@@ -25,6 +25,7 @@ aten = torch.ops.aten
 
 SDPA = {aten.scaled_dot_product_attention.default}
 ROPE_MARKERS = {aten.neg.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 REPEAT_KV = {aten.expand.default, aten.repeat_interleave.self_int, aten.repeat_interleave.Tensor, aten.repeat.default}
 ACTIVATIONS = {
     aten.silu.default,
@@ -125,6 +126,33 @@ def match_rope(node) -> Rope | None:
             for rot, sin in (rotated, rotated[::-1]):
                 if isinstance(x, fx.Node) and _is_rotate_half(rot, x):
                     return Rope(node, x, cos, sin)
+    return None
+
+
+def split_heads(linear: fx.Node, heads: int, head_dim: int) -> fx.Node | None:
+    """The (B, heads, S, head_dim) node made from a linear's output by view + transpose(1, 2)."""
+    for view in linear.users:
+        if view.op != "call_function" or view.target not in VIEWS:
+            continue
+        if tuple(view.meta["val"].shape[-2:]) != (heads, head_dim) or view.meta["val"].dim() != 4:
+            continue
+        for t in view.users:
+            if (
+                t.op == "call_function"
+                and t.target is aten.transpose.int
+                and sorted(a % 4 for a in t.args[1:]) == [1, 2]
+            ):
+                return t
+    return None
+
+
+def rope_of(heads: fx.Node) -> Rope | None:
+    """The half-split RoPE applied to ``heads`` (a (B, heads, S, head_dim) node), or None."""
+    for mul in heads.users:
+        for add in mul.users:
+            rope = match_rope(add)
+            if rope is not None and rope.x is heads:
+                return rope
     return None
 
 

@@ -41,7 +41,7 @@ from torch import fx
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, SubgraphBuilder, matches
-from ..ir.blocks import AttentionBlock, Rope, match_rope
+from ..ir.blocks import AttentionBlock, Rope, rope_of, split_heads
 from ..ir.decode import CacheEntry
 from ..schema import GqaToMlaConfig
 from .base import LayerReport, Pass, PassReport
@@ -49,7 +49,6 @@ from .context import PassContext
 from .registry import register
 
 aten = torch.ops.aten
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass(frozen=True)
@@ -198,14 +197,14 @@ def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
         raise PassPreconditionError(f"{where}: biased q/k/v projections are not supported")
     if block.head_dim % 2:
         raise PassPreconditionError(f"{where}: head_dim {block.head_dim} is odd; RoPE needs pairs")
-    q_heads = _heads(block.q_proj.node, block.num_heads, block.head_dim)
-    k_heads = _heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
-    v_heads = _heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
+    q_heads = split_heads(block.q_proj.node, block.num_heads, block.head_dim)
+    k_heads = split_heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
+    v_heads = split_heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
     if q_heads is None or k_heads is None or v_heads is None:
         raise PassPreconditionError(
             f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
         )
-    q_rope, k_rope = _rope_of(q_heads), _rope_of(k_heads)
+    q_rope, k_rope = rope_of(q_heads), rope_of(k_heads)
     if q_rope is None or k_rope is None:
         raise PassPreconditionError(
             f"{where}: no RoPE of the half-split form x*cos + rotate_half(x)*sin on both q and k; other position "
@@ -216,32 +215,6 @@ def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
     if graph.cache is not None and (k_cache is None or v_cache is None):
         raise PassPreconditionError(f"{where}: K/V are not appended to cache inputs of this decode graph")
     return Site(block, x, q_rope, k_rope, k_full, v_full, k_cache, v_cache)
-
-
-def _heads(linear: fx.Node, heads: int, head_dim: int) -> fx.Node | None:
-    """The (B, heads, S, head_dim) node made from a linear's output by view + transpose(1, 2)."""
-    for view in linear.users:
-        if view.op != "call_function" or view.target not in VIEWS:
-            continue
-        if tuple(view.meta["val"].shape[-2:]) != (heads, head_dim) or view.meta["val"].dim() != 4:
-            continue
-        for t in view.users:
-            if (
-                t.op == "call_function"
-                and t.target is aten.transpose.int
-                and sorted(a % 4 for a in t.args[1:]) == [1, 2]
-            ):
-                return t
-    return None
-
-
-def _rope_of(heads: fx.Node) -> Rope | None:
-    for mul in heads.users:
-        for add in mul.users:
-            rope = match_rope(add)
-            if rope is not None and rope.x is heads:
-                return rope
-    return None
 
 
 def _cache_concat(graph: Graph, node: fx.Node) -> tuple[fx.Node, CacheEntry | None]:

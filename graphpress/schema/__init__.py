@@ -14,6 +14,7 @@ from .passes import (
     NmSparsityConfig,
     ParamRatio,
     PassConfig,
+    QkvoLockConfig,
     RopeHandling,
     WeightClusteringConfig,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "CaptureConfig",
     "LowRankConfig",
     "NmSparsityConfig",
+    "QkvoLockConfig",
     "OnnxBackendConfig",
     "ParamRatio",
     "PassConfig",

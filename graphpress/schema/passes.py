@@ -273,12 +273,42 @@ class NmSparsityConfig(PassConfig):
         return self
 
 
+class QkvoLockConfig(PassConfig):
+    """MergeLock: random invertible matrices on the query-key and value-output pairs of every attention block.
+
+    Outputs are unchanged (exactly, up to rounding); the weights no longer line up with any other
+    fine-tune of the same base model, so averaging or task arithmetic with them fails.
+    """
+
+    pass_: Literal["qkvo_lock"] = Field(alias="pass")
+    targets: Targets = Field("*", description="Glob pattern(s) over attention module paths, e.g. 'layers.*.self_attn'.")
+    qk: bool = Field(True, description="Lock queries and keys: Q M and K M^-T per KV head (M commutes with RoPE).")
+    vo: bool = Field(True, description="Lock values and outputs: N V per KV head, N^-1 folded into o_proj's columns.")
+    max_condition: float = Field(
+        4.0,
+        ge=1.0,
+        le=1e4,
+        description="Bound on every lock matrix's condition number (singular values log-uniform in "
+        "[c^-1/2, c^1/2]); small keeps fp16/bf16 inference accurate.",
+    )
+    seed: int | None = Field(
+        None, description="Seed of the lock matrices (default: the calibration seed). It is the key: keep it private."
+    )
+
+    @model_validator(mode="after")
+    def _something_to_lock(self) -> QkvoLockConfig:
+        if not (self.qk or self.vo):
+            raise ValueError("qk and vo are both false: nothing to lock")
+        return self
+
+
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "low_rank": LowRankConfig,
     "gqa_to_mla": GqaToMlaConfig,
     "kv_cache_quant": KvCacheQuantConfig,
     "weight_clustering": WeightClusteringConfig,
     "nm_sparsity": NmSparsityConfig,
+    "qkvo_lock": QkvoLockConfig,
 }
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007

@@ -1,0 +1,172 @@
+"""qkvo_lock: MergeLock (Wang et al. 2025): lock attention weights against model merging.
+
+Attention only ever uses the products ``q_h . k_g`` and ``W_o[:, h] v_g`` (g the KV head
+that query head h reads), so for any invertible M_g and N_g
+
+    q_h -> M_g^T q_h,   k_g -> M_g^-1 k_g          (scores unchanged: q^T M M^-1 k)
+    v_g -> N_g v_g,     W_o[:, h] -> W_o[:, h] N_g^-1   (outputs unchanged)
+
+applied to the rows of q/k/v_proj (and their biases) and the columns of o_proj leave the
+model's function exactly as it was, while its weights move far from every other fine-tune
+of the same base: averaging them, or adding task vectors, no longer composes.
+
+RoPE rotates q and k between the projection and the product, so M_g must commute with
+every RoPE rotation: per frequency pair (i, i + d/2) of the half-split layout, a 2x2 block
+[[a, -b], [b, a]] (a scaled rotation). M_g^-T is then of the same form. A KV head's M_g
+and N_g are shared by its query heads (GQA). Singular values are drawn log-uniform in
+[c^-1/2, c^1/2], so every matrix has condition number at most ``max_condition``.
+
+Invariant (tested): the locked graph equals the original to fp32 rounding (forward and
+decode graphs, eager and onnxruntime); the matrices commute with RoPE and respect the bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import PassPreconditionError
+from ..ir import Graph, matches
+from ..ir.blocks import AttentionBlock, rope_of, split_heads
+from ..schema import QkvoLockConfig
+from .base import LayerReport, Pass, PassReport
+from .context import PassContext
+from .low_rank import relative_error
+from .registry import register
+
+
+@register
+class QkvoLock(Pass):
+    name = "qkvo_lock"
+    Config = QkvoLockConfig
+
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        self.blocks(graph, ctx)
+
+    def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        cfg: QkvoLockConfig = self.config
+        report = self.new_report()
+        gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else ctx.seed)
+        worst = 1.0
+        for block in self.blocks(graph, ctx):
+            d, group = block.head_dim, block.group_size
+            qk = [lock_matrix(d, cfg.max_condition, gen, block.rope) for _ in range(block.num_kv_heads)]
+            vo = [lock_matrix(d, cfg.max_condition, gen) for _ in range(block.num_kv_heads)]
+            heads = {
+                "q_proj": ([m.T for m in qk], group) if cfg.qk else None,
+                "k_proj": ([torch.linalg.inv(m) for m in qk], 1) if cfg.qk else None,
+                "v_proj": (vo, 1) if cfg.vo else None,
+            }
+            before = {name: graph.weight(getattr(block, name).weight).detach().clone() for name in heads}
+            for name, per_head in heads.items():
+                if per_head is not None:
+                    lin = getattr(block, name)
+                    transform_rows(graph, lin.weight, per_head[0], per_head[1], d)
+                    if lin.bias is not None:
+                        transform_rows(graph, lin.bias, per_head[0], per_head[1], d)
+            if cfg.vo:
+                transform_columns(graph, block.o_proj.weight, [torch.linalg.inv(n) for n in vo], group, d)
+            used = (qk if cfg.qk else []) + (vo if cfg.vo else [])
+            conditions = [float(torch.linalg.cond(m)) for m in used]
+            worst = max(worst, *conditions)
+            moved = {
+                name: relative_error(graph.weight(getattr(block, name).weight), before[name])
+                for name, per_head in heads.items()
+                if per_head is not None
+            }
+            report.layers.append(
+                LayerReport(
+                    block.path,
+                    "locked",
+                    0,
+                    0,
+                    {
+                        "qk_matrices": block.num_kv_heads if cfg.qk else 0,
+                        "vo_matrices": block.num_kv_heads if cfg.vo else 0,
+                        "rope_commuting": block.rope and cfg.qk,
+                        "max_condition": max(conditions),
+                        "weight_change": moved,
+                    },
+                )
+            )
+        report.details["worst_condition"] = worst
+        return report
+
+    def blocks(self, graph: Graph, ctx: PassContext) -> list[AttentionBlock]:
+        cfg: QkvoLockConfig = self.config
+        blocks = [b for b in graph.attention_blocks(cfg.targets) if not (cfg.exclude and matches(b.path, cfg.exclude))]
+        if not blocks:
+            found = [b.path for b in graph.attention_blocks()]
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.targets: {cfg.targets!r} matches no attention block; attention blocks recognised "
+                f"in this graph: {', '.join(found) or 'none (no scaled_dot_product_attention fed by q/k/v linears)'}"
+            )
+        for block in blocks:
+            check_layout(block, ctx, cfg.qk)
+        return blocks
+
+
+def check_layout(block: AttentionBlock, ctx: PassContext, qk: bool) -> None:
+    """Heads must be contiguous row blocks of the projections, and RoPE (if any) half-split."""
+    where = f"{ctx.spec_path}: {block.path}"
+    q = split_heads(block.q_proj.node, block.num_heads, block.head_dim)
+    k = split_heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
+    v = split_heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
+    if q is None or k is None or v is None:
+        raise PassPreconditionError(
+            f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
+        )
+    if block.o_proj.in_features != block.num_heads * block.head_dim:
+        raise PassPreconditionError(
+            f"{where}: o_proj reads {block.o_proj.in_features} features, not heads x head_dim = "
+            f"{block.num_heads * block.head_dim}"
+        )
+    if qk and block.rope and (block.head_dim % 2 or rope_of(q) is None or rope_of(k) is None):
+        raise PassPreconditionError(
+            f"{where}: RoPE is not of the half-split form x*cos + rotate_half(x)*sin on both q and k, so no "
+            "query-key lock is known to commute with it; set qk: false to lock values and outputs only"
+        )
+
+
+def lock_matrix(d: int, max_condition: float, gen: torch.Generator, rope: bool = False) -> torch.Tensor:
+    """A random invertible d x d matrix (float64) with condition number <= max_condition.
+
+    ``rope``: of the family commuting with half-split RoPE, a scaled rotation per
+    frequency pair (i, i + d/2).
+    """
+    spread = math.log(max_condition) / 2
+    if rope:
+        half = d // 2
+        scale = torch.exp((torch.rand(half, generator=gen, dtype=torch.float64) * 2 - 1) * spread)
+        angle = torch.rand(half, generator=gen, dtype=torch.float64) * 2 * math.pi
+        a, b = scale * angle.cos(), scale * angle.sin()
+        m = torch.zeros(d, d, dtype=torch.float64)
+        i = torch.arange(half)
+        m[i, i], m[i, i + half], m[i + half, i], m[i + half, i + half] = a, -b, b, a
+        return m
+    left, right = (_orthogonal(d, gen) for _ in range(2))
+    singular = torch.exp((torch.rand(d, generator=gen, dtype=torch.float64) * 2 - 1) * spread)
+    return left @ torch.diag(singular) @ right.T
+
+
+def _orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
+    """Haar-distributed orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def transform_rows(graph: Graph, name: str, matrices: list[torch.Tensor], repeat: int, d: int) -> None:
+    """Head h's rows (h*d .. h*d + d) of a weight or bias become ``matrices[h // repeat] @ rows``."""
+    value = graph.weight(name).detach()
+    heads = value.double().reshape(-1, d, *value.shape[1:])
+    out = torch.stack([matrices[h // repeat] @ heads[h] for h in range(heads.shape[0])])
+    graph.set_weight(name, out.reshape(value.shape).to(value.dtype))
+
+
+def transform_columns(graph: Graph, name: str, matrices: list[torch.Tensor], repeat: int, d: int) -> None:
+    """Head h's columns of a weight become ``columns @ matrices[h // repeat]``."""
+    value = graph.weight(name).detach()
+    heads = value.double().reshape(value.shape[0], -1, d)
+    out = torch.stack([heads[:, h] @ matrices[h // repeat] for h in range(heads.shape[1])], dim=1)
+    graph.set_weight(name, out.reshape(value.shape).to(value.dtype))
