@@ -1,4 +1,4 @@
-"""TVM Relax forms of the weight-format ops: converted, compiled for llvm, equal to the eager reference."""
+"""TVM Relax forms of the weight-format ops (lut, nm, shift): converted, compiled for llvm, equal to eager."""
 
 from __future__ import annotations
 
@@ -49,4 +49,11 @@ def test_nm_weight_in_tvm_matches_eager(n, m):
 
 def test_clustered_nm_values_in_tvm_match_eager():
     graph, x = compressed({"pass": "nm_sparsity"}, {"pass": "weight_clustering", "bits": 3, "group_size": 16})
+    np.testing.assert_allclose(run_tvm(graph, x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exponents", [(-6, 0), (-14, -2)])
+def test_shift_weight_in_tvm_matches_eager(exponents):
+    low, high = exponents
+    graph, x = compressed({"pass": "shift_add", "min_exponent": low, "max_exponent": high})
     np.testing.assert_allclose(run_tvm(graph, x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)

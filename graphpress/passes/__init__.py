@@ -1,6 +1,14 @@
 """Passes: the Pass base class, the registry, the PassManager, and one module per pass."""
 
-from . import gqa_to_mla, kv_cache_quant, low_rank, nm_sparsity, qkvo_lock, weight_clustering  # noqa: F401  (register the passes)
+from . import (  # noqa: F401  (register the passes)
+    gqa_to_mla,
+    kv_cache_quant,
+    low_rank,
+    nm_sparsity,
+    qkvo_lock,
+    shift_add,
+    weight_clustering,
+)
 from .base import LayerReport, Pass, PassReport, PassResult
 from .context import PassContext
 from .manager import PassManager, Verifier

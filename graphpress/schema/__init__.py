@@ -16,6 +16,7 @@ from .passes import (
     PassConfig,
     QkvoLockConfig,
     RopeHandling,
+    ShiftAddConfig,
     WeightClusteringConfig,
 )
 from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
@@ -38,6 +39,7 @@ __all__ = [
     "ParamRatio",
     "PassConfig",
     "RopeHandling",
+    "ShiftAddConfig",
     "Spec",
     "VerifyConfig",
     "WeightClusteringConfig",

@@ -302,6 +302,39 @@ class QkvoLockConfig(PassConfig):
         return self
 
 
+class ShiftAddConfig(PassConfig):
+    """ShiftAddViT: power-of-two (shift) linear weights and, optionally, binarized query-key attention.
+
+    ``targets`` selects linears (``linears: false`` leaves them alone); ``attention_targets``
+    selects the attention blocks whose Q.K becomes an additive kernel when ``attention`` is on.
+    """
+
+    pass_: Literal["shift_add"] = Field(alias="pass")
+    linears: bool = Field(True, description="Reparameterize the targeted linears as scale * sign * 2^p.")
+    min_exponent: int = Field(
+        -6,
+        ge=-126,
+        le=0,
+        description="Smallest power 2^p kept (relative to the channel scale). Codes take "
+        "ceil(log2(max - min + 2)) + 1 bits: 4 for the default [-6, 0], at most 8.",
+    )
+    max_exponent: int = Field(0, ge=-126, le=0, description="Largest power 2^p; a channel's largest weight maps to it.")
+    attention: bool = Field(
+        False,
+        description="Binarize queries and keys (sign, times their mean magnitude per token and head) so that Q.K "
+        "is an additive (Hamming-style) kernel. Lossy without fine-tuning: see the verification figures.",
+    )
+    attention_targets: Targets = Field("*", description="Glob pattern(s) over attention module paths.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ShiftAddConfig:
+        if self.min_exponent > self.max_exponent:
+            raise ValueError(f"min_exponent {self.min_exponent} is above max_exponent {self.max_exponent}")
+        if not (self.linears or self.attention):
+            raise ValueError("linears and attention are both false: nothing to do")
+        return self
+
+
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "low_rank": LowRankConfig,
     "gqa_to_mla": GqaToMlaConfig,
@@ -309,6 +342,7 @@ PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "weight_clustering": WeightClusteringConfig,
     "nm_sparsity": NmSparsityConfig,
     "qkvo_lock": QkvoLockConfig,
+    "shift_add": ShiftAddConfig,
 }
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007
