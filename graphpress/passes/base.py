@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, Linear, StoredLinear
+from ..ir import AttentionBlock, Graph, Linear, StoredLinear, matches
+from ..ir.blocks import split_heads
 from ..schema import PassConfig
 from .context import PassContext
 
@@ -126,6 +127,18 @@ class Pass(ABC):
             f"linear layer; linear layers in this graph: {shown or 'none'}"
         )
 
+    def selected_attention(self, graph: Graph, ctx: PassContext, field: str = "targets") -> list[AttentionBlock]:
+        """Attention blocks whose path matches config field ``field`` (and not ``exclude``); an error names it if none."""
+        targets, exclude = getattr(self.config, field), self.config.exclude
+        blocks = [b for b in graph.attention_blocks(targets) if not (exclude and matches(b.path, exclude))]
+        if not blocks:
+            found = ", ".join(b.path for b in graph.attention_blocks())
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.{field}: {targets!r} matches no attention block; attention blocks recognised in "
+                f"this graph: {found or 'none (no scaled_dot_product_attention fed by q/k/v linears)'}"
+            )
+        return blocks
+
     @staticmethod
     def store_weight_as(graph: Graph, lin: Linear, op, tensors: dict, *args) -> None:
         """Make ``lin`` read its weight from ``op(*stored tensors, *args)``; the dense weight is dropped.
@@ -144,3 +157,20 @@ class Pass(ABC):
 
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.config.model_dump(mode="json", by_alias=True))
+
+
+def split_qkv_heads(block: AttentionBlock, where: str) -> tuple:
+    """The (B, heads, S, head_dim) q, k, v nodes of a block; an error if its heads are not contiguous rows."""
+    heads = [
+        split_heads(lin.node, n, block.head_dim)
+        for lin, n in (
+            (block.q_proj, block.num_heads),
+            (block.k_proj, block.num_kv_heads),
+            (block.v_proj, block.num_kv_heads),
+        )
+    ]
+    if any(h is None for h in heads):
+        raise PassPreconditionError(
+            f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
+        )
+    return tuple(heads)

@@ -40,11 +40,11 @@ import torch
 from torch import fx
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, SubgraphBuilder, matches
-from ..ir.blocks import AttentionBlock, Rope, rope_of, split_heads
+from ..ir import Graph, SubgraphBuilder
+from ..ir.blocks import AttentionBlock, Rope, rope_of
 from ..ir.decode import CacheEntry
 from ..schema import GqaToMlaConfig
-from .base import LayerReport, Pass, PassReport
+from .base import LayerReport, Pass, PassReport, split_qkv_heads
 from .context import PassContext
 from .registry import register
 
@@ -145,15 +145,7 @@ class GqaToMla(Pass):
 
     # ------------------------------------------------------------------ analysis
     def sites(self, graph: Graph, ctx: PassContext) -> list[Site]:
-        blocks = graph.attention_blocks(self.config.targets)
-        blocks = [b for b in blocks if not self.config.exclude or not matches(b.path, self.config.exclude)]
-        if not blocks:
-            found = [b.path for b in graph.attention_blocks()]
-            raise PassPreconditionError(
-                f"{ctx.spec_path}.targets: {self.config.targets!r} matches no attention block; attention blocks "
-                f"recognised in this graph: {', '.join(found) or 'none (no scaled_dot_product_attention fed by q/k/v linears)'}"
-            )
-        return [find_site(graph, b, ctx) for b in blocks]
+        return [find_site(graph, b, ctx) for b in self.selected_attention(graph, ctx)]
 
     def check_ranks(self, site: Site, ctx: PassContext) -> tuple[int, int]:
         cfg: GqaToMlaConfig = self.config
@@ -197,13 +189,7 @@ def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
         raise PassPreconditionError(f"{where}: biased q/k/v projections are not supported")
     if block.head_dim % 2:
         raise PassPreconditionError(f"{where}: head_dim {block.head_dim} is odd; RoPE needs pairs")
-    q_heads = split_heads(block.q_proj.node, block.num_heads, block.head_dim)
-    k_heads = split_heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
-    v_heads = split_heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
-    if q_heads is None or k_heads is None or v_heads is None:
-        raise PassPreconditionError(
-            f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
-        )
+    q_heads, k_heads, v_heads = split_qkv_heads(block, where)
     q_rope, k_rope = rope_of(q_heads), rope_of(k_heads)
     if q_rope is None or k_rope is None:
         raise PassPreconditionError(

@@ -27,10 +27,10 @@ import math
 import torch
 
 from ..errors import PassPreconditionError
-from ..ir import Graph, matches
-from ..ir.blocks import AttentionBlock, rope_of, split_heads
+from ..ir import Graph
+from ..ir.blocks import AttentionBlock, rope_of
 from ..schema import QkvoLockConfig
-from .base import LayerReport, Pass, PassReport
+from .base import LayerReport, Pass, PassReport, split_qkv_heads
 from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
@@ -94,29 +94,16 @@ class QkvoLock(Pass):
         return report
 
     def blocks(self, graph: Graph, ctx: PassContext) -> list[AttentionBlock]:
-        cfg: QkvoLockConfig = self.config
-        blocks = [b for b in graph.attention_blocks(cfg.targets) if not (cfg.exclude and matches(b.path, cfg.exclude))]
-        if not blocks:
-            found = [b.path for b in graph.attention_blocks()]
-            raise PassPreconditionError(
-                f"{ctx.spec_path}.targets: {cfg.targets!r} matches no attention block; attention blocks recognised "
-                f"in this graph: {', '.join(found) or 'none (no scaled_dot_product_attention fed by q/k/v linears)'}"
-            )
+        blocks = self.selected_attention(graph, ctx)
         for block in blocks:
-            check_layout(block, ctx, cfg.qk)
+            check_layout(block, ctx, self.config.qk)
         return blocks
 
 
 def check_layout(block: AttentionBlock, ctx: PassContext, qk: bool) -> None:
     """Heads must be contiguous row blocks of the projections, and RoPE (if any) half-split."""
     where = f"{ctx.spec_path}: {block.path}"
-    q = split_heads(block.q_proj.node, block.num_heads, block.head_dim)
-    k = split_heads(block.k_proj.node, block.num_kv_heads, block.head_dim)
-    v = split_heads(block.v_proj.node, block.num_kv_heads, block.head_dim)
-    if q is None or k is None or v is None:
-        raise PassPreconditionError(
-            f"{where}: q/k/v are not split into heads as view(B, S, heads, head_dim).transpose(1, 2)"
-        )
+    q, k, _ = split_qkv_heads(block, where)
     if block.o_proj.in_features != block.num_heads * block.head_dim:
         raise PassPreconditionError(
             f"{where}: o_proj reads {block.o_proj.in_features} features, not heads x head_dim = "

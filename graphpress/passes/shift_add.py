@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PassPreconditionError
-from ..ir import Graph, Linear, matches
+from ..ir import Graph, Linear
 from ..ir.blocks import AttentionBlock
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.shift import decode, encode, exponent_bits
@@ -45,14 +44,14 @@ class ShiftAdd(Pass):
         if self.config.linears:
             self.require_linears(graph, ctx)
         if self.config.attention:
-            self.blocks(graph, ctx)
+            self.selected_attention(graph, ctx, field="attention_targets")
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
         cfg: ShiftAddConfig = self.config
         report = self.new_report()
         # attention first: its blocks are recognised by their q/k/v linears, which shifting replaces
         if cfg.attention:
-            blocks = self.blocks(graph, ctx)
+            blocks = self.selected_attention(graph, ctx, field="attention_targets")
             before = self.attention_outputs(graph, blocks, ctx)
             for block in blocks:
                 for index in (0, 1):  # q, k
@@ -113,21 +112,6 @@ class ShiftAdd(Pass):
                 "multiplications_removed_per_token": lin.in_features * lin.out_features - lin.out_features,
             },
         )
-
-    def blocks(self, graph: Graph, ctx: PassContext) -> list[AttentionBlock]:
-        cfg: ShiftAddConfig = self.config
-        blocks = [
-            b
-            for b in graph.attention_blocks(cfg.attention_targets)
-            if not (cfg.exclude and matches(b.path, cfg.exclude))
-        ]
-        if not blocks:
-            found = [b.path for b in graph.attention_blocks()]
-            raise PassPreconditionError(
-                f"{ctx.spec_path}.attention_targets: {cfg.attention_targets!r} matches no attention block; attention "
-                f"blocks recognised in this graph: {', '.join(found) or 'none'}"
-            )
-        return blocks
 
     @staticmethod
     def attention_outputs(graph: Graph, blocks: list[AttentionBlock], ctx: PassContext) -> dict[str, torch.Tensor]:
