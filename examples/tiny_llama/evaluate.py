@@ -22,10 +22,16 @@ from .model import load_model
 class OnnxLM:
     """An onnxruntime session (one input, first output) called with and returning torch tensors."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int | None = None, optimize: bool = True):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.path = path
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
