@@ -8,6 +8,7 @@ Positions are cache slots: sequences in a batch are assumed unpadded and equally
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +69,38 @@ class OnnxDecoder:
         feeds = dict(zip(self.input_names, [_numpy(input_ids), _numpy(position_ids), *map(_numpy, cache)]))
         outs = self.session.run(self.output_names, feeds)
         return torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
+
+
+class TvmModule:
+    """A library written by graphpress' TVM backend, called with and returning torch tensors (CPU)."""
+
+    def __init__(self, path: str | Path):
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        self.meta = json.loads(Path(f"{path}.json").read_text())
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        self._tensor = tvm.runtime.tensor
+
+    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        out = self.vm["main"](*[self._tensor(_numpy(t)) for t in tensors])
+        leaves = [out] if hasattr(out, "numpy") else list(out)
+        return [torch.from_numpy(leaf.numpy()) for leaf in leaves]
+
+
+class TvmDecoder:
+    """A TVM decode-step library written by graphpress (its cache layout is in the sidecar JSON)."""
+
+    def __init__(self, path: str | Path):
+        self.module = TvmModule(path)
+        if self.module.meta.get("cache_layout") is None:
+            raise ValueError(f"{path}: not a graphpress decode graph (no cache layout in {path}.json)")
+        self.layout = CacheLayout.from_json(self.module.meta["cache_layout"])
+
+    def step(self, input_ids, position_ids, cache):
+        logits, *present = self.module(input_ids, position_ids, *cache)
+        return logits, present
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

@@ -26,11 +26,14 @@ def compressed(*passes: dict):
     return graph, x
 
 
-def run_tvm(graph, x: torch.Tensor) -> np.ndarray:
+def compile_outputs(graph, x: torch.Tensor) -> list[np.ndarray]:
     mod = from_exported_program(graph.program, custom_convert_map=relax_converters())
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x.numpy()))
-    return out[0].numpy()
+    return [o.numpy() for o in vm["main"](tvm.runtime.tensor(x.numpy()))]
+
+
+def run_tvm(graph, x: torch.Tensor) -> np.ndarray:
+    return compile_outputs(graph, x)[0]
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])

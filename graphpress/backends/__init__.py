@@ -6,12 +6,13 @@ from pydantic import BaseModel
 
 from .base import Backend, BackendRecord
 from .onnx import OnnxBackend
+from .tvm import TvmBackend
 
-BACKENDS: dict[str, type[Backend]] = {OnnxBackend.target: OnnxBackend}
+BACKENDS: dict[str, type[Backend]] = {OnnxBackend.target: OnnxBackend, TvmBackend.target: TvmBackend}
 
 
 def build_backend(config: BaseModel, spec_path: str = "backends") -> Backend:
     return BACKENDS[config.target](config, spec_path)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendRecord", "OnnxBackend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendRecord", "OnnxBackend", "TvmBackend", "build_backend"]

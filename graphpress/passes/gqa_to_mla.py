@@ -320,8 +320,10 @@ class _Builder(SubgraphBuilder):
     def dense(self, x, module: str, weight: torch.Tensor) -> fx.Node:
         return self.linear(x, module, weight.to(self.dtype).contiguous())
 
-    def size(self, x, dim: int) -> fx.Node:
-        return self.call(aten.sym_size.int, x, dim)
+    def size(self, x, dim: int) -> fx.Node | int:
+        """A dimension for a view: the int when it is static (as export writes it), else its sym_size node."""
+        size = x.meta["val"].shape[dim]
+        return size if isinstance(size, int) else self.call(aten.sym_size.int, x, dim)
 
     def split_heads(self, x, heads: int) -> fx.Node:
         """(B, S, heads * e) -> (B, heads, S, e)."""

@@ -28,6 +28,17 @@ class OnnxBackendConfig(StrictModel):
     )
 
 
-BACKEND_CONFIGS = {"onnx": OnnxBackendConfig}
+class TvmBackendConfig(StrictModel):
+    """Import into TVM Relax, compile, and validate in the Relax VM; writes a loadable library."""
+
+    target: Literal["tvm"]
+    device: Literal["llvm"] = Field("llvm", description="Compilation target (CPU via LLVM).")
+    max_error: float = Field(
+        1e-4, gt=0, description="Largest rel_l2 between the TVM module and eager outputs before the backend fails."
+    )
+    filename: str = Field("model.so", pattern=r"^[\w.-]+\.so$")
+
+
+BACKEND_CONFIGS = {"onnx": OnnxBackendConfig, "tvm": TvmBackendConfig}
 
 AnyBackendConfig = Annotated[Union[tuple(BACKEND_CONFIGS.values())], Field(discriminator="target")]  # noqa: UP007

@@ -1,8 +1,7 @@
 """The graphpress op set: each compressed format is a ``torch.library.custom_op`` under ``graphpress::``.
 
 One file per op family: reference implementation, fake implementation, ONNX lowering,
-TVM Relax converter (``lut_weight``, ``nm_weight``, ``shift_weight``; the KV-cache ops' with the TVM
-backend, issue 8); Triton kernels arrive with the CUDA backend. ``low_rank`` and ``gqa_to_mla`` need
+TVM Relax converter; Triton kernels arrive with the CUDA backend. ``low_rank`` and ``gqa_to_mla`` need
 none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
 
@@ -21,5 +20,10 @@ def onnx_translations() -> dict:
 
 def relax_converters() -> dict:
     """``from_exported_program(custom_convert_map=...)`` keys (the overload's name) -> TVM Relax converter."""
-    converters = {**lut.RELAX_CONVERTERS, **nm_sparse.RELAX_CONVERTERS, **shift.RELAX_CONVERTERS}
+    converters = {
+        **kv_quant.RELAX_CONVERTERS,
+        **lut.RELAX_CONVERTERS,
+        **nm_sparse.RELAX_CONVERTERS,
+        **shift.RELAX_CONVERTERS,
+    }
     return {overload.__name__: convert for overload, convert in converters.items()}

@@ -15,8 +15,9 @@ and zero = -2^(bits-1) * scale, which dequantization recomputes (no zero point s
 channel count must be a multiple of ``8 // bits``.
 
 Both ops have an eager reference (this file defines the semantics), a fake
-implementation for export, and an ONNX lowering to standard ops (BitShift,
-BitwiseAnd/Or, Reshape, ReduceMin/Max, Round, Clip, Cast, Mul, Add).
+implementation for export, an ONNX lowering to standard ops (BitShift,
+BitwiseAnd/Or, Reshape, ReduceMin/Max, Round, Clip, Cast, Mul, Add) and a TVM Relax
+converter built from the same steps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const
+from .bitstream import onnx_const, relax_const
 
 EPS = 1e-8
 
@@ -174,7 +175,74 @@ def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_chan
     return op.Reshape(op.Add(op.Mul(g, scale), zero), _shape_with(packed, -1, [channels]))
 
 
+# ---------------------------------------------------------------------- TVM Relax
+def _grouped_shape(shape: list, group_size: int, per_channel: bool) -> tuple[list, int]:
+    *lead, t, c = shape
+    if per_channel:
+        return [*lead, t // group_size, group_size, c], -2
+    return [*lead, t, c // group_size, group_size], -1
+
+
+def kv_quantize_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm import relax
+    from tvm.relax import op
+
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    bits, group_size, per_channel, symmetric = node.args[1:]
+    per = codes_per_byte(bits)
+    shape = list(importer.shape_of(x))
+    grouped, axis = _grouped_shape(shape, group_size, per_channel)
+    g = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), grouped))
+    eps = relax_const(EPS, "float32")
+    if symmetric:
+        amax = bb.emit(op.max(bb.emit(op.abs(g)), axis=[axis], keepdims=True))
+        scale = bb.emit(op.maximum(bb.emit(op.divide(amax, relax_const(2 ** (bits - 1) - 1, "float32"))), eps))
+        zero = bb.emit(op.multiply(scale, relax_const(-(2 ** (bits - 1)), "float32")))
+    else:
+        lo = bb.emit(op.min(g, axis=[axis], keepdims=True))
+        hi = bb.emit(op.max(g, axis=[axis], keepdims=True))
+        scale = bb.emit(
+            op.maximum(bb.emit(op.divide(bb.emit(op.subtract(hi, lo)), relax_const(2**bits - 1, "float32"))), eps)
+        )
+        zero = lo
+    levels = bb.emit(op.round(bb.emit(op.divide(bb.emit(op.subtract(g, zero)), scale))))
+    codes = bb.emit(op.astype(bb.emit(op.clip(levels, 0, 2**bits - 1)), "int32"))
+    codes = bb.emit(op.reshape(codes, [*shape[:-1], shape[-1] // per, per]))
+    shifted = bb.emit(op.left_shift(codes, relax_const(np.arange(per) * bits, "int32")))
+    packed = bb.emit(op.astype(bb.emit(op.sum(shifted, axis=[-1])), "uint8"))  # disjoint bits: sum == or
+    stats = [bb.emit(op.squeeze(t, axis=[axis])) for t in (scale, zero)]
+    return bb.emit(relax.Tuple([packed, *stats]))
+
+
+def kv_dequantize_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm.relax import op
+
+    bb = importer.block_builder
+    packed, scale = importer.env[node.args[0]], importer.env[node.args[1]]
+    zero = importer.env[node.args[2]] if node.args[2] is not None else None
+    bits, group_size, per_channel = node.args[3:]
+    per = codes_per_byte(bits)
+    *lead, t, cp = list(importer.shape_of(packed))
+    shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(packed, -1)), relax_const(np.arange(per) * bits, "uint8")))
+    codes = bb.emit(op.astype(bb.emit(op.bitwise_and(shifted, relax_const(2**bits - 1, "uint8"))), "float32"))
+    channels = [*lead, t, cp * per]
+    grouped, axis = _grouped_shape(channels, group_size, per_channel)
+    g = bb.emit(op.reshape(codes, grouped))
+    scale = bb.emit(op.expand_dims(scale, axis))
+    if zero is None:
+        zero = bb.emit(op.multiply(scale, relax_const(-(2 ** (bits - 1)), "float32")))
+    else:
+        zero = bb.emit(op.expand_dims(zero, axis))
+    return bb.emit(op.reshape(bb.emit(op.add(bb.emit(op.multiply(g, scale)), zero)), channels))
+
+
 ONNX_TRANSLATIONS = {
     torch.ops.graphpress.kv_quantize.default: kv_quantize_onnx,
     torch.ops.graphpress.kv_dequantize.default: kv_dequantize_onnx,
+}
+RELAX_CONVERTERS = {
+    torch.ops.graphpress.kv_quantize.default: kv_quantize_relax,
+    torch.ops.graphpress.kv_dequantize.default: kv_dequantize_relax,
 }

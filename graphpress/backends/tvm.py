@@ -1,0 +1,185 @@
+"""TVM backend: the final Graph imported into Relax, compiled for LLVM, validated in the Relax VM.
+
+Compressed formats stay compressed: every ``graphpress::`` op has a Relax converter
+(``graphpress.ir.ops.relax_converters()``), so the library stores packed codes and
+codebooks and rebuilds inside its kernels. The graph is imported without re-running
+torch.export's decompositions: they would re-trace with the example's shapes and pin
+symbolic dimensions (batch 1 became a constant 1 in a decomposed ``linear``).
+
+Writes ``<filename>`` (a shared library ``tvm.runtime.load_module`` loads; run it with
+``relax.VirtualMachine``) and ``<filename>.json`` (its inputs and, for decode graphs, the
+cache layout), which :class:`graphpress.runtime.TvmModule` / ``TvmDecoder`` read.
+Kernels use TVM's default schedules: MetaSchedule tuning is not wired in yet (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import BackendError
+from ..ir import Graph, SubgraphBuilder, ops
+from ..metrics import compare_outputs
+from ..schema.backends import TvmBackendConfig
+from .base import Backend, BackendRecord, publish, staging_dir
+
+DECODE_VALIDATION_TOKENS = 32
+
+
+class TvmBackend(Backend):
+    target = "tvm"
+    Config = TvmBackendConfig
+
+    def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
+        import tvm
+
+        cfg: TvmBackendConfig = self.config
+        start = time.perf_counter()
+        try:
+            mod = self.import_graph(graph)
+        except Exception as exc:
+            raise BackendError(f"{self.spec_path}: TVM Relax import failed: {type(exc).__name__}: {exc}") from exc
+        histogram = Counter(_relax_ops(mod))
+        with staging_dir(out_dir) as tmp:
+            staged = tmp / cfg.filename
+            try:
+                executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
+                executable.export_library(str(staged))
+            except Exception as exc:
+                raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
+            sidecar = tmp / f"{cfg.filename}.json"
+            sidecar.write_text(json.dumps(self.describe(graph), indent=1, sort_keys=True))
+            errors = self.validate(staged, graph, inputs)
+            if errors["rel_l2"] > cfg.max_error:
+                raise BackendError(
+                    f"{self.spec_path}: the TVM module's output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
+                    f"> max_error = {cfg.max_error:g}"
+                )
+            files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+            publish(sidecar, out_dir)
+            publish(staged, out_dir)  # the library last: its sidecar is already there
+        return BackendRecord(
+            target=self.target,
+            artifact=str(out_dir / cfg.filename),
+            files=files,
+            errors=errors,
+            tolerance=cfg.max_error,
+            op_histogram=dict(histogram.most_common()),
+            seconds=time.perf_counter() - start,
+            details={"device": cfg.device},
+        )
+
+    @staticmethod
+    def import_graph(graph: Graph):
+        from tvm.relax.frontend.torch import from_exported_program
+
+        return from_exported_program(
+            prepare(graph).program,
+            custom_convert_map=ops.relax_converters(),
+            run_ep_decomposition=False,
+        )
+
+    @staticmethod
+    def describe(graph: Graph) -> dict:
+        return {
+            "inputs": [node.name for node in graph.user_inputs()],
+            "outputs": len(graph.user_outputs()),
+            "cache_layout": graph.cache.to_json() if graph.cache is not None else None,
+        }
+
+    @torch.no_grad()
+    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+        from ..runtime import TorchDecoder, TvmDecoder, TvmModule, teacher_forced_logits
+
+        if graph.cache is not None:
+            ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
+            ours = teacher_forced_logits(TvmDecoder(path), ids)
+            return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+        module, eager = TvmModule(path), graph.module()
+        outputs, references = [], []
+        for args in inputs:
+            outputs.append(module(*[t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]))
+            ref = eager(*args)
+            leaves = pytree.tree_leaves(ref.to_tuple() if hasattr(ref, "to_tuple") else ref)
+            references.append([t for t in leaves if isinstance(t, torch.Tensor)])
+        return compare_outputs(outputs, references)
+
+
+def prepare(graph: Graph) -> Graph:
+    """The graph as TVM's importer takes it: masked attention spelled out, slice axes non-negative."""
+    prepared = explicit_masked_attention(graph)
+    negative = [
+        n.name
+        for n in prepared.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor and len(n.args) > 1 and n.args[1] < 0
+    ]
+    if not negative:
+        return prepared
+    work = prepared.clone() if prepared is graph else prepared  # never edit the caller's graph
+    for node in [n for n in work.nodes if n.name in negative]:
+        # TVM's dynamic strided_slice rejects negative axes (symbolic bounds take that path)
+        node.update_arg(1, node.args[1] + node.args[0].meta["val"].dim())
+    work._changed()
+    return work
+
+
+def explicit_masked_attention(graph: Graph) -> Graph:
+    """A copy in which attention with a mask tensor is matmul -> softmax -> matmul.
+
+    TVM's attention legalization checks that the key and value lengths are equal and
+    cannot prove it when they are expressions (a decode step's ``past + 1``); its
+    converter also takes additive float masks only. Plain matmuls have neither problem.
+    """
+    aten = torch.ops.aten
+    masked = {
+        n.name
+        for n in graph.nodes
+        if n.op == "call_function"
+        and n.target is aten.scaled_dot_product_attention.default
+        and isinstance(n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask"), torch.fx.Node)
+    }
+    if not masked:
+        return graph
+    work = graph.clone()
+    for sdpa in [n for n in work.nodes if n.name in masked]:
+        q, k, v = sdpa.args[:3]
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs["attn_mask"]
+        if sdpa.kwargs.get("is_causal") or sdpa.kwargs.get("enable_gqa") or len(sdpa.args) > 4:
+            raise BackendError(f"{sdpa.name}: attention with a mask and other options is not lowered for TVM")
+        dtype, head_dim = q.meta["val"].dtype, q.meta["val"].shape[-1]
+        scale = sdpa.kwargs.get("scale") or 1 / math.sqrt(head_dim)
+        b = SubgraphBuilder(work, "", sdpa)
+        with work.fx.inserting_before(sdpa):
+            scores = b.call(
+                aten.mul.Tensor, b.call(aten.matmul.default, q, b.call(aten.transpose.int, k, -2, -1)), scale
+            )
+            if mask.meta["val"].dtype == torch.bool:  # 0 where attended, the dtype's lowest elsewhere
+                keep = b.call(aten._to_copy.default, mask, dtype=dtype)
+                mask = b.call(aten.mul.Tensor, b.call(aten.sub.Tensor, keep, 1.0), torch.finfo(dtype).max)
+            probs = b.call(aten._softmax.default, b.call(aten.add.Tensor, scores, mask), -1, False)
+            out = b.call(aten.matmul.default, probs, v)
+        sdpa.replace_all_uses_with(out)
+        work.fx.erase_node(sdpa)
+    work._changed()
+    return work
+
+
+def _relax_ops(mod) -> list[str]:
+    """The Relax operators the main function calls (for the record's op histogram)."""
+    import tvm
+    from tvm import relax
+
+    names: list[str] = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.append(expr.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
