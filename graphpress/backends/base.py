@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from ..ir import Graph
+
+DECODE_VALIDATION_TOKENS = 32
+"""Decode graphs are validated on this many teacher-forced tokens of the first calibration sample."""
 
 
 @dataclass
@@ -46,6 +49,34 @@ class Backend(ABC):
     @abstractmethod
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
         """Write the artifact under ``out_dir`` and validate it on ``inputs``."""
+
+    @staticmethod
+    def compare_with_eager(graph: Graph, inputs: list[tuple], run: Callable, decoder: Callable) -> dict[str, float]:
+        """Errors of an artifact vs eager execution of ``graph``.
+
+        Forward graphs: ``run(tensors) -> outputs`` on every calibration input's tensor
+        leaves. Decode graphs: ``decoder()`` (a runtime decoder of the artifact) fed the
+        first sample's first tokens one by one, its logits against the eager step's.
+        """
+        import torch
+        from torch.utils import _pytree as pytree
+
+        from ..metrics import compare_outputs
+        from ..runtime import TorchDecoder, teacher_forced_logits
+
+        with torch.no_grad():
+            if graph.cache is not None:
+                ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
+                ours = teacher_forced_logits(decoder(), ids)
+                return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+            eager = graph.module()
+            outputs, references = [], []
+            for args in inputs:
+                outputs.append(run([t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]))
+                ref = eager(*args)
+                leaves = pytree.tree_leaves(ref.to_tuple() if hasattr(ref, "to_tuple") else ref)
+                references.append([t for t in leaves if isinstance(t, torch.Tensor)])
+            return compare_outputs(outputs, references)
 
 
 @contextlib.contextmanager

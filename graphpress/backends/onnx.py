@@ -17,16 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 
 from ..errors import BackendError
 from ..ir import Graph, ops
-from ..metrics import compare_outputs
 from ..schema import OnnxBackendConfig
 from .base import Backend, BackendRecord, publish, staging_dir
 
 PROTOBUF_LIMIT = 2 * 1024**3
-DECODE_VALIDATION_TOKENS = 32
 
 
 @contextlib.contextmanager
@@ -96,41 +93,23 @@ class OnnxBackend(Backend):
             details={"opset": cfg.opset, "external_data": external},
         )
 
-    @torch.no_grad()
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
-        if graph.cache is not None:
-            return self.validate_decode(path, graph, inputs)
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        module = graph.module()
-        outputs, references = [], []
-        for args in inputs:
-            leaves = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
-            if len(leaves) != len(names):
+        from ..runtime import OnnxDecoder
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) if graph.cache is None else None
+
+        def run(tensors):
+            names = [i.name for i in session.get_inputs()]
+            if len(tensors) != len(names):
                 raise BackendError(
-                    f"{self.spec_path}: the ONNX model takes {len(names)} tensor inputs, got {len(leaves)}"
+                    f"{self.spec_path}: the ONNX model takes {len(names)} tensor inputs, got {len(tensors)}"
                 )
-            feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, leaves)}
-            outputs.append([torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)])
-            ref = module(*args)
-            references.append(
-                [
-                    t
-                    for t in pytree.tree_leaves(ref.to_tuple() if hasattr(ref, "to_tuple") else ref)
-                    if isinstance(t, torch.Tensor)
-                ]
-            )
-        return compare_outputs(outputs, references)
+            feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+            return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
-    def validate_decode(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
-        """Teacher-forced logits of the first calibration sample (up to 32 tokens), onnxruntime vs eager."""
-        from ..runtime import OnnxDecoder, TorchDecoder, teacher_forced_logits
-
-        ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
-        ours = teacher_forced_logits(OnnxDecoder(path), ids)
-        return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+        return self.compare_with_eager(graph, inputs, run, lambda: OnnxDecoder(path))
 
 
 def _optimize(model) -> None:

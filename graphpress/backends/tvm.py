@@ -21,15 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..errors import BackendError
 from ..ir import Graph, SubgraphBuilder, ops
-from ..metrics import compare_outputs
 from ..schema.backends import TvmBackendConfig
 from .base import Backend, BackendRecord, publish, staging_dir
-
-DECODE_VALIDATION_TOKENS = 32
 
 
 class TvmBackend(Backend):
@@ -93,22 +89,11 @@ class TvmBackend(Backend):
             "cache_layout": graph.cache.to_json() if graph.cache is not None else None,
         }
 
-    @torch.no_grad()
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
-        from ..runtime import TorchDecoder, TvmDecoder, TvmModule, teacher_forced_logits
+        from ..runtime import TvmDecoder, TvmModule
 
-        if graph.cache is not None:
-            ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
-            ours = teacher_forced_logits(TvmDecoder(path), ids)
-            return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
-        module, eager = TvmModule(path), graph.module()
-        outputs, references = [], []
-        for args in inputs:
-            outputs.append(module(*[t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]))
-            ref = eager(*args)
-            leaves = pytree.tree_leaves(ref.to_tuple() if hasattr(ref, "to_tuple") else ref)
-            references.append([t for t in leaves if isinstance(t, torch.Tensor)])
-        return compare_outputs(outputs, references)
+        module = TvmModule(path) if graph.cache is None else None
+        return self.compare_with_eager(graph, inputs, lambda tensors: module(*tensors), lambda: TvmDecoder(path))
 
 
 def prepare(graph: Graph) -> Graph:
