@@ -97,42 +97,34 @@ class TvmBackend(Backend):
 
 
 def prepare(graph: Graph) -> Graph:
-    """The graph as TVM's importer takes it: masked attention spelled out, slice axes non-negative."""
-    prepared = explicit_masked_attention(graph)
-    negative = [
-        n.name
-        for n in prepared.nodes
-        if n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor and len(n.args) > 1 and n.args[1] < 0
-    ]
-    if not negative:
-        return prepared
-    work = prepared.clone() if prepared is graph else prepared  # never edit the caller's graph
-    for node in [n for n in work.nodes if n.name in negative]:
-        # TVM's dynamic strided_slice rejects negative axes (symbolic bounds take that path)
-        node.update_arg(1, node.args[1] + node.args[0].meta["val"].dim())
+    """A copy of the graph as TVM's importer takes it: masked attention spelled out, slice axes non-negative."""
+    work = graph.clone()
+    explicit_masked_attention(work)
+    # TVM's dynamic strided_slice (the path symbolic bounds take) rejects negative axes
+    for node in work.nodes:
+        is_slice = node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor
+        if is_slice and len(node.args) > 1 and node.args[1] < 0:
+            node.update_arg(1, node.args[1] + node.args[0].meta["val"].dim())
     work._changed()
     return work
 
 
-def explicit_masked_attention(graph: Graph) -> Graph:
-    """A copy in which attention with a mask tensor is matmul -> softmax -> matmul.
+def explicit_masked_attention(work: Graph) -> None:
+    """Rewrite, in place, attention with a mask tensor as matmul -> softmax -> matmul.
 
     TVM's attention legalization checks that the key and value lengths are equal and
     cannot prove it when they are expressions (a decode step's ``past + 1``); its
     converter also takes additive float masks only. Plain matmuls have neither problem.
     """
     aten = torch.ops.aten
-    masked = {
-        n.name
-        for n in graph.nodes
+    masked = [
+        n
+        for n in work.nodes
         if n.op == "call_function"
         and n.target is aten.scaled_dot_product_attention.default
         and isinstance(n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask"), torch.fx.Node)
-    }
-    if not masked:
-        return graph
-    work = graph.clone()
-    for sdpa in [n for n in work.nodes if n.name in masked]:
+    ]
+    for sdpa in masked:
         q, k, v = sdpa.args[:3]
         mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs["attn_mask"]
         if sdpa.kwargs.get("is_causal") or sdpa.kwargs.get("enable_gqa") or len(sdpa.args) > 4:
@@ -151,8 +143,6 @@ def explicit_masked_attention(graph: Graph) -> Graph:
             out = b.call(aten.matmul.default, probs, v)
         sdpa.replace_all_uses_with(out)
         work.fx.erase_node(sdpa)
-    work._changed()
-    return work
 
 
 def _relax_ops(mod) -> list[str]:

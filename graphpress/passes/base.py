@@ -141,15 +141,11 @@ class Pass(ABC):
 
     @staticmethod
     def store_weight_as(graph: Graph, lin: Linear, op, tensors: dict, *args) -> None:
-        """Make ``lin`` read its weight from ``op(*stored tensors, *args)``; the dense weight is dropped.
-
-        The tensors become buffers '<path>.<name>': a compressed format's storage.
-        """
+        """Make ``lin`` read its weight from ``op(*stored tensors, *args)``; the dense weight is dropped."""
         import torch
 
         def build(b, x):
-            stored = [graph.add_buffer(f"{lin.path}.{name}", value) for name, value in tensors.items()]
-            weight = b.call(op, *stored, *args)
+            weight = stored_call(graph, b, lin.path, op, tensors, *args)
             bias = lin.node.args[2] if len(lin.node.args) > 2 else None
             return b.call(torch.ops.aten.linear.default, x, weight, *([bias] if bias is not None else []))
 
@@ -157,6 +153,12 @@ class Pass(ABC):
 
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.config.model_dump(mode="json", by_alias=True))
+
+
+def stored_call(graph: Graph, b, path: str, op, tensors: dict, *args):
+    """``op(*tensors, *args)`` with the tensors stored as buffers '<path>.<name>': a compressed format's storage."""
+    stored = [graph.add_buffer(f"{path}.{name}", value) for name, value in tensors.items()]
+    return b.call(op, *stored, *args)
 
 
 def split_qkv_heads(block: AttentionBlock, where: str) -> tuple:

@@ -30,7 +30,7 @@ from ..ir import Graph
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import kept_columns, nm_weight
 from ..schema import WeightClusteringConfig
-from .base import LayerReport, Pass, PassReport
+from .base import LayerReport, Pass, PassReport, stored_call
 from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
@@ -90,11 +90,9 @@ class WeightClustering(Pass):
             energy = inputs[lin.node.name].gram.diagonal().double()[kept_columns(positions, n, m, values.shape[1])]
             palette = self.palettize(values, energy, gen)
 
-            def build(b, lin=lin, palette=palette):
-                stored = [graph.add_buffer(f"{lin.path}.{name}", t) for name, t in palette.tensors.items()]
-                return b.call(LUT, *stored, *palette.args)
-
-            graph.replace_input(lin.op, 0, lin.path, build)
+            graph.replace_input(
+                lin.op, 0, lin.path, lambda b, p=lin.path, s=palette: stored_call(graph, b, p, LUT, s.tensors, *s.args)
+            )
             before = nm_weight(values, positions, n, m, in_features)
             after = nm_weight(palette.rebuilt, positions, n, m, in_features)
             report.layers.append(
