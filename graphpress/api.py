@@ -28,6 +28,8 @@ class CompressionResult:
     graph: Graph
     report: CompressionReport
     artifacts: dict[str, Path] = field(default_factory=dict)
+    """Written files: the first backend of each target under its target ("onnx", "tvm", "mlir"), a
+    later one of the same target under its spec path ("backends[3]"); "report_json", "report_md"."""
     out_dir: Path | None = None
 
 
@@ -71,7 +73,7 @@ def compress(
     t = time.perf_counter()
     for i, backend_config in enumerate(spec.backends):
         record = build_backend(backend_config, f"backends[{i}]").build(result.graph, calibration, out)
-        artifacts[record.target] = Path(record.artifact)
+        artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
         records.append(record.to_dict())
     timings["backends"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start

@@ -107,7 +107,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def _positions(batch: int, position: int) -> torch.Tensor:
+def positions(batch: int, position: int) -> torch.Tensor:
+    """Position ids (batch, 1) of one decode step at ``position``."""
     return torch.full((batch, 1), position, dtype=torch.long)
 
 
@@ -118,7 +119,7 @@ def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Te
     cache = decoder.layout.empty(batch)
     logits = []
     for t in range(length):
-        step_logits, cache = decoder.step(input_ids[:, t : t + 1], _positions(batch, t), cache)
+        step_logits, cache = decoder.step(input_ids[:, t : t + 1], positions(batch, t), cache)
         logits.append(step_logits)
     return torch.cat(logits, dim=1)
 
@@ -132,7 +133,7 @@ def greedy_generate(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int)
     cache = decoder.layout.empty(batch)
     tokens = prompt
     for t in range(length + max_new_tokens - 1):
-        logits, cache = decoder.step(tokens[:, t : t + 1], _positions(batch, t), cache)
+        logits, cache = decoder.step(tokens[:, t : t + 1], positions(batch, t), cache)
         if t >= length - 1:
             tokens = torch.cat([tokens, logits[:, -1:].argmax(-1).to(tokens.dtype)], dim=1)
     return tokens

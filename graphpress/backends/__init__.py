@@ -5,14 +5,19 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from .base import Backend, BackendRecord
+from .mlir import MlirBackend
 from .onnx import OnnxBackend
 from .tvm import TvmBackend
 
-BACKENDS: dict[str, type[Backend]] = {OnnxBackend.target: OnnxBackend, TvmBackend.target: TvmBackend}
+BACKENDS: dict[str, type[Backend]] = {
+    OnnxBackend.target: OnnxBackend,
+    TvmBackend.target: TvmBackend,
+    MlirBackend.target: MlirBackend,
+}
 
 
 def build_backend(config: BaseModel, spec_path: str = "backends") -> Backend:
     return BACKENDS[config.target](config, spec_path)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendRecord", "OnnxBackend", "TvmBackend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendRecord", "MlirBackend", "OnnxBackend", "TvmBackend", "build_backend"]

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from ..errors import BackendError
 from ..ir import Graph
 
 DECODE_VALIDATION_TOKENS = 32
@@ -45,6 +46,15 @@ class Backend(ABC):
         self.config = config
         self.spec_path = spec_path
         """Where this backend's config sits in the spec (e.g. 'backends[0]'), for error messages."""
+
+    def require(self, module: str, extra: str) -> None:
+        """Fail clearly, naming the spec entry, when an optional dependency is missing."""
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            raise BackendError(
+                f"{self.spec_path}: the {self.target} backend needs {module}: pip install 'graphpress[{extra}]'"
+            )
 
     @abstractmethod
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:

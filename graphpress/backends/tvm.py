@@ -33,6 +33,7 @@ class TvmBackend(Backend):
     Config = TvmBackendConfig
 
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
+        self.require("tvm", "tvm")
         import tvm
 
         cfg: TvmBackendConfig = self.config

@@ -377,9 +377,14 @@ class Graph:
         (rewiring whatever read the old ones). Shape reads of the old inputs (``sym_size``)
         are redirected to the first new input: batch and length carry over, fixed axes
         become constants. Nothing else may read an old input or output once ``build`` returns.
-        With ``same_length`` false each new input gets a sequence length of its own (a
-        quantized cache's codes, scales and residual window all differ in length), and
+        With ``same_length`` false the new inputs get lengths of their own (a quantized
+        cache's codes, scales and residual window all differ in length), and
         ``past_length(builder, inputs)`` says how many past tokens they hold together.
+        The layout still relates them: entries that are not bounded windows hold the same
+        tokens, so they share one symbol, each scaled by how many of its slots one slot of
+        the coarsest covers (codes ``32 * n``, their scales ``n``); a window has a symbol
+        of its own. Downstream shape reasoning (a reshape into groups; TVM, torch-mlir)
+        then sees that codes and scales agree.
         """
         layout = self._cache_layout()
         old = sorted(old, key=layout.index)
@@ -389,11 +394,20 @@ class Graph:
         old_entry = layout.entries[first]
         batch, length = sample.shape[0], sample.shape[old_entry.seq_axis]
         placeholders = []
+        coarsest = max(e.tokens_per_slot for e in new)
+        shared = None  # the slots of the coarsest unbounded entry
         for entry in new:
             with self.fx.inserting_before(old_inputs[0]):
                 node = self.fx.placeholder(_fresh_name(self.fx, "cache_" + entry.name.replace(".", "_")))
             shape = [batch if d is None else d for d in entry.shape]
-            shape[entry.seq_axis] = length if same_length else self._new_length(node.name)
+            scale = coarsest // entry.tokens_per_slot
+            if same_length:
+                shape[entry.seq_axis] = length
+            elif entry.max_len is not None:
+                shape[entry.seq_axis] = self._new_length(node.name)
+            else:
+                shared = shared if shared is not None else self._new_length(node.name)
+                shape[entry.seq_axis] = shared * scale
             with self._fake_mode():
                 node.meta["val"] = torch.empty(shape, dtype=getattr(torch, entry.dtype))
             placeholders.append(node)

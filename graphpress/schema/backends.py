@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from .base import StrictModel
 
@@ -21,6 +21,11 @@ class OnnxBackendConfig(StrictModel):
         1e-4, gt=0, description="Largest rel_l2 between onnxruntime and eager outputs before the backend fails."
     )
     filename: str = Field("model.onnx", pattern=r"^[\w.-]+\.onnx$")
+
+    @property
+    def output_file(self) -> str:
+        return self.filename
+
     node_metadata: bool = Field(
         False,
         description="Keep the exporter's per-node metadata (source stack traces, module paths; about 1.4 KB a node) "
@@ -38,7 +43,50 @@ class TvmBackendConfig(StrictModel):
     )
     filename: str = Field("model.so", pattern=r"^[\w.-]+\.so$")
 
+    @property
+    def output_file(self) -> str:
+        return self.filename
 
-BACKEND_CONFIGS = {"onnx": OnnxBackendConfig, "tvm": TvmBackendConfig}
+
+class MlirBackendConfig(StrictModel):
+    """Lower with torch-mlir to one MLIR dialect (graphpress ops decomposed to aten first) and write its text."""
+
+    target: Literal["mlir"]
+    dialect: Literal["torch", "linalg-on-tensors", "stablehlo", "tosa"] = Field(
+        "linalg-on-tensors", description="torch-mlir output type."
+    )
+    static_shapes: bool | None = Field(
+        None,
+        description="Specialise the module to the first calibration input's shapes (decode graphs: one step after "
+        "a few cached tokens). Default: only for tosa, which accepts static shapes only.",
+    )
+    max_error: float = Field(
+        1e-4, gt=0, description="Largest rel_l2 between the decomposed program and the graph before the backend fails."
+    )
+    filename: str | None = Field(
+        None, pattern=r"^[\w.-]+\.mlir$", description="Output file; default model.<dialect>.mlir."
+    )
+
+    @field_validator("static_shapes")
+    @classmethod
+    def _tosa_is_static(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value is False and info.data.get("dialect") == "tosa":
+            raise ValueError("tosa takes static shapes only; leave static_shapes unset or true")
+        return value
+
+    @property
+    def static(self) -> bool:
+        return self.dialect == "tosa" if self.static_shapes is None else self.static_shapes
+
+    @property
+    def output_file(self) -> str:
+        return self.filename or f"model.{self.dialect}.mlir"
+
+
+BACKEND_CONFIGS = {
+    "onnx": OnnxBackendConfig,
+    "tvm": TvmBackendConfig,
+    "mlir": MlirBackendConfig,
+}
 
 AnyBackendConfig = Annotated[Union[tuple(BACKEND_CONFIGS.values())], Field(discriminator="target")]  # noqa: UP007

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .backends import AnyBackendConfig, OnnxBackendConfig
 from .base import StrictModel
@@ -40,3 +40,15 @@ class Spec(StrictModel):
     passes: list[AnyPassConfig] = Field(default_factory=list)
     verify: VerifyConfig = VerifyConfig()
     backends: list[AnyBackendConfig] = Field(default_factory=lambda: [OnnxBackendConfig(target="onnx")])
+
+    @model_validator(mode="after")
+    def _distinct_artifacts(self) -> Spec:
+        writers: dict[str, int] = {}
+        for i, backend in enumerate(self.backends):
+            name = backend.output_file
+            if name in writers:
+                raise ValueError(
+                    f"backends[{i}].filename: {name!r} is also written by backends[{writers[name]}]; give one another name"
+                )
+            writers[name] = i
+        return self

@@ -1,7 +1,8 @@
 """The graphpress op set: each compressed format is a ``torch.library.custom_op`` under ``graphpress::``.
 
-One file per op family: reference implementation, fake implementation, ONNX lowering,
-TVM Relax converter; Triton kernels arrive with the CUDA backend. ``low_rank`` and ``gqa_to_mla`` need
+One file per op family: reference implementation (in plain aten arithmetic, so it is
+also the op's decomposition), fake implementation, ONNX lowering, TVM Relax converter;
+Triton kernels arrive with the CUDA backend. ``low_rank`` and ``gqa_to_mla`` need
 none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
 
@@ -27,3 +28,14 @@ def relax_converters() -> dict:
         **shift.RELAX_CONVERTERS,
     }
     return {overload.__name__: convert for overload, convert in converters.items()}
+
+
+def decompositions() -> dict:
+    """custom op overload -> its reference, for ``ExportedProgram.run_decompositions`` (backends
+    without graphpress ops, e.g. torch-mlir, see the compressed formats' rebuild as aten ops)."""
+    return {
+        **kv_quant.DECOMPOSITIONS,
+        **lut.DECOMPOSITIONS,
+        **nm_sparse.DECOMPOSITIONS,
+        **shift.DECOMPOSITIONS,
+    }

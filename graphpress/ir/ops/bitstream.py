@@ -33,12 +33,17 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    """(..., packed_width(n, bits)) uint8 -> (..., n) int64 indices."""
+    """(..., packed_width(n, bits)) uint8 -> (..., n) int64 indices.
+
+    Written with multiplies, floor divisions and remainders by Python powers of two,
+    not shifts, masks or constant tensors: this is also the op's decomposition for
+    backends without bitwise ops (torch-mlir's lowerings have no ``aten.__rshift__``).
+    """
     if bits == 8:
         return packed.long()
     runs = packed.long().reshape(*packed.shape[:-1], -1, bits)
-    words = (runs << (8 * torch.arange(bits))).sum(-1)
-    codes = (words.unsqueeze(-1) >> (bits * torch.arange(8))) & (2**bits - 1)
+    words = sum(runs[..., k] * 256**k for k in range(bits))
+    codes = torch.stack([torch.div(words, 2 ** (bits * k), rounding_mode="floor") % 2**bits for k in range(8)], -1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]
 
 

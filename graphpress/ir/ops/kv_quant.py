@@ -38,33 +38,36 @@ def codes_per_byte(bits: int) -> int:
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """(..., C) uint8 codes < 2^bits -> (..., C * bits / 8) bytes."""
+    """(..., C) uint8 codes < 2^bits -> (..., C * bits / 8) bytes (multiply-add: no bitwise ops, see unpack)."""
     per = codes_per_byte(bits)
-    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).to(torch.uint8)
-    out = grouped[..., 0].clone()
-    for k in range(1, per):
-        out |= grouped[..., k] << (bits * k)
-    return out
+    grouped = codes.long().reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    return sum(grouped[..., k] * 2 ** (bits * k) for k in range(per)).to(torch.uint8)
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
-    """(..., Cp) bytes -> (..., Cp * 8 / bits) uint8 codes."""
+    """(..., Cp) bytes -> (..., Cp * 8 / bits) uint8 codes.
+
+    Floor division and remainder by powers of two rather than shift and mask: the same
+    values, and a decomposition every backend lowers (torch-mlir has no shift ops).
+    """
     per = codes_per_byte(bits)
-    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
-    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+    wide = packed.long()
+    codes = torch.stack([torch.div(wide, 2 ** (bits * k), rounding_mode="floor") % 2**bits for k in range(per)], -1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.uint8)
 
 
 def _grouped(x: Tensor, group_size: int, per_channel: bool) -> tuple[Tensor, int]:
     """x viewed with its groups on one axis; the axis the stats reduce over."""
     *lead, t, c = x.shape
+    size = t if per_channel else c
+    # tells a tracer (a decomposition of this op over a symbolic length) that the groups divide
+    torch._check(size % group_size == 0, lambda: f"{size} is not a multiple of the group size {group_size}")
     if per_channel:
         return x.reshape(*lead, t // group_size, group_size, c), -2
     return x.reshape(*lead, t, c // group_size, group_size), -1
 
 
-@torch.library.custom_op("graphpress::kv_quantize", mutates_args=())
-def kv_quantize(
+def kv_quantize_reference(
     x: Tensor, bits: int, group_size: int, per_channel: bool, symmetric: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(packed codes, scale, zero) of x (..., T, C)."""
@@ -80,6 +83,9 @@ def kv_quantize(
     return pack(codes.reshape(x.shape), bits), scale.squeeze(dim), zero.squeeze(dim)
 
 
+kv_quantize = torch.library.custom_op("graphpress::kv_quantize", kv_quantize_reference, mutates_args=())
+
+
 @kv_quantize.register_fake
 def _(x, bits, group_size, per_channel, symmetric):
     *lead, t, c = x.shape
@@ -88,8 +94,7 @@ def _(x, bits, group_size, per_channel, symmetric):
     return packed, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 
 
-@torch.library.custom_op("graphpress::kv_dequantize", mutates_args=())
-def kv_dequantize(
+def kv_dequantize_reference(
     packed: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, per_channel: bool
 ) -> Tensor:
     """Float32 (..., T, C) from packed codes and their stats (zero None: symmetric)."""
@@ -97,6 +102,9 @@ def kv_dequantize(
     g, dim = _grouped(codes, group_size, per_channel)
     zero = scale * -(2 ** (bits - 1)) if zero is None else zero
     return (g * scale.unsqueeze(dim) + zero.unsqueeze(dim)).reshape(codes.shape)
+
+
+kv_dequantize = torch.library.custom_op("graphpress::kv_dequantize", kv_dequantize_reference, mutates_args=())
 
 
 @kv_dequantize.register_fake
@@ -245,4 +253,8 @@ ONNX_TRANSLATIONS = {
 RELAX_CONVERTERS = {
     torch.ops.graphpress.kv_quantize.default: kv_quantize_relax,
     torch.ops.graphpress.kv_dequantize.default: kv_dequantize_relax,
+}
+DECOMPOSITIONS = {
+    torch.ops.graphpress.kv_quantize.default: kv_quantize_reference,
+    torch.ops.graphpress.kv_dequantize.default: kv_dequantize_reference,
 }

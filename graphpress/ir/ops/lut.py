@@ -23,12 +23,14 @@ def _row_offsets(out_features: int, group_rows: int, entries: int) -> Tensor:
     return (torch.arange(out_features) // group_rows * entries).unsqueeze(1)
 
 
-@torch.library.custom_op("graphpress::lut_weight", mutates_args=())
-def lut_weight(indices: Tensor, codebook: Tensor, bits: int, in_features: int, group_rows: int) -> Tensor:
+def lut_weight_reference(indices: Tensor, codebook: Tensor, bits: int, in_features: int, group_rows: int) -> Tensor:
     """The dense weight (out, in): codebook[row // group_rows, index]."""
     codes = unpack_bits(indices, bits, in_features)
     flat = codes + _row_offsets(indices.shape[0], group_rows, codebook.shape[1]).to(codes.device)
     return codebook.reshape(-1)[flat]
+
+
+lut_weight = torch.library.custom_op("graphpress::lut_weight", lut_weight_reference, mutates_args=())
 
 
 @lut_weight.register_fake
@@ -59,3 +61,4 @@ def lut_weight_relax(node, importer):
 
 ONNX_TRANSLATIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.lut_weight.default: lut_weight_relax}
+DECOMPOSITIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_reference}

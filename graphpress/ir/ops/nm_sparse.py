@@ -35,11 +35,13 @@ def kept_columns(positions: Tensor, n: int, m: int, kept: int) -> Tensor:
     return unpack_bits(positions, position_bits(m), kept) + _group_starts(kept, n, m).to(positions.device)
 
 
-@torch.library.custom_op("graphpress::nm_weight", mutates_args=())
-def nm_weight(values: Tensor, positions: Tensor, n: int, m: int, in_features: int) -> Tensor:
+def nm_weight_reference(values: Tensor, positions: Tensor, n: int, m: int, in_features: int) -> Tensor:
     """The dense weight (out, in) with ``values`` at their recorded columns."""
     columns = kept_columns(positions, n, m, values.shape[1])
     return values.new_zeros(values.shape[0], in_features).scatter(1, columns, values)
+
+
+nm_weight = torch.library.custom_op("graphpress::nm_weight", nm_weight_reference, mutates_args=())
 
 
 @nm_weight.register_fake
@@ -75,3 +77,4 @@ def nm_weight_relax(node, importer):
 
 ONNX_TRANSLATIONS = {torch.ops.graphpress.nm_weight.default: nm_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.nm_weight.default: nm_weight_relax}
+DECOMPOSITIONS = {torch.ops.graphpress.nm_weight.default: nm_weight_reference}

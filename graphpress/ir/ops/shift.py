@@ -41,17 +41,21 @@ def encode(weight: Tensor, scale: Tensor, min_exponent: int, max_exponent: int) 
 
 def decode(codes: Tensor, scale: Tensor, min_exponent: int, max_exponent: int) -> Tensor:
     bits = exponent_bits(min_exponent, max_exponent)
-    e = codes & (2**bits - 1)
-    sign = 1 - 2 * (codes >> bits)
+    e = codes % 2**bits  # arithmetic, not masks and shifts: see bitstream.unpack_bits
+    sign = 1 - 2 * torch.div(codes, 2**bits, rounding_mode="floor")
     magnitude = torch.where(e == 0, 0.0, torch.exp2((e + min_exponent - 1).to(scale.dtype)))
     return scale[:, None] * sign.to(scale.dtype) * magnitude
 
 
-@torch.library.custom_op("graphpress::shift_weight", mutates_args=())
-def shift_weight(codes: Tensor, scale: Tensor, min_exponent: int, max_exponent: int, in_features: int) -> Tensor:
+def shift_weight_reference(
+    codes: Tensor, scale: Tensor, min_exponent: int, max_exponent: int, in_features: int
+) -> Tensor:
     """The dense weight (out, in) of packed shift codes and per-row scales."""
     bits = exponent_bits(min_exponent, max_exponent) + 1
     return decode(unpack_bits(codes, bits, in_features), scale, min_exponent, max_exponent)
+
+
+shift_weight = torch.library.custom_op("graphpress::shift_weight", shift_weight_reference, mutates_args=())
 
 
 @shift_weight.register_fake
@@ -97,3 +101,4 @@ def shift_weight_relax(node, importer):
 
 ONNX_TRANSLATIONS = {torch.ops.graphpress.shift_weight.default: shift_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.shift_weight.default: shift_weight_relax}
+DECOMPOSITIONS = {torch.ops.graphpress.shift_weight.default: shift_weight_reference}
