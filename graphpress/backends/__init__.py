@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from .base import Backend, BackendRecord
+from .cuda import CudaBackend
 from .mlir import MlirBackend
 from .onnx import OnnxBackend
 from .tvm import TvmBackend
@@ -13,6 +14,7 @@ BACKENDS: dict[str, type[Backend]] = {
     OnnxBackend.target: OnnxBackend,
     TvmBackend.target: TvmBackend,
     MlirBackend.target: MlirBackend,
+    CudaBackend.target: CudaBackend,
 }
 
 
@@ -20,4 +22,4 @@ def build_backend(config: BaseModel, spec_path: str = "backends") -> Backend:
     return BACKENDS[config.target](config, spec_path)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendRecord", "MlirBackend", "OnnxBackend", "TvmBackend", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendRecord", "CudaBackend", "MlirBackend", "OnnxBackend", "TvmBackend", "build_backend"]

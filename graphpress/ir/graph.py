@@ -532,11 +532,16 @@ class Graph:
         old_val, new_val = node.meta["val"], out.meta["val"]
         if old_val.shape != new_val.shape or old_val.dtype != new_val.dtype:
             raise ValueError(f"replacement for {linear.path} changes its output {old_val.shape} -> {new_val.shape}")
+        self.substitute(node, out)
+        self.remove_unused_tensors()
+        return out
+
+    def substitute(self, node: fx.Node, out: fx.Node) -> None:
+        """Let ``out`` stand for ``node`` everywhere, graph outputs included, and erase ``node``."""
         node.replace_all_uses_with(out)
         self._rename_outputs(node.name, out.name)
         self.fx.erase_node(node)
-        self.remove_unused_tensors()
-        return out
+        self._changed()
 
     def _rename_outputs(self, old: str, new: str) -> None:
         """Keep the output signature naming the node that now produces a graph output."""

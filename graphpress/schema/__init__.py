@@ -1,6 +1,6 @@
 """The spec: pydantic models for everything a user writes, and their JSON Schema."""
 
-from .backends import BACKEND_CONFIGS, MlirBackendConfig, OnnxBackendConfig, TvmBackendConfig
+from .backends import BACKEND_CONFIGS, CudaBackendConfig, MlirBackendConfig, OnnxBackendConfig, TvmBackendConfig
 from .loading import json_schema, load_spec
 from .passes import (
     PASS_CONFIGS,
@@ -40,6 +40,7 @@ __all__ = [
     "PassConfig",
     "RopeHandling",
     "ShiftAddConfig",
+    "CudaBackendConfig",
     "MlirBackendConfig",
     "TvmBackendConfig",
     "Spec",

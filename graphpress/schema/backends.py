@@ -83,10 +83,25 @@ class MlirBackendConfig(StrictModel):
         return self.filename or f"model.{self.dialect}.mlir"
 
 
+class CudaBackendConfig(StrictModel):
+    """Fuse compressed linears into Triton-kernel ops and save the program (torch.export) for NVIDIA GPUs."""
+
+    target: Literal["cuda"]
+    max_error: float = Field(
+        1e-4, gt=0, description="Largest rel_l2 between the fused program (CPU, and GPU where present) and the graph."
+    )
+    filename: str = Field("model.pt2", pattern=r"^[\w.-]+\.pt2$")
+
+    @property
+    def output_file(self) -> str:
+        return self.filename
+
+
 BACKEND_CONFIGS = {
     "onnx": OnnxBackendConfig,
     "tvm": TvmBackendConfig,
     "mlir": MlirBackendConfig,
+    "cuda": CudaBackendConfig,
 }
 
 AnyBackendConfig = Annotated[Union[tuple(BACKEND_CONFIGS.values())], Field(discriminator="target")]  # noqa: UP007

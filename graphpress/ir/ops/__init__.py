@@ -2,11 +2,12 @@
 
 One file per op family: reference implementation (in plain aten arithmetic, so it is
 also the op's decomposition), fake implementation, ONNX lowering, TVM Relax converter;
-Triton kernels arrive with the CUDA backend. ``low_rank`` and ``gqa_to_mla`` need
+fused linears over the weight formats (``fused``) are what the CUDA backend's Triton
+kernels implement. ``low_rank`` and ``gqa_to_mla`` need
 none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
 
-from . import kv_quant, lut, nm_sparse, shift
+from . import fused, kv_quant, lut, nm_sparse, shift
 
 
 def onnx_translations() -> dict:
@@ -34,6 +35,7 @@ def decompositions() -> dict:
     """custom op overload -> its reference, for ``ExportedProgram.run_decompositions`` (backends
     without graphpress ops, e.g. torch-mlir, see the compressed formats' rebuild as aten ops)."""
     return {
+        **fused.DECOMPOSITIONS,
         **kv_quant.DECOMPOSITIONS,
         **lut.DECOMPOSITIONS,
         **nm_sparse.DECOMPOSITIONS,

@@ -1,0 +1,132 @@
+"""CUDA backend: compressed linears fused into kernel ops, the program saved, run on CPU (reference)
+and through the Triton kernels (the interpreter here; a GPU where one exists)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graphpress import compress
+from graphpress.backends import build_backend
+from graphpress.backends.cuda.fuse import fuse_format_linears
+from graphpress.ir import capture
+from graphpress.passes import PassContext, build_pass
+from graphpress.schema import CudaBackendConfig, load_spec
+
+MLP = "layers.*.mlp.*"
+
+
+def rewritten(graph, calibration, *passes):
+    ctx = PassContext(calibration)
+    for config in load_spec({"passes": list(passes)}).passes:
+        graph = build_pass(config).run(graph, ctx).graph
+    return graph
+
+
+def calls(graph) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            found[str(node.target)] = found.get(str(node.target), 0) + 1
+    return found
+
+
+def test_fusion_rule_before_expected():
+    """Before: linear(x, lut_weight(idx, cb, ...), b) twice. Expected: lut_linear(x, idx, cb, ..., b) twice."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32)).eval()
+    x = torch.randn(6, 64)
+    before = rewritten(capture(model, (x,)), [(x,)], {"pass": "weight_clustering", "bits": 4, "group_size": 16})
+    assert calls(before)["graphpress.lut_weight.default"] == 2 and calls(before)["aten.linear.default"] == 2
+    after, counts = fuse_format_linears(before)
+    expected = calls(after)
+    assert counts == {"graphpress::lut_linear": 2}
+    assert expected["graphpress.lut_linear.default"] == 2
+    assert "aten.linear.default" not in expected and "graphpress.lut_weight.default" not in expected
+    fused = [n for n in after.nodes if n.op == "call_function" and "lut_linear" in str(n.target)]
+    assert all(n.args[-1] is not None for n in fused)  # the biases moved into the fused op
+    torch.testing.assert_close(after.module()(x), before.module()(x), rtol=0, atol=0)
+    assert calls(before)["graphpress.lut_weight.default"] == 2  # the input graph is untouched
+
+
+VARIANTS = {
+    "clustering on 2:4": [
+        {"pass": "nm_sparsity", "targets": MLP},
+        {"pass": "weight_clustering", "targets": MLP, "bits": 3, "group_size": 16},
+    ],
+    "shift_add": [{"pass": "shift_add", "targets": MLP, "attention": True}],
+    "low_rank + 4-bit": [
+        {"pass": "low_rank", "targets": MLP, "rank": 64},
+        {"pass": "weight_clustering", "targets": MLP, "bits": 4},
+    ],
+}
+EXPECTED = {
+    "clustering on 2:4": {"graphpress::nm_linear": 12},
+    "shift_add": {"graphpress::shift_linear": 12},
+    "low_rank + 4-bit": {"graphpress::lut_linear": 24},
+}
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    gen = torch.Generator().manual_seed(4)
+    return [(torch.randint(0, 256, (2, 16), generator=gen),)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_example_lm_through_the_kernels(trained_llama, calibration, tmp_path, name):
+    from graphpress.backends.cuda import kernels
+
+    graph = rewritten(capture(trained_llama, calibration[0]), calibration, *VARIANTS[name])
+    record = build_backend(CudaBackendConfig(target="cuda"), "backends[1]").build(graph, calibration, tmp_path)
+    assert record.details["fused"] == EXPECTED[name] and record.errors["rel_l2"] < 1e-5
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+    fused, _ = fuse_format_linears(graph)
+    ids = torch.randint(0, 256, (1, 6))
+    with kernels.on_cpu() as ran:
+        ours = fused.module()(ids)
+    assert sum(ran.values()) == sum(EXPECTED[name].values())
+    torch.testing.assert_close(ours, graph.module()(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_saved_program_loads_and_runs_elsewhere(trained_llama, calibration, tmp_path):
+    graph = rewritten(capture(trained_llama, calibration[0]), calibration, *VARIANTS["shift_add"])
+    build_backend(CudaBackendConfig(target="cuda"), "backends[0]").build(graph, calibration, tmp_path)
+    ids = torch.randint(0, 256, (3, 7))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from graphpress.backends.cuda import load\n"
+        "m = load(sys.argv[1])\n"
+        "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])\n"
+    )
+    paths = [str(tmp_path / name) for name in ("model.pt2", "ids.pt", "out.pt")]
+    subprocess.run([sys.executable, "-c", script, *paths], check=True, env={"PYTHONPATH": "."}, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), graph.module()(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_decode_step_with_quantized_cache(trained_llama, calibration, tmp_path):
+    """Nothing to fuse in attention yet: the program still saves and matches eager step by step."""
+    graph = capture(trained_llama, calibration[0], mode="decode")
+    graph = rewritten(graph, calibration, {"pass": "weight_clustering", "targets": MLP}, {"pass": "kv_cache_quant"})
+    record = build_backend(CudaBackendConfig(target="cuda"), "backends[0]").build(graph, calibration, tmp_path)
+    assert record.details["fused"] == {"graphpress::lut_linear": 12} and record.errors["rel_l2"] < 1e-5
+
+
+@pytest.mark.slow
+def test_spec_with_cuda_backend(tmp_path):
+    spec = {
+        "calibration": {"samples": 1, "seq_len": 16},
+        "passes": [{"pass": "weight_clustering", "targets": MLP, "bits": 4}],
+        "backends": [{"target": "cuda"}],
+    }
+    result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
+    assert result.artifacts["cuda"] == tmp_path / "model.pt2"
+    record = result.report.backends[0]
+    assert record["details"]["fused"] == {"graphpress::lut_linear": 12}
+    assert record["details"]["gpu"] is None or record["details"]["gpu"]["rel_l2"] < 1e-3

@@ -1,0 +1,90 @@
+"""Triton kernels of the fused compressed linears against the ops' references.
+
+Without a GPU they run in Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1):
+small shapes, odd sizes that leave partial tiles, GEMV (one row) and GEMM shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from graphpress.backends.cuda.kernels.lut_linear import lut_linear  # noqa: E402
+from graphpress.backends.cuda.kernels.nm_linear import nm_linear  # noqa: E402
+from graphpress.backends.cuda.kernels.shift_linear import shift_linear  # noqa: E402
+from graphpress.ir.ops.bitstream import pack_bits  # noqa: E402
+from graphpress.ir.ops.fused import lut_linear_reference, nm_linear_reference, shift_linear_reference  # noqa: E402
+from graphpress.ir.ops.shift import encode, exponent_bits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 48, 64), (1, 33, 40), (5, 20, 24), (17, 40, 96)]  # (rows of x, out, in): GEMV, ragged, GEMM
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+def close(ours, ref):
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows, out_features, in_features", SHAPES)
+def test_lut_linear(bits, rows, out_features, in_features):
+    gen = torch.Generator().manual_seed(bits * 100 + out_features)
+    group_rows = 16 if out_features % 2 == 0 else out_features  # one codebook per 16 rows, or one for all
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=gen)
+    indices = pack_bits(codes, bits)
+    codebook = torch.randn(-(-out_features // group_rows), 2**bits, generator=gen)
+    x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
+    args = (bits, in_features, group_rows)
+    for b in (bias, None):
+        ref = lut_linear_reference(x, indices, codebook, *args, b)
+        close(lut_linear(*on_device(x, indices, codebook), *args, *on_device(b)), ref)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8), (5, 16)])
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 48, 64), (5, 33, 48), (17, 20, 96)])
+def test_nm_linear(n, m, rows, out_features, in_features):
+    gen = torch.Generator().manual_seed(n * m + out_features)
+    groups = out_features * in_features // m
+    kept_at = torch.stack([torch.randperm(m, generator=gen)[:n].sort().values for _ in range(groups)])
+    kept = in_features // m * n
+    positions = pack_bits(kept_at.reshape(out_features, kept), int(math.log2(m)))
+    values = torch.randn(out_features, kept, generator=gen)
+    x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
+    ref = nm_linear_reference(x, values, positions, n, m, in_features, bias)
+    close(nm_linear(*on_device(x, values, positions), n, m, in_features, *on_device(bias)), ref)
+
+
+@pytest.mark.parametrize("exponents", [(-6, 0), (-14, -2), (-1, 0)])
+@pytest.mark.parametrize("rows, out_features, in_features", SHAPES)
+def test_shift_linear(exponents, rows, out_features, in_features):
+    low, high = exponents
+    gen = torch.Generator().manual_seed(out_features - low)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    weight[weight.abs() < 0.05] = 0  # exact zeros: code e = 0
+    scale = weight.abs().amax(1)
+    codes = pack_bits(encode(weight, scale, low, high), exponent_bits(low, high) + 1)
+    x = torch.randn(rows, in_features, generator=gen)
+    ref = shift_linear_reference(x, codes, scale, low, high, in_features, None)
+    close(shift_linear(*on_device(x, codes, scale), low, high, in_features), ref)
+
+
+def test_leading_dimensions_and_fp16_inputs():
+    """x (B, S, in) as a linear sees it; half precision inputs accumulate in fp32."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (32, 64), generator=gen)
+    indices, codebook = pack_bits(codes, 4), torch.randn(2, 16, generator=gen)
+    x = torch.randn(2, 3, 64, generator=gen)
+    ref = lut_linear_reference(x, indices, codebook, 4, 64, 16, None)
+    ours = lut_linear(*on_device(x, indices, codebook), 4, 64, 16)
+    assert ours.shape == (2, 3, 32)
+    close(ours, ref)
+    half = lut_linear(*on_device(x.half(), indices, codebook.half()), 4, 64, 16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.cpu().float(), ref, rtol=2e-2, atol=2e-2)
