@@ -5,9 +5,13 @@
 For each weight shape (out x in) and batch: dense fp16 ``F.linear`` and the 2:4, 4-bit LUT
 and shift kernels on the same random weights; median time (``triton.testing.do_bench``),
 speed-up over dense, and achieved bandwidth (bytes of weight storage + activations read
-and written / time). Needs a CUDA device: without one it says so and exits 0, so the
-benchmark stays ready for a machine that has one. Goals (issue 9, batch 1): 2:4 >= 1.3x and
-4-bit LUT >= 2.5x over dense fp16.
+and written / time). Then decode attention at ``--context`` cached tokens: MLA's absorbed
+form (32 heads over one 576-wide latent key, 512-wide values) and a GQA cache (32 heads,
+8 KV heads, 128 wide) in fp16 and KIVI 2-bit, each against torch's SDPA on the dense
+fp16 cache, with the bandwidth of reading the cache. Needs a CUDA device: without one it
+says so and exits 0, so the benchmark stays ready for a machine that has one. Goals (issue
+9): 2:4 >= 1.3x and 4-bit LUT >= 2.5x over dense fp16 at batch 1; MLA decode attention
+>= 80% of the GPU's peak memory bandwidth.
 """
 
 from __future__ import annotations
@@ -57,10 +61,42 @@ def variants(out_features: int, in_features: int, device: str) -> dict:
     }
 
 
+def attention_variants(context: int, device: str) -> dict:
+    """name -> (callable, cache bytes read) for one decode step at ``context`` tokens."""
+    from graphpress.backends.cuda.kernels import implementations
+    from graphpress.ir.ops.kv_quant import kv_quantize_reference
+
+    k = implementations()
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).half().to(device)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q_mla, latent, values = rand(1, 32, 1, 576), rand(1, 1, context, 576), rand(1, 1, context, 512)
+    q, keys, vals = rand(1, 32, 1, 128), rand(1, 8, context, 128), rand(1, 8, context, 128)
+    kq = kv_quantize_reference(keys.float(), 2, 32, True, False)
+    vq = kv_quantize_reference(vals.float(), 2, 32, False, False)
+    recent = rand(1, 8, 0, 128)
+    quant_bytes = sum(t.numel() * t.element_size() for t in (*kq, *vq))
+    gqa = dict(enable_gqa=True)
+    return {
+        "MLA sdpa fp16": (lambda: sdpa(q_mla, latent, values, enable_gqa=True),
+                          (latent.numel() + values.numel()) * 2),
+        "MLA triton": (lambda: k["decode_attention"](q_mla, latent, values, 576**-0.5),
+                       (latent.numel() + values.numel()) * 2),
+        "GQA sdpa fp16": (lambda: sdpa(q, keys, vals, **gqa), (keys.numel() + vals.numel()) * 2),
+        "GQA triton fp16": (lambda: k["decode_attention"](q, keys, vals, 128**-0.5), (keys.numel() + vals.numel()) * 2),
+        "KIVI-2 triton": (lambda: k["quantized_decode_attention"](q, *kq, *vq, recent, recent, 2, 32, 2, 32, 128**-0.5),
+                          quant_bytes),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--context", type=int, default=4096)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device here: nothing to time (run this on a machine with an NVIDIA GPU)")
@@ -81,6 +117,12 @@ def main() -> None:
                 dense_ms = dense_ms or ms
                 moved = weight_bytes + 2 * batch * (in_features + out_features)
                 print(f"{shape:>12} {batch:>5} {name:>13} {ms:8.4f} {dense_ms / ms:7.2f}x {moved / ms / 1e6:7.0f}")
+    print(f"\ndecode attention, {args.context} cached tokens, batch 1")
+    print(f"{'kernel':>16} {'ms':>8} {'GB/s':>7}")
+    for name, (run, cache_bytes) in attention_variants(args.context, "cuda").items():
+        run()
+        ms = do_bench(run, warmup=25, rep=200)
+        print(f"{name:>16} {ms:8.4f} {cache_bytes / ms / 1e6:7.0f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused compressed linears against the ops' references.
+"""Triton kernels of the fused ops (compressed linears, decode attention) against the ops' references.
 
 Without a GPU they run in Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1):
 small shapes, odd sizes that leave partial tiles, GEMV (one row) and GEMM shapes.
@@ -13,11 +13,22 @@ import torch
 
 pytest.importorskip("triton")
 
+from graphpress.backends.cuda.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    quantized_decode_attention,
+)
 from graphpress.backends.cuda.kernels.lut_linear import lut_linear  # noqa: E402
 from graphpress.backends.cuda.kernels.nm_linear import nm_linear  # noqa: E402
 from graphpress.backends.cuda.kernels.shift_linear import shift_linear  # noqa: E402
 from graphpress.ir.ops.bitstream import pack_bits  # noqa: E402
-from graphpress.ir.ops.fused import lut_linear_reference, nm_linear_reference, shift_linear_reference  # noqa: E402
+from graphpress.ir.ops.fused import (  # noqa: E402
+    decode_attention_reference,
+    lut_linear_reference,
+    nm_linear_reference,
+    quantized_decode_attention_reference,
+    shift_linear_reference,
+)
+from graphpress.ir.ops.kv_quant import kv_quantize_reference  # noqa: E402
 from graphpress.ir.ops.shift import encode, exponent_bits  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,3 +99,43 @@ def test_leading_dimensions_and_fp16_inputs():
     half = lut_linear(*on_device(x.half(), indices, codebook.half()), 4, 64, 16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.cpu().float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, tokens, dk, dv",
+    [(2, 8, 2, 37, 32, 32), (1, 4, 1, 19, 40, 24), (1, 2, 2, 1, 16, 16), (3, 6, 3, 70, 8, 8)],
+    ids=["gqa", "mla-absorbed", "one-token", "ragged"],
+)
+def test_decode_attention(batch, heads, kv_heads, tokens, dk, dv):
+    gen = torch.Generator().manual_seed(tokens)
+    q = torch.randn(batch, heads, 1, dk, generator=gen)
+    k, v = (
+        torch.randn(batch, kv_heads, tokens, dk, generator=gen),
+        torch.randn(batch, kv_heads, tokens, dv, generator=gen),
+    )
+    close(decode_attention(*on_device(q, k, v), 0.3), decode_attention_reference(q, k, v, 0.3))
+
+
+@pytest.mark.parametrize(
+    "k_bits, v_bits, k_group, v_group, quantized, recent",
+    [(2, 2, 16, 16, 32, 5), (4, 8, 8, 32, 24, 0), (8, 4, 32, 8, 64, 3), (2, 4, 16, 16, 0, 4)],
+    ids=["2-bit", "no-window", "8-bit-keys", "all-recent"],
+)
+def test_quantized_decode_attention(k_bits, v_bits, k_group, v_group, quantized, recent):
+    gen = torch.Generator().manual_seed(quantized + recent)
+    batch, heads, kv_heads, dim = 2, 4, 2, 32
+    q = torch.randn(batch, heads, 1, dim, generator=gen)
+    old_k, old_v = (torch.randn(batch, kv_heads, quantized, dim, generator=gen) for _ in range(2))
+    keys = kv_quantize_reference(old_k, k_bits, k_group, True, False)
+    values = kv_quantize_reference(old_v, v_bits, v_group, False, False)
+    new_k, new_v = (torch.randn(batch, kv_heads, recent, dim, generator=gen) for _ in range(2))
+    args = (*keys, *values, new_k, new_v)
+    sizes = (k_bits, k_group, v_bits, v_group, 0.2)
+    ours = quantized_decode_attention(*on_device(q, *args), *sizes)
+    close(ours, quantized_decode_attention_reference(q, *args, *sizes))
+
+
+def test_decode_attention_refuses_more_than_one_query_token():
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(q, k, k, 1.0)

@@ -11,6 +11,11 @@ registers next to the multiply and never exists densely in memory:
 Each reference is the unfused pair (so the fused graph computes exactly what the
 unfused one did); the CUDA backend registers Triton kernels as their CUDA
 implementations and rewrites the pairs into these ops (:mod:`graphpress.backends.cuda`).
+
+Decode attention, for the same kernels' sake: ``decode_attention`` (one query token over
+the whole cache, KV heads shared by groups of query heads: GQA, and MLA's absorbed form
+with one latent KV head) and ``quantized_decode_attention`` (over a KIVI cache: packed
+keys per channel, packed values per token, then the full-precision recent tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kv_quant import kv_dequantize_reference
 from .lut import lut_weight_reference
 from .nm_sparse import nm_weight_reference
 from .shift import shift_weight_reference
@@ -87,3 +93,70 @@ DECOMPOSITIONS = {
     torch.ops.graphpress.nm_linear.default: nm_linear_reference,
     torch.ops.graphpress.shift_linear.default: shift_linear_reference,
 }
+
+
+# ------------------------------------------------------------------ decode attention
+def _grouped_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, kv_heads, T, D) -> (B, heads, T, D): each KV head serves heads / kv_heads query heads."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """One decoding step's attention: q (B, H, 1, Dk) over every cached token of k (B, Hkv, T, Dk),
+    v (B, Hkv, T, Dv); H a multiple of Hkv (GQA; Hkv = 1 is MLA's absorbed form, Dv may differ)."""
+    heads = q.shape[1]
+    probs = torch.softmax((q.float() @ _grouped_heads(k, heads).float().transpose(-1, -2)) * scale, dim=-1)
+    return (probs @ _grouped_heads(v, heads).float()).to(q.dtype)
+
+
+decode_attention = torch.library.custom_op("graphpress::decode_attention", decode_attention_reference, mutates_args=())
+
+
+@decode_attention.register_fake
+def _(q, k, v, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def quantized_decode_attention_reference(
+    q: Tensor,
+    k_packed: Tensor,
+    k_scale: Tensor,
+    k_zero: Tensor,
+    v_packed: Tensor,
+    v_scale: Tensor,
+    v_zero: Tensor,
+    k_recent: Tensor,
+    v_recent: Tensor,
+    k_bits: int,
+    k_group: int,
+    v_bits: int,
+    v_group: int,
+    scale: float,
+) -> Tensor:
+    """Decode attention over a KIVI cache: keys quantized per channel (groups of k_group tokens),
+    values per token (groups of v_group channels), then the full-precision recent tokens."""
+    keys = torch.cat([kv_dequantize_reference(k_packed, k_scale, k_zero, k_bits, k_group, True), k_recent.float()], 2)
+    values = torch.cat(
+        [kv_dequantize_reference(v_packed, v_scale, v_zero, v_bits, v_group, False), v_recent.float()], 2
+    )
+    return decode_attention_reference(q, keys, values, scale)
+
+
+quantized_decode_attention = torch.library.custom_op(
+    "graphpress::quantized_decode_attention", quantized_decode_attention_reference, mutates_args=()
+)
+
+
+@quantized_decode_attention.register_fake
+def _(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_recent, v_recent, k_bits, k_group, v_bits, v_group, scale
+):
+    return q.new_empty((*q.shape[:-1], v_recent.shape[-1]))
+
+
+DECOMPOSITIONS.update(
+    {
+        torch.ops.graphpress.decode_attention.default: decode_attention_reference,
+        torch.ops.graphpress.quantized_decode_attention.default: quantized_decode_attention_reference,
+    }
+)

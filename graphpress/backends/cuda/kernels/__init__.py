@@ -1,4 +1,4 @@
-"""Triton kernels for the fused compressed linears (:mod:`graphpress.ir.ops.fused`), one file each.
+"""Triton kernels for the fused ops (:mod:`graphpress.ir.ops.fused`): compressed linears and decode attention, one file each.
 
 :func:`register` makes them the CUDA implementations of the ops; CPU tensors keep the
 reference. In CI they run on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``):
@@ -35,11 +35,18 @@ def register() -> bool:
 
 def implementations() -> dict:
     """fused op name -> its Triton launcher."""
+    from .decode_attention import decode_attention, quantized_decode_attention
     from .lut_linear import lut_linear
     from .nm_linear import nm_linear
     from .shift_linear import shift_linear
 
-    return {"lut_linear": lut_linear, "nm_linear": nm_linear, "shift_linear": shift_linear}
+    return {
+        "lut_linear": lut_linear,
+        "nm_linear": nm_linear,
+        "shift_linear": shift_linear,
+        "decode_attention": decode_attention,
+        "quantized_decode_attention": quantized_decode_attention,
+    }
 
 
 @contextlib.contextmanager
