@@ -11,7 +11,7 @@ import torch
 
 from graphpress import compress
 from graphpress.backends import build_backend
-from graphpress.backends.cuda.fuse import fuse_format_linears
+from graphpress.backends.cuda.fuse_linear import fuse_format_linears
 from graphpress.ir import capture
 from graphpress.passes import PassContext, build_pass
 from graphpress.schema import CudaBackendConfig, load_spec
@@ -109,13 +109,36 @@ def test_saved_program_loads_and_runs_elsewhere(trained_llama, calibration, tmp_
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), graph.module()(ids), rtol=1e-5, atol=1e-5)
 
 
+DECODE = {
+    "gqa": ([], "graphpress::decode_attention"),
+    "mla absorbed": ([{"pass": "gqa_to_mla"}], "graphpress::decode_attention"),
+    "kivi": (
+        [{"pass": "kv_cache_quant", "residual": 4, "key": {"axis": "channel", "group_size": 8}}],
+        "graphpress::quantized_decode_attention",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_decode_step_with_quantized_cache(trained_llama, calibration, tmp_path):
-    """Nothing to fuse in attention yet: the program still saves and matches eager step by step."""
-    graph = capture(trained_llama, calibration[0], mode="decode")
-    graph = rewritten(graph, calibration, {"pass": "weight_clustering", "targets": MLP}, {"pass": "kv_cache_quant"})
+@pytest.mark.parametrize("name", list(DECODE))
+def test_decode_steps_through_the_kernels(trained_llama, calibration, tmp_path, name):
+    """Attention is fused into the decode-attention ops (the causal mask becomes ``last``);
+    14 teacher-forced steps cross the KIVI window's flushes (values every token, keys every 8)."""
+    from graphpress.backends.cuda import kernels
+    from graphpress.backends.cuda.fuse_attention import fuse_decode_attention
+    from graphpress.runtime import TorchDecoder, teacher_forced_logits
+
+    passes, attention = DECODE[name]
+    graph = rewritten(capture(trained_llama, calibration[0], mode="decode"), calibration, *passes)
     record = build_backend(CudaBackendConfig(target="cuda"), "backends[0]").build(graph, calibration, tmp_path)
-    assert record.details["fused"] == {"graphpress::lut_linear": 12} and record.errors["rel_l2"] < 1e-5
+    assert record.details["fused"][attention] == 4 and record.errors["rel_l2"] < 1e-5
+    fused, _ = fuse_decode_attention(fuse_format_linears(graph)[0])
+    assert not [n for n in fused.nodes if "scaled_dot_product" in str(n.target)]
+    ids = calibration[0][0][:, :14]
+    with kernels.on_cpu() as ran:
+        ours = teacher_forced_logits(TorchDecoder(fused), ids)
+    assert ran[attention.split("::")[1]] == 4 * 14
+    torch.testing.assert_close(ours, teacher_forced_logits(TorchDecoder(graph), ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -113,7 +113,9 @@ def test_decode_attention(batch, heads, kv_heads, tokens, dk, dv):
         torch.randn(batch, kv_heads, tokens, dk, generator=gen),
         torch.randn(batch, kv_heads, tokens, dv, generator=gen),
     )
-    close(decode_attention(*on_device(q, k, v), 0.3), decode_attention_reference(q, k, v, 0.3))
+    close(decode_attention(*on_device(q, k, v), 0.3), decode_attention_reference(q, k, v, 0.3, None))
+    last = torch.randint(0, tokens, (batch,), generator=gen)  # batch b attends tokens 0 .. last[b]
+    close(decode_attention(*on_device(q, k, v), 0.3, *on_device(last)), decode_attention_reference(q, k, v, 0.3, last))
 
 
 @pytest.mark.parametrize(
@@ -121,18 +123,25 @@ def test_decode_attention(batch, heads, kv_heads, tokens, dk, dv):
     [(2, 2, 16, 16, 32, 5), (4, 8, 8, 32, 24, 0), (8, 4, 32, 8, 64, 3), (2, 4, 16, 16, 0, 4)],
     ids=["2-bit", "no-window", "8-bit-keys", "all-recent"],
 )
-def test_quantized_decode_attention(k_bits, v_bits, k_group, v_group, quantized, recent):
+@pytest.mark.parametrize("value_lead", [0, 3])  # values flush a token at a time, keys a group at a time
+def test_quantized_decode_attention(k_bits, v_bits, k_group, v_group, quantized, recent, value_lead):
     gen = torch.Generator().manual_seed(quantized + recent)
     batch, heads, kv_heads, dim = 2, 4, 2, 32
+    lead = min(value_lead, recent)
     q = torch.randn(batch, heads, 1, dim, generator=gen)
-    old_k, old_v = (torch.randn(batch, kv_heads, quantized, dim, generator=gen) for _ in range(2))
+    old_k = torch.randn(batch, kv_heads, quantized, dim, generator=gen)
+    old_v = torch.randn(batch, kv_heads, quantized + lead, dim, generator=gen)
     keys = kv_quantize_reference(old_k, k_bits, k_group, True, False)
     values = kv_quantize_reference(old_v, v_bits, v_group, False, False)
-    new_k, new_v = (torch.randn(batch, kv_heads, recent, dim, generator=gen) for _ in range(2))
+    new_k = torch.randn(batch, kv_heads, recent, dim, generator=gen)
+    new_v = torch.randn(batch, kv_heads, recent - lead, dim, generator=gen)
     args = (*keys, *values, new_k, new_v)
     sizes = (k_bits, k_group, v_bits, v_group, 0.2)
     ours = quantized_decode_attention(*on_device(q, *args), *sizes)
-    close(ours, quantized_decode_attention_reference(q, *args, *sizes))
+    close(ours, quantized_decode_attention_reference(q, *args, *sizes, None))
+    last = torch.tensor([quantized + recent - 1, max(0, quantized - 3)])  # all, and some quantized ones only
+    ours = quantized_decode_attention(*on_device(q, *args), *sizes, *on_device(last))
+    close(ours, quantized_decode_attention_reference(q, *args, *sizes, last))
 
 
 def test_decode_attention_refuses_more_than_one_query_token():

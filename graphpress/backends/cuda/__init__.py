@@ -1,8 +1,9 @@
 """CUDA backend: the final graph with its compressed linears fused, saved as a torch.export program.
 
-Every ``linear(x, <format>_weight(...))`` becomes one fused op (:mod:`.fuse`), whose CUDA
-implementation is a Triton kernel that decodes the weight tile by tile in registers
-(:mod:`.kernels`); on CPU tensors the same program runs the ops' references. Writes
+Every ``linear(x, <format>_weight(...))`` becomes one fused op (:mod:`.fuse_linear`), and
+a decode step's attention becomes ``decode_attention`` or, over a KIVI cache,
+``quantized_decode_attention`` (:mod:`.fuse_attention`). Their CUDA implementations are
+Triton kernels that decode weights and cache tiles in registers (:mod:`.kernels`); on CPU tensors the same program runs the ops' references. Writes
 ``model.pt2`` (``torch.export.save``); :func:`load` registers the kernels and returns
 the runnable module (``load("out/model.pt2").to("cuda")``).
 
@@ -22,7 +23,8 @@ from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
 from ..base import Backend, BackendRecord, publish, staging_dir
 from . import kernels
-from .fuse import fuse_format_linears
+from .fuse_attention import fuse_decode_attention
+from .fuse_linear import fuse_format_linears
 
 
 def load(path: str | Path) -> torch.nn.Module:
@@ -40,6 +42,9 @@ class CudaBackend(Backend):
         start = time.perf_counter()
         kernels.register()
         fused, counts = fuse_format_linears(graph)
+        if graph.cache is not None:
+            fused, attention = fuse_decode_attention(fused)
+            counts += attention
         errors = self.validate(fused, graph, inputs, "cpu")
         details = {"fused": dict(sorted(counts.items())), "kernels": kernels.available(), "gpu": None}
         if torch.cuda.is_available():

@@ -101,19 +101,23 @@ def _grouped_heads(x: Tensor, heads: int) -> Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """One decoding step's attention: q (B, H, 1, Dk) over every cached token of k (B, Hkv, T, Dk),
-    v (B, Hkv, T, Dv); H a multiple of Hkv (GQA; Hkv = 1 is MLA's absorbed form, Dv may differ)."""
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, last: Tensor | None) -> Tensor:
+    """One decoding step's attention: q (B, H, 1, Dk) over the cached tokens of k (B, Hkv, T, Dk),
+    v (B, Hkv, T, Dv); H a multiple of Hkv (GQA; Hkv = 1 is MLA's absorbed form, Dv may differ).
+    With ``last`` (B,), batch b attends tokens 0 .. last[b] (a decode step's causal mask)."""
     heads = q.shape[1]
-    probs = torch.softmax((q.float() @ _grouped_heads(k, heads).float().transpose(-1, -2)) * scale, dim=-1)
-    return (probs @ _grouped_heads(v, heads).float()).to(q.dtype)
+    scores = (q.float() @ _grouped_heads(k, heads).float().transpose(-1, -2)) * scale
+    if last is not None:
+        attended = torch.arange(k.shape[2], device=k.device) <= last.reshape(-1, 1, 1, 1)
+        scores = scores.masked_fill(~attended, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ _grouped_heads(v, heads).float()).to(q.dtype)
 
 
 decode_attention = torch.library.custom_op("graphpress::decode_attention", decode_attention_reference, mutates_args=())
 
 
 @decode_attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, last):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -132,14 +136,16 @@ def quantized_decode_attention_reference(
     v_bits: int,
     v_group: int,
     scale: float,
+    last: Tensor | None,
 ) -> Tensor:
     """Decode attention over a KIVI cache: keys quantized per channel (groups of k_group tokens),
-    values per token (groups of v_group channels), then the full-precision recent tokens."""
+    values per token (groups of v_group channels), then the full-precision recent tokens
+    (token indices run on from the quantized ones, for ``last``)."""
     keys = torch.cat([kv_dequantize_reference(k_packed, k_scale, k_zero, k_bits, k_group, True), k_recent.float()], 2)
     values = torch.cat(
         [kv_dequantize_reference(v_packed, v_scale, v_zero, v_bits, v_group, False), v_recent.float()], 2
     )
-    return decode_attention_reference(q, keys, values, scale)
+    return decode_attention_reference(q, keys, values, scale, last)
 
 
 quantized_decode_attention = torch.library.custom_op(
@@ -149,7 +155,21 @@ quantized_decode_attention = torch.library.custom_op(
 
 @quantized_decode_attention.register_fake
 def _(
-    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_recent, v_recent, k_bits, k_group, v_bits, v_group, scale
+    q,
+    k_packed,
+    k_scale,
+    k_zero,
+    v_packed,
+    v_scale,
+    v_zero,
+    k_recent,
+    v_recent,
+    k_bits,
+    k_group,
+    v_bits,
+    v_group,
+    scale,
+    last,
 ):
     return q.new_empty((*q.shape[:-1], v_recent.shape[-1]))
 
