@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 """Kernels run on the CPU in Triton's interpreter (CI): one small tile, nothing to tune."""
@@ -21,6 +22,30 @@ def tile_configs() -> list[triton.Config]:
         for m, n, k, w in shapes
         for stages in (2, 3)
     ]
+
+
+@triton.jit
+def x_tile(x_ptr, rm, rk, M, K):
+    """Rows rm, columns rk of x (M, K), zero outside."""
+    return tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+
+
+@triton.jit
+def accumulate(acc, x, w, IEEE: tl.constexpr):
+    """acc + x @ w^T; fp32 inputs in IEEE precision (not TF32) so kernels match their references."""
+    if IEEE:
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def store_output(acc, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr):
+    """out[rm, rn] = acc (+ bias[rn])."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def launch_linear(kernel, x: torch.Tensor, out_features: int, bias: torch.Tensor | None, **weight) -> torch.Tensor:

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .bitstream import load_codes
-from .common import launch_linear, tile_configs
+from .common import accumulate, launch_linear, store_output, tile_configs, x_tile
 
 
 @triton.autotune(configs=tile_configs(), key=["M", "N", "K"])
@@ -25,16 +25,11 @@ def _lut_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = x_tile(x_ptr, rm, rk, M, K)
         in_w = (rn[:, None] < N) & (rk[None, :] < K)
         w = tl.load(books + load_codes(rows, rk[None, :], width, bits, in_w), mask=in_w, other=0.0).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc = accumulate(acc, x, w, IEEE)
+    store_output(acc, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS)
 
 
 def lut_linear(x, indices, codebook, bits: int, in_features: int, group_rows: int, bias=None) -> torch.Tensor:

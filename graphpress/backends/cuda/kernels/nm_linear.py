@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .bitstream import load_codes
-from .common import launch_linear, tile_configs
+from .common import accumulate, launch_linear, store_output, tile_configs, x_tile
 
 
 @triton.autotune(configs=tile_configs(), key=["M", "N", "K"])
@@ -34,7 +34,7 @@ def _nm_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = x_tile(x_ptr, rm, rk, M, K)
         in_w = (rn[:, None] < N) & (rk[None, :] < K)
         first = (rk // m) * n  # the group's first kept value
         w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -44,13 +44,8 @@ def _nm_linear_kernel(
             value = tl.load(value_rows + j, mask=in_w, other=0.0).to(tl.float32)
             w += tl.where(at == rk[None, :] % m, value, 0.0)
         w = w.to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc = accumulate(acc, x, w, IEEE)
+    store_output(acc, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS)
 
 
 def nm_linear(x, values, positions, n: int, m: int, in_features: int, bias=None) -> torch.Tensor:

@@ -14,7 +14,7 @@ import triton.language as tl
 from graphpress.ir.ops.shift import exponent_bits
 
 from .bitstream import load_codes
-from .common import launch_linear, tile_configs
+from .common import accumulate, launch_linear, store_output, tile_configs, x_tile
 
 
 @triton.autotune(configs=tile_configs(), key=["M", "N", "K"])
@@ -31,20 +31,15 @@ def _shift_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        x = x_tile(x_ptr, rm, rk, M, K)
         in_w = (rn[:, None] < N) & (rk[None, :] < K)
         code = load_codes(rows, rk[None, :], width, bits + 1, in_w)
         e = code & ((1 << bits) - 1)
         power = tl.exp2((e + min_exponent - 1).to(tl.float32))
         w = tl.where(e == 0, 0.0, tl.where((code >> bits) == 1, -power, power)).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = accumulate(acc, x, w, IEEE)
     acc *= tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_output(acc, bias_ptr, out_ptr, rm, rn, M, N, HAS_BIAS)
 
 
 def shift_linear(x, codes, scale, min_exponent: int, max_exponent: int, in_features: int, bias=None) -> torch.Tensor:
