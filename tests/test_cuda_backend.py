@@ -61,11 +61,19 @@ VARIANTS = {
         {"pass": "low_rank", "targets": MLP, "rank": 64},
         {"pass": "weight_clustering", "targets": MLP, "bits": 4},
     ],
+    "nm_sparsity": [{"pass": "nm_sparsity", "targets": MLP}],
+    "weight_clustering": [{"pass": "weight_clustering", "targets": "layers.*", "bits": 4}],
+    "low_rank": [{"pass": "low_rank", "targets": MLP, "rank": 64}],
+    "qkvo_lock": [{"pass": "qkvo_lock"}],
 }
-EXPECTED = {
+EXPECTED = {  # fused ops per variant; low_rank and qkvo_lock leave plain linears (nothing to fuse)
     "clustering on 2:4": {"graphpress::nm_linear": 12},
     "shift_add": {"graphpress::shift_linear": 12},
     "low_rank + 4-bit": {"graphpress::lut_linear": 24},
+    "nm_sparsity": {"graphpress::nm_linear": 12},
+    "weight_clustering": {"graphpress::lut_linear": 28},
+    "low_rank": {},
+    "qkvo_lock": {},
 }
 
 
