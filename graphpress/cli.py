@@ -1,4 +1,4 @@
-"""The command line: ``graphpress compress | schema``."""
+"""The command line: ``graphpress compress | schema | inspect``."""
 
 from __future__ import annotations
 
@@ -21,12 +21,22 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
 
+    insp = sub.add_parser("inspect", help="summarise an ONNX artifact: sizes, ops, custom domains, KV-cache I/O")
+    insp.add_argument("file", help="path to a .onnx file")
+    insp.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "schema":
             from .schema import json_schema
 
             print(json.dumps(json_schema(), indent=2))
+            return 0
+        if args.command == "inspect":
+            from .inspection import format_inspection, inspect_onnx
+
+            info = inspect_onnx(args.file)
+            print(json.dumps(info, indent=2) if args.json else format_inspection(info))
             return 0
         return _compress(args)
     except GraphpressError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from ..errors import SpecError
 from .backends import BACKEND_CONFIGS
 from .passes import PASS_CONFIGS
 from .spec import Spec
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_spec(source: Spec | dict | str | Path) -> Spec:
@@ -90,7 +93,10 @@ def _json_path(loc: tuple, data: Any, keep_missing_key: bool) -> tuple[str, type
             continue
         if not (isinstance(data, dict) and key in data) and not (is_last and keep_missing_key):
             continue
-        parts.append(f".{key}" if parts else str(key))
+        if not _PLAIN_KEY.fullmatch(str(key)):  # a key a dotted path cannot spell: $["0"], passes[0]["a b"]
+            parts.append(("" if parts else "$") + f"[{json.dumps(str(key))}]")
+        else:
+            parts.append(f".{key}" if parts else str(key))
         if not is_last:
             list_field, model = key, _field_model(model, key)
             data = data.get(key) if isinstance(data, dict) else None
@@ -101,11 +107,9 @@ def _item_model(list_field: str | None, item: Any) -> type[BaseModel] | None:
     """The config class of one entry of ``passes`` or ``backends``, chosen by its tag."""
     if not isinstance(item, dict):
         return None
-    if list_field == "passes":
-        return PASS_CONFIGS.get(item.get("pass"))
-    if list_field == "backends":
-        return BACKEND_CONFIGS.get(item.get("target"))
-    return None
+    configs, tag = {"passes": (PASS_CONFIGS, "pass"), "backends": (BACKEND_CONFIGS, "target")}.get(list_field, ({}, ""))
+    name = item.get(tag)
+    return configs.get(name) if isinstance(name, str) else None  # a tag may be any JSON value
 
 
 def _field_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
