@@ -62,7 +62,10 @@ def test_external_data_is_counted(tiny_llama, tmp_path):
     info = inspect_onnx(path)
     assert info["external_data"] == ["model.onnx.data"]
     on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
-    assert info["file_bytes"] == on_disk and info["initializer_bytes"] > 0.9 * (tmp_path / "model.onnx.data").stat().st_size
+    assert (
+        info["file_bytes"] == on_disk
+        and info["initializer_bytes"] > 0.9 * (tmp_path / "model.onnx.data").stat().st_size
+    )
 
 
 def test_cli(tiny_llama, tmp_path, capsys):

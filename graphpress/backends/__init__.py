@@ -22,4 +22,13 @@ def build_backend(config: BaseModel, spec_path: str = "backends") -> Backend:
     return BACKENDS[config.target](config, spec_path)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendRecord", "CudaBackend", "MlirBackend", "OnnxBackend", "TvmBackend", "build_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendRecord",
+    "CudaBackend",
+    "MlirBackend",
+    "OnnxBackend",
+    "TvmBackend",
+    "build_backend",
+]

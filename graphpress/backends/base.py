@@ -69,7 +69,6 @@ class Backend(ABC):
         first sample's first tokens one by one, its logits against the eager step's.
         """
         import torch
-        from torch.utils import _pytree as pytree
 
         from ..metrics import compare_outputs
         from ..runtime import TorchDecoder, teacher_forced_logits
@@ -82,11 +81,18 @@ class Backend(ABC):
             eager = graph.module()
             outputs, references = [], []
             for args in inputs:
-                outputs.append(run([t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]))
-                ref = eager(*args)
-                leaves = pytree.tree_leaves(ref.to_tuple() if hasattr(ref, "to_tuple") else ref)
-                references.append([t for t in leaves if isinstance(t, torch.Tensor)])
+                outputs.append(run(tensor_leaves(args)))
+                references.append(tensor_leaves(eager(*args)))
             return compare_outputs(outputs, references)
+
+
+def tensor_leaves(values) -> list:
+    """The tensors in a nest of tuples, lists and dicts (or a transformers ModelOutput), in order."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    leaves = pytree.tree_leaves(values.to_tuple() if hasattr(values, "to_tuple") else values)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torch.export.graph_signature import InputKind
 from ..errors import BackendError
 from ..ir import Graph, ops
 from ..schema.backends import MlirBackendConfig
-from .base import Backend, BackendRecord, publish, staging_dir
+from .base import Backend, BackendRecord, publish, staging_dir, tensor_leaves
 
 STATIC_PREFIX = 8
 """Cached tokens before the step a static decode graph (tosa) is specialised to."""
@@ -74,7 +74,7 @@ class MlirBackend(Backend):
                 f"{type(exc).__name__}: {_first_lines(exc)}"
             ) from exc
         try:
-            histogram = Counter(parse_and_verify(text, cfg.dialect))
+            histogram = parse_and_verify(text, cfg.dialect)
         except Exception as exc:
             raise BackendError(f"{self.spec_path}: the {cfg.dialect} MLIR does not parse back: {exc}") from exc
         if "torch.operator" in histogram:
@@ -96,7 +96,7 @@ class MlirBackend(Backend):
             seconds=time.perf_counter() - start,
             details={
                 "dialect": cfg.dialect,
-                "static_shapes": [list(t.shape) for t in _tensor_leaves(example)] if example else None,
+                "static_shapes": [list(t.shape) for t in tensor_leaves(example)] if example else None,
             },
         )
 
@@ -123,9 +123,9 @@ class MlirBackend(Backend):
         module = program.module()
         if example is None:
             decoder = lambda: TorchDecoder(Graph(program, graph.cache))  # noqa: E731
-            return self.compare_with_eager(graph, inputs, lambda tensors: _tensor_leaves(module(*tensors)), decoder)
+            return self.compare_with_eager(graph, inputs, lambda tensors: tensor_leaves(module(*tensors)), decoder)
         with torch.no_grad():
-            ours, ref = (_tensor_leaves(m(*example)) for m in (module, graph.module()))
+            ours, ref = (tensor_leaves(m(*example)) for m in (module, graph.module()))
         return compare_outputs([ours], [ref])
 
 
@@ -148,11 +148,6 @@ def decomposed(graph: Graph, example: tuple | None = None) -> ExportedProgram:
     return program
 
 
-def _tensor_leaves(outputs) -> list[torch.Tensor]:
-    leaves = torch.utils._pytree.tree_leaves(outputs.to_tuple() if hasattr(outputs, "to_tuple") else outputs)
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
 def _make_buffers_persistent(program: ExportedProgram) -> None:
     """torch-mlir looks every buffer up in the state dict; non-persistent ones live in
     ``constants`` (RoPE's inv_freq): move them across, values unchanged."""
@@ -169,8 +164,8 @@ def to_mlir(program: ExportedProgram, dialect: str) -> str:
     return module.operation.get_asm(enable_debug_info=False)
 
 
-def parse_and_verify(text: str, dialect: str) -> list[str]:
-    """Parse and verify ``text`` in a fresh MLIR context; the names of the ops it holds, each once per use.
+def parse_and_verify(text: str, dialect: str) -> Counter[str]:
+    """Parse and verify ``text`` in a fresh MLIR context; how many of each op it holds.
 
     No one registry knows every dialect the outputs use: ``torch-mlir-opt`` has torch-mlir's
     own (torch, tm_tensor: linalg output scatters through it) but not ``shape``, which
@@ -178,13 +173,13 @@ def parse_and_verify(text: str, dialect: str) -> list[str]:
     not tm_tensor. Each output is checked by the one that knows all of its dialects.
     """
     ops = _python_parse(text) if dialect == "stablehlo" else _opt_parse(text)
-    return [name for name, count in ops for _ in range(count) if name not in _STRUCTURE]
+    return Counter({name: count for name, count in ops.items() if name not in _STRUCTURE})
 
 
 _STRUCTURE = {"builtin.module", "func.func", "func.return"}
 
 
-def _opt_parse(text: str) -> list[tuple[str, int]]:
+def _opt_parse(text: str) -> Counter[str]:
     import torch_mlir._mlir_libs
 
     opt = Path(torch_mlir._mlir_libs.__file__).parent / "torch-mlir-opt"
@@ -194,10 +189,10 @@ def _opt_parse(text: str) -> list[tuple[str, int]]:
     if run.returncode != 0:
         raise BackendError(_first_lines(run.stderr))
     stats = [line.rsplit(",", 1) for line in run.stderr.splitlines() if line.count(",") == 1]
-    return [(name.strip(), int(count)) for name, count in stats]
+    return Counter({name.strip(): int(count) for name, count in stats})
 
 
-def _python_parse(text: str) -> list[tuple[str, int]]:
+def _python_parse(text: str) -> Counter[str]:
     from torch_mlir import ir
     from torch_mlir._mlir_libs import _stablehlo
     from torch_mlir.dialects import torch as torch_dialect
@@ -215,7 +210,7 @@ def _python_parse(text: str) -> list[tuple[str, int]]:
         if not module.operation.verify():
             raise BackendError("the module does not verify")
         module.operation.walk(visit)
-    return list(names.items())
+    return names
 
 
 def _first_lines(message: BaseException | str, count: int = 6) -> str:

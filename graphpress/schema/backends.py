@@ -9,7 +9,15 @@ from pydantic import Field, ValidationInfo, field_validator
 from .base import StrictModel
 
 
-class OnnxBackendConfig(StrictModel):
+class BackendConfig(StrictModel):
+    """What every backend config has: the file it writes, checked unique across a spec."""
+
+    @property
+    def output_file(self) -> str:
+        return self.filename
+
+
+class OnnxBackendConfig(BackendConfig):
     """Export with torch.onnx (dynamo) and validate in onnxruntime on the calibration inputs."""
 
     target: Literal["onnx"]
@@ -22,10 +30,6 @@ class OnnxBackendConfig(StrictModel):
     )
     filename: str = Field("model.onnx", pattern=r"^[\w.-]+\.onnx$")
 
-    @property
-    def output_file(self) -> str:
-        return self.filename
-
     node_metadata: bool = Field(
         False,
         description="Keep the exporter's per-node metadata (source stack traces, module paths; about 1.4 KB a node) "
@@ -33,7 +37,7 @@ class OnnxBackendConfig(StrictModel):
     )
 
 
-class TvmBackendConfig(StrictModel):
+class TvmBackendConfig(BackendConfig):
     """Import into TVM Relax, compile, and validate in the Relax VM; writes a loadable library."""
 
     target: Literal["tvm"]
@@ -43,12 +47,8 @@ class TvmBackendConfig(StrictModel):
     )
     filename: str = Field("model.so", pattern=r"^[\w.-]+\.so$")
 
-    @property
-    def output_file(self) -> str:
-        return self.filename
 
-
-class MlirBackendConfig(StrictModel):
+class MlirBackendConfig(BackendConfig):
     """Lower with torch-mlir to one MLIR dialect (graphpress ops decomposed to aten first) and write its text."""
 
     target: Literal["mlir"]
@@ -83,7 +83,7 @@ class MlirBackendConfig(StrictModel):
         return self.filename or f"model.{self.dialect}.mlir"
 
 
-class CudaBackendConfig(StrictModel):
+class CudaBackendConfig(BackendConfig):
     """Fuse compressed linears into Triton-kernel ops and save the program (torch.export) for NVIDIA GPUs."""
 
     target: Literal["cuda"]
@@ -91,10 +91,6 @@ class CudaBackendConfig(StrictModel):
         1e-4, gt=0, description="Largest rel_l2 between the fused program (CPU, and GPU where present) and the graph."
     )
     filename: str = Field("model.pt2", pattern=r"^[\w.-]+\.pt2$")
-
-    @property
-    def output_file(self) -> str:
-        return self.filename
 
 
 BACKEND_CONFIGS = {

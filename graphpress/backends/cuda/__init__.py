@@ -13,7 +13,9 @@ the calibration inputs; where a GPU is present, also on it, through the kernels.
 
 from __future__ import annotations
 
+import copy
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ import torch
 from ...errors import BackendError
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
-from ..base import Backend, BackendRecord, publish, staging_dir
+from ..base import Backend, BackendRecord, publish, staging_dir, tensor_leaves
 from . import kernels
 from .fuse_attention import fuse_decode_attention
 from .fuse_linear import fuse_format_linears
@@ -60,43 +62,41 @@ class CudaBackend(Backend):
             torch.export.save(fused.program, str(staged))
             files = {staged.name: staged.stat().st_size}
             publish(staged, out_dir)
-        histogram = {str(n.target): 0 for n in fused.nodes if n.op == "call_function"}
-        for node in fused.nodes:
-            if node.op == "call_function":
-                histogram[str(node.target)] += 1
+        histogram = Counter(str(n.target) for n in fused.nodes if n.op == "call_function")
         return BackendRecord(
             target=self.target,
             artifact=str(out_dir / cfg.filename),
             files=files,
             errors=errors,
             tolerance=cfg.max_error,
-            op_histogram=dict(sorted(histogram.items(), key=lambda kv: -kv[1])),
+            op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
             details=details,
         )
 
     def validate(self, fused: Graph, graph: Graph, inputs: list[tuple], device: str) -> dict[str, float]:
         """The fused program on ``device`` against the unfused graph (eager, CPU)."""
-        from ...runtime import TorchDecoder
-
-        module = fused.module().to(device)
+        decoder = _DeviceDecoder(fused, device)
 
         def run(tensors):
-            outputs = module(*(t.to(device) for t in tensors))
-            leaves = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-            return [t.cpu() for t in leaves]
+            return [t.cpu() for t in tensor_leaves(decoder.module(*(t.to(device) for t in tensors)))]
 
-        if device == "cpu":
-            return self.compare_with_eager(graph, inputs, run, lambda: TorchDecoder(fused))
-        return self.compare_with_eager(graph, inputs, run, lambda: _DeviceDecoder(fused, device))
+        return self.compare_with_eager(graph, inputs, run, lambda: decoder)
+
+
+def _module_on(graph: Graph, device: str) -> torch.nn.Module:
+    """The graph's module on ``device``. Off the CPU it is a copy: the module's parameters are
+    the program's own (shared by its clones and the user's result), which ``.to`` would move."""
+    module = graph.module()
+    return module if device == "cpu" else copy.deepcopy(module).to(device)
 
 
 class _DeviceDecoder:
-    """A decode graph stepped on another device, tensors handed back on the CPU."""
+    """A decode graph stepped on a device, tensors handed back on the CPU."""
 
     def __init__(self, graph: Graph, device: str):
         self.layout, self.device = graph.cache, device
-        self.module = graph.module().to(device)
+        self.module = _module_on(graph, device)
 
     @torch.no_grad()
     def step(self, input_ids, position_ids, cache):
