@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from .backends import build_backend
+from .backends.base import publish_all, staging_dir
 from .errors import CaptureError
-from .fileio import atomic_write_text
 from .ir import Graph, capture
 from .model_source import ModelSource, load_source
 from .passes import PassContext, PassManager, Verifier, build_pass
-from .report import CompressionReport, render_markdown
+from .progress import Progress, step
+from .report import CompressionReport, write_report
 from .schema import Spec, load_spec
 
 
@@ -28,8 +29,9 @@ class CompressionResult:
     graph: Graph
     report: CompressionReport
     artifacts: dict[str, Path] = field(default_factory=dict)
-    """Written files: the first backend of each target under its target ("onnx", "tvm", "mlir"), a
-    later one of the same target under its spec path ("backends[3]"); "report_json", "report_md"."""
+    """Written files: the first backend of each target under its target ("onnx", "tvm", "mlir", "cuda"),
+    a later one of the same target under its spec path ("backends[3]"); "report_json", "report_md",
+    "report_html", and each figure as "plot:<name>.png"."""
     out_dir: Path | None = None
 
 
@@ -40,14 +42,21 @@ def compress(
     *,
     calibration_data: Iterable | None = None,
     out_dir: str | Path | None = None,
+    progress: bool | None = None,
 ) -> CompressionResult:
     """Compress ``model`` as ``spec`` says; never modifies ``model``.
 
     ``model`` is an nn.Module, a model directory or 'module:factory'. Calibration data
     comes from ``calibration_data`` (tuples of positional inputs), else from the model
     directory's ``calibration_batches``, else the example inputs alone. Artifacts and
-    the report go to ``out_dir`` (a new temporary directory if not given).
+    the report go to ``out_dir`` (a new temporary directory if not given). ``progress``
+    shows bars on stderr for the long steps; ``None`` shows them when stderr is a terminal.
     """
+    with Progress(progress).activate():
+        return _compress(model, spec, example_inputs, calibration_data, out_dir)
+
+
+def _compress(model, spec, example_inputs, calibration_data, out_dir) -> CompressionResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     spec = load_spec(spec)
@@ -57,7 +66,8 @@ def compress(
     calibration, calibration_source, warnings = _calibration(source, spec, calibration_data)
 
     t = time.perf_counter()
-    original = capture(source.model, source.example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
+    with step(f"capturing {source.name} ({spec.capture.mode}) with torch.export"):
+        original = capture(source.model, source.example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
     timings["capture"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -68,17 +78,27 @@ def compress(
     timings["passes"] = time.perf_counter() - t
 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="graphpress-"))
-    artifacts: dict[str, Path] = {}
-    records = []
-    t = time.perf_counter()
-    for i, backend_config in enumerate(spec.backends):
-        record = build_backend(backend_config, f"backends[{i}]").build(result.graph, calibration, out)
-        artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
-        records.append(record.to_dict())
-    timings["backends"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - start
+    with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all
+        artifacts: dict[str, Path] = {}
+        records = []
+        t = time.perf_counter()
+        for i, backend_config in enumerate(spec.backends):
+            record = build_backend(backend_config, f"backends[{i}]").build(result.graph, calibration, stage)
+            record.artifact = str(out / Path(record.artifact).relative_to(stage))
+            artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
+            records.append(record.to_dict())
+        timings["backends"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
+        with step("writing the report"):
+            written = write_report(report, stage)
+        publish_all(stage, out, last=[*artifacts.values(), *(out / p.relative_to(stage) for p in written.values())])
+    artifacts.update({name: out / path.relative_to(stage) for name, path in written.items()})
+    return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
 
-    report = CompressionReport(
+
+def _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings):
+    return CompressionReport(
         model=source.name,
         spec=spec.model_dump(mode="json", by_alias=True),
         original=original.summary().to_dict(),
@@ -90,9 +110,6 @@ def compress(
         environment={"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         warnings=warnings + [w for r in result.report.children for w in r.warnings],
     )
-    artifacts["report_json"] = atomic_write_text(out / "report.json", report.to_json())
-    artifacts["report_md"] = atomic_write_text(out / "report.md", render_markdown(report))
-    return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
 
 
 def _source(model, example_inputs) -> ModelSource:

@@ -1,4 +1,4 @@
-"""The command line: ``graphpress compress | schema | inspect``."""
+"""The command line: ``graphpress compress | report | schema | inspect``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--model", required=True, help="a model directory (e.g. examples/tiny_llama) or 'module:factory'")
     comp.add_argument("--spec", required=True, help="path to the JSON spec")
     comp.add_argument("--out", required=True, help="output directory for artifacts and report")
-    comp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    shown = comp.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bars, no summary)")
+    shown.add_argument(
+        "--progress", action="store_true", help="show progress bars even when stderr is not a terminal (CI logs)"
+    )
+
+    rep = sub.add_parser("report", help="re-render report.md, report.html and plots/ from an output's report.json")
+    rep.add_argument("out", help="the --out directory of a compress run (or its report.json)")
 
     sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
 
@@ -38,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             info = inspect_onnx(args.file)
             print(json.dumps(info, indent=2) if args.json else format_inspection(info))
             return 0
+        if args.command == "report":
+            from .report import load_report, write_report
+
+            report, out = load_report(args.out)
+            written = write_report(report, out, json_too=False)
+            print(f"{written['report_html']}\n{written['report_md']}\n{len(written) - 2} figure(s) in {out / 'plots'}")
+            return 0
         return _compress(args)
     except GraphpressError as exc:
         print(f"graphpress: error: {exc}", file=sys.stderr)
@@ -49,7 +63,8 @@ def _compress(args) -> int:
     from .schema import load_spec
 
     spec = load_spec(args.spec)  # fail on a bad spec before loading the model
-    result = compress(args.model, spec, out_dir=args.out)
+    progress = False if args.quiet else (True if args.progress else None)
+    result = compress(args.model, spec, out_dir=args.out, progress=progress)
     if not args.quiet:
         r = result.report
         o, c = r.original, r.compressed
@@ -61,7 +76,7 @@ def _compress(args) -> int:
             )
         for b in r.backends:
             print(f"  {b['target']}: {b['artifact']} (rel_l2 vs eager {b['errors']['rel_l2']:.3g})")
-        print(f"  report: {result.artifacts['report_md']}")
+        print(f"  report: {result.artifacts['report_html']} ({result.artifacts['report_md'].name}, plots/)")
     return 0
 
 

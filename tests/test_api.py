@@ -24,7 +24,10 @@ def test_compress_module_end_to_end(tiny_llama, token_batch, tmp_path):
     result = compress(tiny_llama, SPEC, (token_batch,), calibration_data=calibration, out_dir=tmp_path)
     assert state_hash(tiny_llama) == before  # the user's model is untouched
 
-    assert set(result.artifacts) == {"onnx", "report_json", "report_md"}
+    assert {"onnx", "report_json", "report_md", "report_html"} <= set(result.artifacts)
+    assert all(
+        name.startswith("plot:") for name in set(result.artifacts) - {"onnx", "report_json", "report_md", "report_html"}
+    )
     assert result.artifacts["onnx"] == tmp_path / "model.onnx"
     report = json.loads((tmp_path / "report.json").read_text())
     (low_rank,) = report["passes"]

@@ -8,7 +8,7 @@ import torch
 
 from graphpress import BackendError
 from graphpress.backends import OnnxBackend
-from graphpress.backends.base import staging_dir
+from graphpress.backends.base import Comparison, staging_dir
 from graphpress.ir import capture
 from graphpress.schema import OnnxBackendConfig
 
@@ -60,7 +60,7 @@ def test_external_data_when_asked(graph, tmp_path):
 
 
 def test_failed_validation_leaves_nothing_behind(graph, tmp_path, monkeypatch):
-    monkeypatch.setattr(OnnxBackend, "validate", lambda *a: {"rel_l2": 1.0, "max_abs": 1.0})
+    monkeypatch.setattr(OnnxBackend, "validate", lambda *a: Comparison({"rel_l2": 1.0, "max_abs": 1.0}))
     with pytest.raises(BackendError, match=r"backends\[0\]: onnxruntime output differs"):
         backend().build(graph, [(torch.randint(0, 256, (2, 8)),)], tmp_path)
     assert os.listdir(tmp_path) == []

@@ -6,16 +6,19 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 from ..errors import BackendError
 from ..ir import Graph
+from ..progress import step
 
 DECODE_VALIDATION_TOKENS = 32
 """Decode graphs are validated on this many teacher-forced tokens of the first calibration sample."""
@@ -33,9 +36,25 @@ class BackendRecord:
     op_histogram: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    """Run time seen while validating, artifact vs eager side by side (see :class:`Comparison`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Comparison:
+    """An artifact checked against eager execution of the same graph.
+
+    ``latency`` holds what validation took per sample (forward: the median over the
+    calibration inputs) or per decode step (the mean over the teacher-forced tokens), for
+    the artifact and for eager PyTorch, measured in the same loop. It is a sanity figure
+    for the report, not a benchmark: ``benchmarks/`` measures speed.
+    """
+
+    errors: dict[str, float]
+    latency: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(ABC):
@@ -60,9 +79,8 @@ class Backend(ABC):
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
         """Write the artifact under ``out_dir`` and validate it on ``inputs``."""
 
-    @staticmethod
-    def compare_with_eager(graph: Graph, inputs: list[tuple], run: Callable, decoder: Callable) -> dict[str, float]:
-        """Errors of an artifact vs eager execution of ``graph``.
+    def compare_with_eager(self, graph: Graph, inputs: list[tuple], run: Callable, decoder: Callable) -> Comparison:
+        """An artifact vs eager execution of ``graph``.
 
         Forward graphs: ``run(tensors) -> outputs`` on every calibration input's tensor
         leaves. Decode graphs: ``decoder()`` (a runtime decoder of the artifact) fed the
@@ -73,17 +91,36 @@ class Backend(ABC):
         from ..metrics import compare_outputs
         from ..runtime import TorchDecoder, teacher_forced_logits
 
-        with torch.no_grad():
+        with torch.no_grad(), step(f"{self.spec_path} {self.target}: validating against eager"):
             if graph.cache is not None:
                 ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
-                ours = teacher_forced_logits(decoder(), ids)
-                return compare_outputs([ours], [teacher_forced_logits(TorchDecoder(graph), ids)])
+                (ours, ours_s), (ref, ref_s) = (
+                    _timed(teacher_forced_logits, d, ids) for d in (decoder(), TorchDecoder(graph))
+                )
+                steps = ids.shape[1]
+                return Comparison(
+                    compare_outputs([ours], [ref]), _latency(ours_s / steps, ref_s / steps, "decode step")
+                )
             eager = graph.module()
-            outputs, references = [], []
+            outputs, references, ours_s, ref_s = [], [], [], []
             for args in inputs:
-                outputs.append(run(tensor_leaves(args)))
-                references.append(tensor_leaves(eager(*args)))
-            return compare_outputs(outputs, references)
+                out, seconds = _timed(run, tensor_leaves(args))
+                outputs.append(out)
+                ours_s.append(seconds)
+                ref, seconds = _timed(eager, *args)
+                references.append(tensor_leaves(ref))
+                ref_s.append(seconds)
+            return Comparison(compare_outputs(outputs, references), _latency(median(ours_s), median(ref_s), "sample"))
+
+
+def _timed(fn: Callable, *args) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - start
+
+
+def _latency(artifact_s: float, eager_s: float, per: str) -> dict[str, Any]:
+    return {"artifact_ms": round(artifact_s * 1e3, 3), "eager_ms": round(eager_s * 1e3, 3), "per": per}
 
 
 def tensor_leaves(values) -> list:
@@ -115,3 +152,20 @@ def publish(staged: Path, out_dir: Path) -> Path:
     final = out_dir / staged.name
     os.replace(staged, final)
     return final
+
+
+def publish_all(staged_dir: Path, out_dir: Path, last: list[Path] = ()) -> None:
+    """Move every file under ``staged_dir`` to the same place under ``out_dir``, ``last`` (final paths)
+    in that order after the rest: an artifact after the data it refers to, the report after both.
+
+    Figures left in ``out_dir/plots`` by an earlier run that this one did not draw are removed.
+    """
+    order = {Path(p): k for k, p in enumerate(last)}
+    moves = [(src, out_dir / src.relative_to(staged_dir)) for src in staged_dir.rglob("*") if src.is_file()]
+    for src, dst in sorted(moves, key=lambda m: (order.get(m[1], -1), str(m[1]))):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    published = {dst for _, dst in moves}
+    for stale in (out_dir / "plots").glob("*.png"):
+        if stale not in published:
+            stale.unlink()

@@ -26,8 +26,9 @@ from torch.export.graph_signature import InputKind
 
 from ..errors import BackendError
 from ..ir import Graph, ops
+from ..progress import step
 from ..schema.backends import MlirBackendConfig
-from .base import Backend, BackendRecord, publish, staging_dir, tensor_leaves
+from .base import Backend, BackendRecord, Comparison, publish, staging_dir, tensor_leaves
 
 STATIC_PREFIX = 8
 """Cached tokens before the step a static decode graph (tosa) is specialised to."""
@@ -56,18 +57,22 @@ class MlirBackend(Backend):
                 f"{self.spec_path}: decomposing graphpress ops to aten failed: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            errors = self.validate(program, graph, inputs, example)  # first: torch-mlir freezes the program in place
+            comparison = self.validate(
+                program, graph, inputs, example
+            )  # first: torch-mlir freezes the program in place
         except Exception as exc:
             raise BackendError(
                 f"{self.spec_path}: the decomposed program does not run: {type(exc).__name__}: {_first_lines(exc, 2)}"
             ) from exc
+        errors = comparison.errors
         if errors["rel_l2"] > cfg.max_error:
             raise BackendError(
                 f"{self.spec_path}: the decomposed program differs from the graph: rel_l2 = {errors['rel_l2']:.3g} "
                 f"> max_error = {cfg.max_error:g}"
             )
         try:
-            text = to_mlir(program, cfg.dialect)
+            with step(f"{self.spec_path} mlir: lowering to {cfg.dialect}"):
+                text = to_mlir(program, cfg.dialect)
         except Exception as exc:
             raise BackendError(
                 f"{self.spec_path}: torch-mlir could not lower the graph to {cfg.dialect!r}: "
@@ -98,6 +103,7 @@ class MlirBackend(Backend):
                 "dialect": cfg.dialect,
                 "static_shapes": [list(t.shape) for t in tensor_leaves(example)] if example else None,
             },
+            latency=comparison.latency,
         )
 
     def static_example(self, graph: Graph, inputs: list[tuple]) -> tuple:
@@ -114,7 +120,7 @@ class MlirBackend(Backend):
             _, cache = decoder.step(ids[:, t : t + 1], positions(ids.shape[0], t), cache)
         return ids[:, prefix : prefix + 1], positions(ids.shape[0], prefix), cache
 
-    def validate(self, program: ExportedProgram, graph: Graph, inputs: list[tuple], example) -> dict[str, float]:
+    def validate(self, program: ExportedProgram, graph: Graph, inputs: list[tuple], example) -> Comparison:
         """The decomposed program against the graph: on the calibration inputs (decode graphs:
         teacher-forced), or for a static program on the example it was specialised to."""
         from ..metrics import compare_outputs
@@ -126,7 +132,7 @@ class MlirBackend(Backend):
             return self.compare_with_eager(graph, inputs, lambda tensors: tensor_leaves(module(*tensors)), decoder)
         with torch.no_grad():
             ours, ref = (tensor_leaves(m(*example)) for m in (module, graph.module()))
-        return compare_outputs([ours], [ref])
+        return Comparison(compare_outputs([ours], [ref]))
 
 
 def decomposed(graph: Graph, example: tuple | None = None) -> ExportedProgram:

@@ -20,8 +20,9 @@ import torch
 
 from ..errors import BackendError
 from ..ir import Graph, ops
+from ..progress import step
 from ..schema import OnnxBackendConfig
-from .base import Backend, BackendRecord, publish, staging_dir
+from .base import Backend, BackendRecord, Comparison, publish, staging_dir
 
 PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -53,7 +54,11 @@ class OnnxBackend(Backend):
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
-                with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs():
+                with (
+                    step(f"{self.spec_path} onnx: exporting"),
+                    contextlib.redirect_stdout(io.StringIO()),
+                    _quiet_exporter_logs(),
+                ):
                     program = torch.onnx.export(
                         graph.program,
                         dynamo=True,
@@ -70,7 +75,8 @@ class OnnxBackend(Backend):
                 program.save(str(staged), external_data=external)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-            errors = self.validate(staged, graph, inputs)
+            comparison = self.validate(staged, graph, inputs)
+            errors = comparison.errors
             if errors["rel_l2"] > cfg.max_error:
                 raise BackendError(
                     f"{self.spec_path}: onnxruntime output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
@@ -91,9 +97,10 @@ class OnnxBackend(Backend):
             op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
             details={"opset": cfg.opset, "external_data": external},
+            latency=comparison.latency,
         )
 
-    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> Comparison:
         import onnxruntime as ort
 
         from ..runtime import OnnxDecoder

@@ -24,8 +24,9 @@ import torch
 
 from ..errors import BackendError
 from ..ir import Graph, SubgraphBuilder, ops
+from ..progress import step
 from ..schema.backends import TvmBackendConfig
-from .base import Backend, BackendRecord, publish, staging_dir
+from .base import Backend, BackendRecord, Comparison, publish, staging_dir
 
 
 class TvmBackend(Backend):
@@ -46,13 +47,15 @@ class TvmBackend(Backend):
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
-                executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
-                executable.export_library(str(staged))
+                with step(f"{self.spec_path} tvm: compiling for {cfg.device}"):
+                    executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
+                    executable.export_library(str(staged))
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
             sidecar.write_text(json.dumps(self.describe(graph), indent=1, sort_keys=True))
-            errors = self.validate(staged, graph, inputs)
+            comparison = self.validate(staged, graph, inputs)
+            errors = comparison.errors
             if errors["rel_l2"] > cfg.max_error:
                 raise BackendError(
                     f"{self.spec_path}: the TVM module's output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
@@ -70,6 +73,7 @@ class TvmBackend(Backend):
             op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
             details={"device": cfg.device},
+            latency=comparison.latency,
         )
 
     @staticmethod
@@ -90,7 +94,7 @@ class TvmBackend(Backend):
             "cache_layout": graph.cache.to_json() if graph.cache is not None else None,
         }
 
-    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> dict[str, float]:
+    def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> Comparison:
         from ..runtime import TvmDecoder, TvmModule
 
         module = TvmModule(path) if graph.cache is None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .graph import Graph
+from .graph import Graph, StoredLinear
 
 
 @dataclass
@@ -24,17 +24,30 @@ class GraphSummary:
         return asdict(self)
 
 
+def _stored_flops(lin: StoredLinear) -> int:
+    out_features, in_features = lin.op.meta["val"].shape
+    dense = 2 * in_features * out_features
+    if lin.format == "graphpress::nm_weight":
+        n, m = lin.op.args[2], lin.op.args[3]
+        return dense * n // m
+    return dense
+
+
 def summarize(graph: Graph) -> GraphSummary:
     """``params`` counts parameters; ``bytes`` every stored tensor (parameters, buffers, constants).
 
     FLOPs are 2 * in * out per linear per token: the cost that weight compression changes;
-    attention's sequence-dependent cost is not included.
+    attention's sequence-dependent cost is not included. A linear whose weight a format op
+    rebuilds counts its dense shape, an N:M one n/m of it (what a sparse kernel computes); a
+    shift linear's products are shifts, still counted (shift_add reports the multiplications
+    it removed).
     """
     by_dtype: Counter[str] = Counter()
     params = sum(graph.weight(name).numel() for name in graph.program.graph_signature.parameters)
     for tensor in graph.tensors().values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     flops = sum(2 * lin.in_features * lin.out_features for lin in graph.linears())
+    flops += sum(_stored_flops(lin) for lin in graph.stored_linears())
     ops = Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
     return GraphSummary(
         params=params,

@@ -28,6 +28,10 @@ class LayerReport:
     params_before: int
     params_after: int
     details: dict[str, Any] = field(default_factory=dict)
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    """Stored bytes of the tensors under ``path``; None where another layer of the same report lies
+    under it (a block whose linears are reported too) or it owns no tensors (a cache entry)."""
 
 
 @dataclass
@@ -54,6 +58,12 @@ class PassResult:
     graph: Graph
     report: PassReport
     modified: bool
+
+
+def bytes_under(graph: Graph, paths: list[str]) -> list[int]:
+    """Bytes of the stored tensors named ``path`` or ``path.*``, per path."""
+    sizes = {name: t.numel() * t.element_size() for name, t in graph.tensors().items()}
+    return [sum(n for name, n in sizes.items() if name == path or name.startswith(path + ".")) for path in paths]
 
 
 class Pass(ABC):
@@ -93,6 +103,11 @@ class Pass(ABC):
         after = work.summary()
         report.params_before, report.params_after = before.params, after.params
         report.bytes_before, report.bytes_after = before.bytes, after.bytes
+        paths = [layer.path for layer in report.layers]
+        leaves = [not any(other.startswith(path + ".") for other in paths) for path in paths]
+        for layer, leaf, old, new in zip(report.layers, leaves, bytes_under(graph, paths), bytes_under(work, paths)):
+            if leaf and (old or new):
+                layer.bytes_before, layer.bytes_after = old, new
         modified = any(layer.action != "skipped" for layer in report.layers)
         return PassResult(work if modified else graph, report, modified)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
 from ..metrics import logits_of
+from ..progress import track
 
 
 def run_calibration_sample(graph: Graph, args: tuple, taps: dict | None = None):
@@ -74,7 +75,7 @@ class PassContext:
 
                 return record
 
-            for args in self.calibration_inputs:
+            for args in track(self.calibration_inputs, f"{self.spec_path}: calibrating linear inputs"):
                 run_calibration_sample(graph, args, {p: tap(p) for p in missing})
             gen = torch.Generator().manual_seed(self.seed)
             for producer in sorted(missing):
@@ -99,7 +100,7 @@ class PassContext:
 
                 return record
 
-            for args in self.calibration_inputs:
+            for args in track(self.calibration_inputs, f"{self.spec_path}: calibrating activations"):
                 run_calibration_sample(graph, args, {n: tap(n) for n in missing})
             for name in missing:
                 self._means[(graph.revision, name)] = sums[name] / counts[name]
@@ -121,7 +122,7 @@ class PassContext:
             module = graph.module()
             params = dict(module.named_parameters())
             sums = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in missing}
-            for args in self.calibration_inputs:
+            for args in track(self.calibration_inputs, f"{self.spec_path}: Fisher gradients"):
                 ids = args[0]
                 if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
                     raise PassPreconditionError(

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
+from ..progress import track
 from ..schema import Energy, GlobalBudget, LowRankConfig, ParamRatio
 from .base import LayerReport, Pass, PassReport
 from .context import LinearInputs, PassContext
@@ -189,13 +190,16 @@ class LowRank(Pass):
 
         spectra = {}
         if any(self.fixed_rank(lin) is None for lin in linears):
-            spectra = {lin.node.name: torch.linalg.svdvals(scaled_of(lin).matrix) for lin in linears}
+            spectra = {
+                lin.node.name: torch.linalg.svdvals(scaled_of(lin).matrix)
+                for lin in track(linears, f"{ctx.spec_path} low_rank: spectra")
+            }
         if isinstance(self.config.rank, GlobalBudget):
             ranks = self.budget_ranks(graph, linears, spectra, ctx, report)
         else:
             ranks = self.per_layer_ranks(linears, spectra)
 
-        for lin in linears:
+        for lin in track(linears, f"{ctx.spec_path} low_rank: factoring"):
             rank = self.round(lin, ranks[lin.node.name])
             if rank is None:
                 reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"

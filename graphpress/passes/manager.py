@@ -15,6 +15,7 @@ import torch
 from ..errors import PassPreconditionError, VerificationError
 from ..ir import Graph
 from ..metrics import compare_outputs
+from ..progress import track
 from ..schema import VerifyConfig
 from .base import Pass, PassReport, PassResult
 from .context import PassContext, run_calibration_sample
@@ -29,12 +30,12 @@ class Verifier:
         self.reference_outputs = self.outputs(reference)
 
     @torch.no_grad()
-    def outputs(self, graph: Graph) -> list:
+    def outputs(self, graph: Graph, where: str = "original") -> list:
         """Outputs per calibration sample; decode graphs are scored token by token (their logits)."""
-        return [run_calibration_sample(graph, args) for args in self.inputs]
+        return [run_calibration_sample(graph, args) for args in track(self.inputs, f"{where}: verifying")]
 
     def check(self, graph: Graph, where: str) -> dict:
-        errors = compare_outputs(self.outputs(graph), self.reference_outputs)
+        errors = compare_outputs(self.outputs(graph, where), self.reference_outputs)
         value = errors[self.config.metric]
         passed = value <= self.config.max
         record = {**errors, "metric": self.config.metric, "max": self.config.max, "passed": passed}

@@ -29,6 +29,7 @@ from ..ir import Graph, Linear
 from ..ir.channels import channel_producers, permute_input_channels
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import position_bits
+from ..progress import track
 from ..schema import NmSparsityConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext
@@ -58,7 +59,7 @@ class NmSparsity(Pass):
         linears = self.selected_linears(graph, ctx)
         permuted = self.permute(graph, ctx, linears, report) if cfg.permute else {}
         inputs = ctx.linear_inputs(graph, linears)  # after permuting: the graph's own channel order
-        for lin in linears:
+        for lin in track(linears, f"{ctx.spec_path} nm_sparsity: masks"):
             weight = graph.weight(lin.weight)
             w = weight.detach().double()
             score = self.score(w, inputs[lin.node.name].gram)
@@ -108,7 +109,7 @@ class NmSparsity(Pass):
         cfg: NmSparsityConfig = self.config
         inputs = ctx.linear_inputs(graph, linears)
         before, unfoldable = {}, []
-        for lin in linears:
+        for lin in track(linears, f"{ctx.spec_path} nm_sparsity: channel permutation"):
             producers = channel_producers(graph, lin)
             if producers is None:
                 unfoldable.append(lin.path)

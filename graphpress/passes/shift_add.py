@@ -25,6 +25,7 @@ from ..ir import Graph, Linear
 from ..ir.blocks import AttentionBlock
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.shift import decode, encode, exponent_bits
+from ..progress import track
 from ..schema import ShiftAddConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext, run_calibration_sample
@@ -78,7 +79,7 @@ class ShiftAdd(Pass):
         if cfg.linears:
             linears = self.selected_linears(graph, ctx)
             inputs = ctx.linear_inputs(graph, linears)
-            for lin in linears:
+            for lin in track(linears, f"{ctx.spec_path} shift_add: linears"):
                 report.layers.append(self.shift_linear(graph, lin, inputs[lin.node.name].rows))
         return report
 

@@ -29,6 +29,7 @@ from ..errors import PassPreconditionError
 from ..ir import Graph
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import kept_columns, nm_weight
+from ..progress import track
 from ..schema import WeightClusteringConfig
 from .base import LayerReport, Pass, PassReport, stored_call
 from .context import PassContext
@@ -74,7 +75,7 @@ class WeightClustering(Pass):
         dense, sparse = self.selected_linears(graph, ctx), self.selected_stored(graph, ctx)
         inputs = ctx.linear_inputs(graph, [*dense, *sparse])
         gen = torch.Generator().manual_seed(ctx.seed)
-        for lin in dense:
+        for lin in track(dense, f"{ctx.spec_path} weight_clustering: k-means"):
             weight = graph.weight(lin.weight)
             energy = inputs[lin.node.name].gram.diagonal().double().expand_as(weight)
             palette = self.palettize(weight, energy, gen)
@@ -82,7 +83,7 @@ class WeightClustering(Pass):
             layer = self.layer_report(lin.path, weight, palette, inputs[lin.node.name].rows, weight, palette.rebuilt)
             layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
             report.layers.append(layer)
-        for lin in sparse:
+        for lin in track(sparse, f"{ctx.spec_path} weight_clustering: k-means (N:M values)"):
             # an N:M weight: its kept values are clustered, and nm_weight reads them from the LUT
             values_node, positions_node, n, m, in_features = lin.op.args
             values = graph.weight(graph.tensor_name(values_node))

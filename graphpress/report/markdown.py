@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from .data import CompressionReport
+from .plots import Figure
+
+PLOTS_DIR = "plots"
+"""Where figures go, relative to the report."""
 
 
 def _fmt_int(n: int) -> str:
@@ -15,6 +19,10 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _fmt_size(n: int | None) -> str:
+    return "" if n is None else _fmt_bytes(n)
 
 
 def _fmt_num(x: float) -> str:
@@ -45,6 +53,8 @@ def _detail_columns(layers: list[dict]) -> list[str]:
 def _fmt_cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return _fmt_err(value)
     if isinstance(value, (list, tuple)):
@@ -52,11 +62,29 @@ def _fmt_cell(value) -> str:
     return _fmt_detail(value)
 
 
+def _latency_sentence(latency: dict | None) -> str:
+    if not latency:
+        return ""
+    where = f" on {latency['device']}" if latency.get("device") else ""
+    return (
+        f" Validation ran {latency['artifact_ms']:.3g} ms per {latency['per']}{where} "
+        f"(eager PyTorch {latency['eager_ms']:.3g} ms; not a benchmark)."
+    )
+
+
 def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "n/a"
 
 
-def render_markdown(report: CompressionReport) -> str:
+def _images(figures: dict[str, Figure], *names: str) -> list[str]:
+    return [f"![{figures[n].title}]({PLOTS_DIR}/{n})" for n in names if n in figures] + [""] * any(
+        n in figures for n in names
+    )
+
+
+def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> str:
+    """The report as Markdown; ``figures`` (see :func:`render_plots`) are linked from plots/."""
+    figures = {f.name: f for f in figures}
     o, c = report.original, report.compressed
     lines = [
         f"# graphpress report: {report.model}",
@@ -78,6 +106,7 @@ def render_markdown(report: CompressionReport) -> str:
         f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "
         f"seed {report.calibration.get('seed', '?')}.",
         "",
+        *_images(figures, "verification.png", "kv-cache.png"),
     ]
     for i, p in enumerate(report.passes):
         lines += [f"## passes[{i}]: {p['name']}", ""]
@@ -94,20 +123,25 @@ def render_markdown(report: CompressionReport) -> str:
         lines += [
             f"Parameters {_fmt_int(p['params_before'])} -> {_fmt_int(p['params_after'])}; time {p['seconds']:.2f} s.",
             "",
-            "| layer | action | params before | params after |" + "".join(f" {c.replace('_', ' ')} |" for c in columns),
-            "|---|---|---:|---:|" + "---:|" * len(columns),
+            "| layer | action | params before | params after | bytes before | bytes after |"
+            + "".join(f" {c.replace('_', ' ')} |" for c in columns),
+            "|---|---|---:|---:|---:|---:|" + "---:|" * len(columns),
         ]
         for layer in p["layers"]:
             d = layer["details"]
             cells = "".join(f" {_fmt_cell(d.get(c))} |" for c in columns)
             lines.append(
                 f"| `{layer['path']}` | {layer['action']} | {_fmt_int(layer['params_before'])} "
-                f"| {_fmt_int(layer['params_after'])} |{cells}"
+                f"| {_fmt_int(layer['params_after'])} | {_fmt_size(layer.get('bytes_before'))} "
+                f"| {_fmt_size(layer.get('bytes_after'))} |{cells}"
             )
         skipped = [layer for layer in p["layers"] if layer["action"] == "skipped"]
         if skipped:
             lines += ["", f"Skipped {len(skipped)} layer(s): {skipped[0]['details'].get('reason', '')} (first shown)."]
         lines.append("")
+        lines += _images(figures, f"passes-{i}-{p['name']}.png", f"passes-{i}-spectra.png")
+    if report.backends:
+        lines += _images(figures, "latency.png")
     for b in report.backends:
         files = ", ".join(f"`{name}` ({_fmt_bytes(size)})" for name, size in b["files"].items())
         top_ops = ", ".join(f"{op} x{n}" for op, n in list(b["op_histogram"].items())[:8])
@@ -118,7 +152,7 @@ def render_markdown(report: CompressionReport) -> str:
             f"Parity with eager on calibration inputs: rel_l2 {b['errors']['rel_l2']:.3g}, "
             f"max_abs {b['errors']['max_abs']:.3g} (tolerance rel_l2 <= {b['tolerance']:g}).",
             f"Ops: {top_ops}.",
-            f"Time {b['seconds']:.2f} s.",
+            f"Time {b['seconds']:.2f} s." + _latency_sentence(b.get("latency")),
             "",
         ]
     if report.warnings:

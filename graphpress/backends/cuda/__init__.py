@@ -23,7 +23,7 @@ import torch
 from ...errors import BackendError
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
-from ..base import Backend, BackendRecord, publish, staging_dir, tensor_leaves
+from ..base import Backend, BackendRecord, Comparison, publish, staging_dir, tensor_leaves
 from . import kernels
 from .fuse_attention import fuse_decode_attention
 from .fuse_linear import fuse_format_linears
@@ -47,10 +47,13 @@ class CudaBackend(Backend):
         if graph.cache is not None:
             fused, attention = fuse_decode_attention(fused)
             counts += attention
-        errors = self.validate(fused, graph, inputs, "cpu")
+        comparison = self.validate(fused, graph, inputs, "cpu")
+        errors = comparison.errors
         details = {"fused": dict(sorted(counts.items())), "kernels": kernels.available(), "gpu": None}
         if torch.cuda.is_available():
-            details["gpu"] = {"device": torch.cuda.get_device_name(), **self.validate(fused, graph, inputs, "cuda")}
+            gpu = self.validate(fused, graph, inputs, "cuda")
+            details["gpu"] = {"device": torch.cuda.get_device_name(), **gpu.errors}
+            details["gpu"]["latency"] = {**gpu.latency, "device": details["gpu"]["device"]}
         worst = max(errors["rel_l2"], details["gpu"]["rel_l2"] if details["gpu"] else 0.0)
         if worst > cfg.max_error:
             raise BackendError(
@@ -72,9 +75,12 @@ class CudaBackend(Backend):
             op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
             details=details,
+            latency=details["gpu"]["latency"]
+            if details["gpu"]
+            else {**comparison.latency, "device": "cpu (op references)"},
         )
 
-    def validate(self, fused: Graph, graph: Graph, inputs: list[tuple], device: str) -> dict[str, float]:
+    def validate(self, fused: Graph, graph: Graph, inputs: list[tuple], device: str) -> Comparison:
         """The fused program on ``device`` against the unfused graph (eager, CPU)."""
         decoder = _DeviceDecoder(fused, device)
 

@@ -1,0 +1,164 @@
+"""The report's figures, drawn with matplotlib from the report's data alone.
+
+Each figure is a PNG (the format Markdown viewers and browsers all show) rendered
+without timestamps or software tags, so the same report gives the same bytes. A figure
+is drawn only when the report has its data: spectra only for low_rank, KV bytes only
+for decode graphs, latency only when a backend measured it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from .data import CompressionReport
+
+ERROR_KEYS = ("weight_error", "output_error", "attention_error")
+"""Per-layer errors passes record in their layer details (relative, lower is better)."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    """File name under plots/, e.g. 'passes-0-low_rank.png'."""
+    title: str
+    png: bytes
+
+
+def render_plots(report: CompressionReport) -> list[Figure]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    figures = [_verification(report), _kv_cache(report), _latency(report)]
+    for i, p in enumerate(report.passes):
+        figures += [_layers(i, p), _spectra(i, p)]
+    return [f for f in figures if f is not None]
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float, panels: int = 1):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def _short(path: str) -> str:
+    return path.removeprefix("model.")
+
+
+def _layers(index: int, p: dict) -> Figure | None:
+    """Per layer: stored bytes before/after, and the errors the pass measured."""
+    layers = [layer for layer in p["layers"] if layer.get("bytes_before") or layer.get("bytes_after")]
+    errors = [k for k in ERROR_KEYS if any(isinstance(layer["details"].get(k), float) for layer in p["layers"])]
+    if not layers and not errors:
+        return None
+    rows = max(len(layers), len(p["layers"]) if errors else 0)
+    fig, axes = _figure(11 if errors and layers else 6, 0.9 + 0.28 * rows, 2 if errors and layers else 1)
+    if layers:
+        ax = axes[0]
+        names = [_short(layer["path"]) for layer in layers]
+        ys = range(len(layers))
+        ax.barh([y + 0.2 for y in ys], [layer["bytes_before"] / 1024 for layer in layers], 0.4, label="before")
+        ax.barh([y - 0.2 for y in ys], [layer["bytes_after"] / 1024 for layer in layers], 0.4, label="after")
+        ax.set_yticks(list(ys), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("stored KiB")
+        ax.set_title("bytes per layer")
+        ax.legend(fontsize=7)
+    if errors:
+        ax = axes[-1]
+        names = [_short(layer["path"]) for layer in p["layers"]]
+        width = 0.8 / len(errors)
+        for k, key in enumerate(errors):
+            values = [layer["details"].get(key) or 0.0 for layer in p["layers"]]
+            ax.barh(
+                [y - 0.4 + width * (k + 0.5) for y in range(len(names))], values, width, label=key.replace("_", " ")
+            )
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("relative error")
+        ax.set_title("error per layer")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"passes[{index}] {p['name']}")
+    return Figure(
+        f"passes-{index}-{p['name']}.png", f"passes[{index}] {p['name']}: bytes and error per layer", _png(fig)
+    )
+
+
+def _spectra(index: int, p: dict) -> Figure | None:
+    """low_rank: each layer's singular spectrum (normalised to its largest value) and the rank kept."""
+    layers = [layer for layer in p["layers"] if layer["details"].get("spectrum")]
+    if not layers:
+        return None
+    fig, (ax,) = _figure(7, 4)
+    for layer in layers:
+        spectrum = layer["details"]["spectrum"]
+        top = spectrum[0] or 1.0
+        values = [max(s / top, 1e-12) for s in spectrum]
+        (line,) = ax.semilogy(range(1, len(values) + 1), values, linewidth=1, label=_short(layer["path"]))
+        rank = layer["details"].get("rank")
+        if rank and rank <= len(values):
+            ax.plot([rank], [values[rank - 1]], "o", color=line.get_color(), markersize=4)
+    ax.set_xlabel("index (dots: rank kept)")
+    ax.set_ylabel("σ_i / σ_1")
+    ax.set_title(f"passes[{index}] low_rank: singular spectra of the scaled weights")
+    if len(layers) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    return Figure(f"passes-{index}-spectra.png", f"passes[{index}] low_rank: singular spectra", _png(fig))
+
+
+def _verification(report: CompressionReport) -> Figure | None:
+    """The pipeline's error vs the original after each pass, against the spec's threshold."""
+    checked = [(i, p) for i, p in enumerate(report.passes) if p.get("verification")]
+    if not checked:
+        return None
+    metric = checked[0][1]["verification"]["metric"]
+    fig, (ax,) = _figure(6, 0.9 + 0.35 * len(checked))
+    names = [f"passes[{i}] {p['name']}" for i, p in checked]
+    ax.barh(range(len(names)), [p["verification"][metric] for _, p in checked], 0.6)
+    ax.axvline(checked[0][1]["verification"]["max"], color="red", linestyle="--", label="verify.max")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} vs the original (whole pipeline so far)")
+    ax.legend(fontsize=7)
+    return Figure("verification.png", "error vs the original after each pass", _png(fig))
+
+
+def _kv_cache(report: CompressionReport) -> Figure | None:
+    before, after = report.original.get("kv_cache_bytes_per_token"), report.compressed.get("kv_cache_bytes_per_token")
+    if not before:
+        return None
+    fig, (ax,) = _figure(5, 2.2)
+    ax.barh([0, 1], [before, after], 0.6, color=["tab:blue", "tab:orange"])
+    ax.set_yticks([0, 1], ["original", "compressed"])
+    ax.invert_yaxis()
+    for y, value in enumerate((before, after)):
+        ax.annotate(f" {value:,.0f} B", (value, y), va="center", fontsize=8)
+    ax.set_xlabel("KV-cache bytes per token (all layers)")
+    return Figure("kv-cache.png", "KV-cache bytes per token", _png(fig))
+
+
+def _latency(report: CompressionReport) -> Figure | None:
+    timed = [(i, b) for i, b in enumerate(report.backends) if b.get("latency")]
+    if not timed:
+        return None
+    fig, (ax,) = _figure(6, 0.9 + 0.5 * len(timed))
+    names = [f"backends[{i}] {b['target']}" for i, b in timed]
+    ys = range(len(timed))
+    ax.barh([y - 0.2 for y in ys], [b["latency"]["artifact_ms"] for _, b in timed], 0.4, label="artifact")
+    ax.barh([y + 0.2 for y in ys], [b["latency"]["eager_ms"] for _, b in timed], 0.4, label="eager PyTorch")
+    ax.set_yticks(list(ys), names, fontsize=8)
+    ax.invert_yaxis()
+    per = {b["latency"]["per"] for _, b in timed}
+    ax.set_xlabel(f"ms per {' / '.join(sorted(per))} during validation (not a benchmark)")
+    ax.legend(fontsize=7)
+    return Figure("latency.png", "run time per backend, artifact vs eager", _png(fig))
