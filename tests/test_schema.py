@@ -1,6 +1,7 @@
 """Spec loading: strict fields, discriminated passes, errors that name the JSON path."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,9 +100,22 @@ def test_spec_objects_are_frozen():
         spec.version = 2
 
 
-@pytest.mark.parametrize("path", ["examples/tiny_llama/spec.json", "examples/tiny_llama/spec_mla.json"])
+EXAMPLE_SPECS = sorted(
+    str(p) for p in Path("examples").rglob("*.json") if p.name not in {"config.json", "train_log.json"}
+)
+
+
+@pytest.mark.parametrize("path", EXAMPLE_SPECS)
 def test_example_specs_validate(path):
     assert load_spec(path).passes
+
+
+def test_every_pass_has_an_example_spec():
+    from graphpress.passes.registry import registered
+
+    assert len(EXAMPLE_SPECS) >= 10
+    alone = {load_spec(p).passes[0].pass_ for p in EXAMPLE_SPECS if len(load_spec(p).passes) == 1}
+    assert alone >= set(registered())
 
 
 def test_gqa_to_mla_errors_name_the_json_path():

@@ -65,7 +65,7 @@ def capture(
         op = _failing_op(exc)
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}{where}"
-            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {_first_line(exc)}"
+            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {_first_line(exc)}. {_hint(exc, dynamic)}"
         ) from exc
 
     for name, tensor in list(program.state_dict.items()):
@@ -179,6 +179,22 @@ class _ModuleTracker:
 
 def _exception_in_flight() -> bool:
     return sys.exc_info()[0] is not None
+
+
+def _hint(exc: BaseException, dynamic: bool) -> str:
+    """What to change, for the failures users meet most."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "data-dependent" in text or "DataDependent" in text:
+        return (
+            "The forward branches on tensor values; write the branch with torch.where or torch.cond, "
+            "or move it out of the captured module"
+        )
+    if dynamic and ("Constraints violated" in text or "specializ" in text or "ConstraintViolation" in text):
+        return 'The model fixes an input dimension; capture with "capture": {"dynamic": false}'
+    return (
+        "Make the forward traceable by torch.export (tensor inputs and outputs, no Python side effects "
+        "that depend on values), or compress the submodule that is"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -43,6 +43,7 @@ from ..errors import PassPreconditionError
 from ..ir import Graph, SubgraphBuilder
 from ..ir.blocks import AttentionBlock, Rope, rope_of
 from ..ir.decode import CacheEntry
+from ..progress import track
 from ..schema import GqaToMlaConfig
 from .base import LayerReport, Pass, PassReport, split_qkv_heads
 from .context import PassContext
@@ -99,7 +100,7 @@ class GqaToMla(Pass):
         tables = ctx.column_means(graph, sorted({n.name for s in sites for n in (s.q_rope.cos, s.q_rope.sin)}))
         cache_before = graph.cache.bytes_per_token if graph.cache is not None else None
         absorb = cfg.rope.mode == "decoupled" and cfg.absorb is not False
-        for site in sites:
+        for site in track(sites, f"{ctx.spec_path} gqa_to_mla: blocks"):
             block = site.block
             gram = inputs[block.k_proj.node.name].gram.double()
             rank, rope_dims = self.check_ranks(site, ctx)
@@ -181,7 +182,7 @@ def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:
 
 
 def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
-    where = f"{ctx.spec_path}: {block.path}"
+    where = f"{ctx.spec_path}: attention block '{block.path or '<root>'}'"
     x = block.k_proj.node.args[0]
     if block.v_proj.node.args[0] is not x or block.q_proj.node.args[0] is not x:
         raise PassPreconditionError(f"{where}: q_proj, k_proj and v_proj do not read the same input")
@@ -194,7 +195,7 @@ def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
     if q_rope is None or k_rope is None:
         raise PassPreconditionError(
             f"{where}: no RoPE of the half-split form x*cos + rotate_half(x)*sin on both q and k; other position "
-            "encodings (interleaved RoPE, partial rotary, none) are not handled"
+            "encodings (interleaved RoPE, partial rotary, none) are not handled; exclude this block from targets"
         )
     k_full, k_cache = _cache_concat(graph, k_rope.out)
     v_full, v_cache = _cache_concat(graph, v_heads)

@@ -102,7 +102,7 @@ class QkvoLock(Pass):
 
 def check_layout(block: AttentionBlock, ctx: PassContext, qk: bool) -> None:
     """Heads must be contiguous row blocks of the projections, and RoPE (if any) half-split."""
-    where = f"{ctx.spec_path}: {block.path}"
+    where = f"{ctx.spec_path}: attention block '{block.path or '<root>'}'"
     q, k, _ = split_qkv_heads(block, where)
     if block.o_proj.in_features != block.num_heads * block.head_dim:
         raise PassPreconditionError(
