@@ -28,7 +28,9 @@ class OnnxBackendConfig(BackendConfig):
     max_error: float = Field(
         1e-4, gt=0, description="Largest rel_l2 between onnxruntime and eager outputs before the backend fails."
     )
-    filename: str = Field("model.onnx", pattern=r"^[\w.-]+\.onnx$")
+    filename: str = Field(
+        "model.onnx", pattern=r"^[\w.-]+\.onnx$", description="Name of the ONNX file in the output directory."
+    )
 
     node_metadata: bool = Field(
         False,
@@ -45,7 +47,9 @@ class TvmBackendConfig(BackendConfig):
     max_error: float = Field(
         1e-4, gt=0, description="Largest rel_l2 between the TVM module and eager outputs before the backend fails."
     )
-    filename: str = Field("model.so", pattern=r"^[\w.-]+\.so$")
+    filename: str = Field(
+        "model.so", pattern=r"^[\w.-]+\.so$", description="Name of the compiled library in the output directory."
+    )
 
 
 class MlirBackendConfig(BackendConfig):
@@ -90,7 +94,11 @@ class CudaBackendConfig(BackendConfig):
     max_error: float = Field(
         1e-4, gt=0, description="Largest rel_l2 between the fused program (CPU, and GPU where present) and the graph."
     )
-    filename: str = Field("model.pt2", pattern=r"^[\w.-]+\.pt2$")
+    filename: str = Field(
+        "model.pt2",
+        pattern=r"^[\w.-]+\.pt2$",
+        description="Name of the saved torch.export program in the output directory.",
+    )
 
 
 BACKEND_CONFIGS = {

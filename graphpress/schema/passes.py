@@ -162,7 +162,11 @@ class GqaToMlaConfig(PassConfig):
         description="Numbers cached per token per layer for the latent (plus rope.dims in decoupled mode). "
         "Default: full rank (2 * num_kv_heads * head_dim, minus rope.dims when decoupled): exact, no saving.",
     )
-    rope: RopeHandling = RopeHandling()
+    rope: RopeHandling = Field(
+        default_factory=RopeHandling,
+        description="How RoPE survives the latent cache: {'mode': 'after_up_projection'} or "
+        "{'mode': 'decoupled', 'dims': d} (see RopeHandling's fields in the JSON Schema).",
+    )
     absorb: bool | None = Field(
         None,
         description="Absorbed form (decoupled mode only; its default): W_uk folded into the query projection, "
