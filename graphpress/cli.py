@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 
 from .errors import GraphpressError
 
@@ -63,6 +65,9 @@ def _compress(args) -> int:
     from .schema import load_spec
 
     spec = load_spec(args.spec)  # fail on a bad spec before loading the model
+    if args.quiet:  # the library's and its dependencies' warnings too: the report keeps graphpress's own
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
     progress = False if args.quiet else (True if args.progress else None)
     result = compress(args.model, spec, out_dir=args.out, progress=progress)
     if not args.quiet:
