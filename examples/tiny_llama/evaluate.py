@@ -1,4 +1,5 @@
-"""Held-out perplexity of TinyLlama: the eager original, and any exported ONNX file of it.
+"""Held-out perplexity of TinyLlama: the eager original, and any exported ONNX file of it
+(forward graphs, or decode steps scored token by token).
 
     python -m examples.tiny_llama.evaluate out/tiny_llama/model.onnx
 
@@ -42,13 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("onnx", nargs="*", help="ONNX files of the example LM to score beside the eager original")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--bytes", type=int, default=None, help="score only the first BYTES held-out bytes")
     args = ap.parse_args(argv)
-    heldout = load_split("heldout")
+    heldout = load_split("heldout")[: args.bytes]
     print(f"held-out perplexity ({len(heldout):,} bytes, windows of {args.seq_len}):")
     print(f"  original (eager)  {perplexity(load_model(), heldout, seq_len=args.seq_len):.4f}")
     for path in args.onnx:
-        print(f"  {path}  {perplexity(OnnxLM(path), heldout, seq_len=args.seq_len):.4f}")
+        print(f"  {path}  {perplexity(onnx_lm(path), heldout, seq_len=args.seq_len):.4f}")
     return 0
+
+
+def onnx_lm(path: str):
+    """A forward ONNX file as it is; a decode step (graphpress's cache layout in its metadata) fed
+    each window token by token, as a runtime would decode it."""
+    import onnx
+
+    from graphpress.runtime import LAYOUT_KEY, OnnxDecoder, teacher_forced_logits
+
+    metadata = {p.key for p in onnx.load(path, load_external_data=False).metadata_props}
+    if LAYOUT_KEY not in metadata:
+        return OnnxLM(path)
+    decoder = OnnxDecoder(path)
+    return lambda ids: teacher_forced_logits(decoder, ids)
 
 
 if __name__ == "__main__":
