@@ -14,7 +14,14 @@ import pytest
 
 from graphpress.cli import main
 from graphpress.progress import Progress, step, track
-from graphpress.report import CompressionReport, load_report, render_html, render_plots, write_report
+from graphpress.report import (
+    CompressionReport,
+    load_report,
+    render_html,
+    render_markdown,
+    render_plots,
+    write_report,
+)
 from graphpress.report.writer import ReportError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +143,11 @@ def test_report_without_optional_data_draws_what_it_has():
         ],
     )
     assert render_plots(report) == []  # no bytes, errors, spectra, KV cache, latency or verification
-    check_html(render_html("# r\n"))
+    report.passes[0]["details"] = {"absorbed": False}
+    report.passes[0]["layers"][0]["details"] = {"rope_commuting": True}
+    markdown = render_markdown(report)
+    assert "absorbed no" in markdown and "| yes |" in markdown  # booleans read as words, not 0/1
+    check_html(render_html(markdown))
 
 
 def test_load_report_errors(tmp_path):

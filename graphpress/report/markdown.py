@@ -34,6 +34,8 @@ def _fmt_err(x) -> str:
 
 
 def _fmt_detail(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, dict):
         return "(" + ", ".join(f"{k} {_fmt_detail(v)}" for k, v in value.items()) + ")"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -53,8 +55,6 @@ def _detail_columns(layers: list[dict]) -> list[str]:
 def _fmt_cell(value) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
     if isinstance(value, float):
         return _fmt_err(value)
     if isinstance(value, (list, tuple)):
