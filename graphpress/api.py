@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from .backends import build_backend
-from .backends.base import publish_all, staging_dir
 from .errors import CaptureError
+from .fileio import publish_all, staging_dir
 from .ir import Graph, capture
 from .model_source import ModelSource, load_source
 from .passes import PassContext, PassManager, Verifier, build_pass
 from .progress import Progress, step
-from .report import CompressionReport, write_report
+from .report import PLOTS_DIR, CompressionReport, write_report
 from .schema import Spec, load_spec
 
 
@@ -92,7 +92,8 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
         with step("writing the report"):
             written = write_report(report, stage)
-        publish_all(stage, out, last=[*artifacts.values(), *(out / p.relative_to(stage) for p in written.values())])
+        report_files = [out / p.relative_to(stage) for p in written.values()]
+        publish_all(stage, out, last=[*artifacts.values(), *report_files], mirror=[PLOTS_DIR])
     artifacts.update({name: out / path.relative_to(stage) for name, path in written.items()})
     return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
 

@@ -1,32 +1,53 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Publishing files atomically: written in a staging directory, moved under their final names
+when finished, so a reader sees the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory inside ``out_dir``; removed whatever happens.
+
+    Writers (backends, the report, a whole run) put files there and :func:`publish` /
+    :func:`publish_all` move finished ones into ``out_dir`` with ``os.replace`` (atomic on
+    one file system), so an interrupted run never leaves a half-written file under its
+    final name.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def publish(staged: Path, out_dir: Path) -> Path:
+    final = out_dir / staged.name
+    os.replace(staged, final)
+    return final
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+def publish_all(staged_dir: Path, out_dir: Path, last: Sequence[Path] = (), mirror: Sequence[str] = ()) -> None:
+    """Move every file under ``staged_dir`` to the same place under ``out_dir``, ``last`` (final paths)
+    in that order after the rest: an artifact after the data it refers to, the report after both.
+
+    ``mirror`` names subdirectories whose content is replaced as a whole: files an earlier
+    publication left there that this one does not bring are removed.
+    """
+    order = {Path(p): k for k, p in enumerate(last)}
+    moves = [(src, out_dir / src.relative_to(staged_dir)) for src in staged_dir.rglob("*") if src.is_file()]
+    for src, dst in sorted(moves, key=lambda m: (order.get(m[1], -1), str(m[1]))):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    published = {dst for _, dst in moves}
+    for sub in mirror:
+        for stale in (out_dir / sub).glob("*"):
+            if stale.is_file() and stale not in published:
+                stale.unlink()

@@ -8,7 +8,8 @@ import torch
 
 from graphpress import BackendError
 from graphpress.backends import OnnxBackend
-from graphpress.backends.base import Comparison, staging_dir
+from graphpress.backends.base import Comparison
+from graphpress.fileio import staging_dir
 from graphpress.ir import capture
 from graphpress.schema import OnnxBackendConfig
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
@@ -130,42 +126,3 @@ def tensor_leaves(values) -> list:
 
     leaves = pytree.tree_leaves(values.to_tuple() if hasattr(values, "to_tuple") else values)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-@contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A scratch directory beside the final files; removed whatever happens.
-
-    Backends write there and :func:`publish` moves finished files into ``out_dir``
-    with ``os.replace`` (atomic on one file system), so an interrupted run never
-    leaves a half-written artifact under its final name.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(staged: Path, out_dir: Path) -> Path:
-    final = out_dir / staged.name
-    os.replace(staged, final)
-    return final
-
-
-def publish_all(staged_dir: Path, out_dir: Path, last: list[Path] = ()) -> None:
-    """Move every file under ``staged_dir`` to the same place under ``out_dir``, ``last`` (final paths)
-    in that order after the rest: an artifact after the data it refers to, the report after both.
-
-    Figures left in ``out_dir/plots`` by an earlier run that this one did not draw are removed.
-    """
-    order = {Path(p): k for k, p in enumerate(last)}
-    moves = [(src, out_dir / src.relative_to(staged_dir)) for src in staged_dir.rglob("*") if src.is_file()]
-    for src, dst in sorted(moves, key=lambda m: (order.get(m[1], -1), str(m[1]))):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-    published = {dst for _, dst in moves}
-    for stale in (out_dir / "plots").glob("*.png"):
-        if stale not in published:
-            stale.unlink()

@@ -25,10 +25,11 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import BackendError
+from ..fileio import publish, staging_dir
 from ..ir import Graph, ops
 from ..progress import step
 from ..schema.backends import MlirBackendConfig
-from .base import Backend, BackendRecord, Comparison, publish, staging_dir, tensor_leaves
+from .base import Backend, BackendRecord, Comparison, tensor_leaves
 
 STATIC_PREFIX = 8
 """Cached tokens before the step a static decode graph (tosa) is specialised to."""

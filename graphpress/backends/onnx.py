@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
+from ..fileio import publish, staging_dir
 from ..ir import Graph, ops
 from ..progress import step
 from ..schema import OnnxBackendConfig
-from .base import Backend, BackendRecord, Comparison, publish, staging_dir
+from .base import Backend, BackendRecord, Comparison
 
 PROTOBUF_LIMIT = 2 * 1024**3
 

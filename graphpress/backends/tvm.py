@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendError
+from ..fileio import publish, staging_dir
 from ..ir import Graph, SubgraphBuilder, ops
 from ..progress import step
 from ..schema.backends import TvmBackendConfig
-from .base import Backend, BackendRecord, Comparison, publish, staging_dir
+from .base import Backend, BackendRecord, Comparison
 
 
 class TvmBackend(Backend):

@@ -2,11 +2,12 @@
 
 from .data import CompressionReport
 from .html import render_html
-from .markdown import render_markdown
+from .markdown import PLOTS_DIR, render_markdown
 from .plots import Figure, render_plots
 from .writer import load_report, write_report
 
 __all__ = [
+    "PLOTS_DIR",
     "CompressionReport",
     "Figure",
     "load_report",

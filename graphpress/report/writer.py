@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import GraphpressError
-from ..fileio import atomic_write_bytes, atomic_write_text
+from ..fileio import publish_all, staging_dir
 from .data import CompressionReport
 from .html import render_html
 from .markdown import PLOTS_DIR, render_markdown
@@ -20,25 +20,24 @@ class ReportError(GraphpressError):
 def write_report(report: CompressionReport, out_dir: str | Path, *, json_too: bool = True) -> dict[str, Path]:
     """report.json (unless re-rendering from it), report.md, report.html and plots/*.png under ``out_dir``.
 
-    Everything is rendered in memory first, then each file is replaced atomically; figures
-    a previous rendering left in plots/ that this one no longer draws are removed.
+    All are written to a staging directory and published together, the figures first and
+    the pages last; figures an earlier rendering left in plots/ that this one does not
+    draw are removed.
     """
     out = Path(out_dir)
     figures = render_plots(report)
     markdown = render_markdown(report, figures)
-    page = render_html(markdown, figures)
-    written: dict[str, Path] = {}
-    plots = out / PLOTS_DIR
-    for figure in figures:
-        written[f"plot:{figure.name}"] = atomic_write_bytes(plots / figure.name, figure.png)
-    if plots.is_dir():
-        for stale in plots.glob("*.png"):
-            if f"plot:{stale.name}" not in written:
-                stale.unlink()
+    files = {f"plot:{f.name}": (f"{PLOTS_DIR}/{f.name}", f.png) for f in figures}
     if json_too:
-        written["report_json"] = atomic_write_text(out / "report.json", report.to_json())
-    written["report_md"] = atomic_write_text(out / "report.md", markdown)
-    written["report_html"] = atomic_write_text(out / "report.html", page)
+        files["report_json"] = ("report.json", report.to_json().encode())
+    files["report_md"] = ("report.md", markdown.encode())
+    files["report_html"] = ("report.html", render_html(markdown, figures).encode())
+    with staging_dir(out) as stage:
+        for name, data in files.values():
+            (stage / name).parent.mkdir(exist_ok=True)
+            (stage / name).write_bytes(data)
+        written = {key: out / name for key, (name, _) in files.items()}
+        publish_all(stage, out, last=list(written.values()), mirror=[PLOTS_DIR])
     return written
 
 

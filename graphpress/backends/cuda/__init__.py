@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from ...errors import BackendError
+from ...fileio import publish, staging_dir
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
-from ..base import Backend, BackendRecord, Comparison, publish, staging_dir, tensor_leaves
+from ..base import Backend, BackendRecord, Comparison, tensor_leaves
 from . import kernels
 from .fuse_attention import fuse_decode_attention
 from .fuse_linear import fuse_format_linears
