@@ -91,10 +91,9 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
         timings["total"] = time.perf_counter() - start
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
         with step("writing the report"):
-            written = write_report(report, stage)
-        report_files = [out / p.relative_to(stage) for p in written.values()]
-        publish_all(stage, out, last=[*artifacts.values(), *report_files], mirror=[PLOTS_DIR])
-    artifacts.update({name: out / path.relative_to(stage) for name, path in written.items()})
+            written = {name: out / p.relative_to(stage) for name, p in write_report(report, stage).items()}
+        publish_all(stage, out, last=[*artifacts.values(), *written.values()], mirror=[PLOTS_DIR])
+    artifacts.update(written)
     return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
 
 

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
             report, out = load_report(args.out)
             written = write_report(report, out, json_too=False)
-            print(f"{written['report_html']}\n{written['report_md']}\n{len(written) - 2} figure(s) in {out / 'plots'}")
+            figures = sum(name.startswith("plot:") for name in written)
+            print(f"{written['report_html']}\n{written['report_md']}\n{figures} figure(s) in {out / 'plots'}")
             return 0
         return _compress(args)
     except GraphpressError as exc:

@@ -15,8 +15,8 @@ from pathlib import Path
 def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A scratch directory inside ``out_dir``; removed whatever happens.
 
-    Writers (backends, the report, a whole run) put files there and :func:`publish` /
-    :func:`publish_all` move finished ones into ``out_dir`` with ``os.replace`` (atomic on
+    Writers (backends, the report, a whole run) put files there and :func:`publish_all`
+    moves finished ones into ``out_dir`` with ``os.replace`` (atomic on
     one file system), so an interrupted run never leaves a half-written file under its
     final name.
     """
@@ -26,12 +26,6 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(staged: Path, out_dir: Path) -> Path:
-    final = out_dir / staged.name
-    os.replace(staged, final)
-    return final
 
 
 def publish_all(staged_dir: Path, out_dir: Path, last: Sequence[Path] = (), mirror: Sequence[str] = ()) -> None:

@@ -25,7 +25,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import BackendError
-from ..fileio import publish, staging_dir
+from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
 from ..progress import step
 from ..schema.backends import MlirBackendConfig
@@ -91,7 +91,7 @@ class MlirBackend(Backend):
             staged = tmp / cfg.output_file
             staged.write_text(text)
             files = {staged.name: staged.stat().st_size}
-            publish(staged, out_dir)
+            publish_all(tmp, out_dir)
         return BackendRecord(
             target=self.target,
             artifact=str(out_dir / cfg.output_file),

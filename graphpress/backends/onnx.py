@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
-from ..fileio import publish, staging_dir
+from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
 from ..progress import step
 from ..schema import OnnxBackendConfig
@@ -86,8 +86,8 @@ class OnnxBackend(Backend):
             model = onnx.load(str(staged), load_external_data=False)
             histogram = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph.node)
             files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
-            for path in sorted(tmp.iterdir(), key=lambda p: p.name == cfg.filename):
-                publish(path, out_dir)  # the .onnx last, so it never points at missing external data
+            # the .onnx last, so it never points at missing external data
+            publish_all(tmp, out_dir, last=[out_dir / cfg.filename])
         artifact = out_dir / cfg.filename
         return BackendRecord(
             target=self.target,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendError
-from ..fileio import publish, staging_dir
+from ..fileio import publish_all, staging_dir
 from ..ir import Graph, SubgraphBuilder, ops
 from ..progress import step
 from ..schema.backends import TvmBackendConfig
@@ -63,8 +63,7 @@ class TvmBackend(Backend):
                     f"> max_error = {cfg.max_error:g}"
                 )
             files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
-            publish(sidecar, out_dir)
-            publish(staged, out_dir)  # the library last: its sidecar is already there
+            publish_all(tmp, out_dir, last=[out_dir / cfg.filename])  # the library after its sidecar
         return BackendRecord(
             target=self.target,
             artifact=str(out_dir / cfg.filename),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ...errors import BackendError
-from ...fileio import publish, staging_dir
+from ...fileio import publish_all, staging_dir
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
 from ..base import Backend, BackendRecord, Comparison, tensor_leaves
@@ -65,7 +65,7 @@ class CudaBackend(Backend):
             staged = tmp / cfg.filename
             torch.export.save(fused.program, str(staged))
             files = {staged.name: staged.stat().st_size}
-            publish(staged, out_dir)
+            publish_all(tmp, out_dir)
         histogram = Counter(str(n.target) for n in fused.nodes if n.op == "call_function")
         return BackendRecord(
             target=self.target,
