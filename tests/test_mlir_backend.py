@@ -54,7 +54,7 @@ def test_decompositions_leave_only_aten_and_compute_the_same(compressed_lm, cali
     program = decomposed(compressed_lm)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "graphpress" in t]
-    ids = torch.randint(0, 256, (3, 9))  # another batch and length: the symbols survived
+    ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0))  # another batch and length
     torch.testing.assert_close(program.module()(ids), compressed_lm.module()(ids), rtol=1e-5, atol=1e-5)
 
 
