@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import tempfile
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .backends import build_backend
+from .calibration import calibration_from_files
 from .errors import CaptureError
 from .fileio import publish_all, staging_dir
 from .ir import Graph, capture
@@ -66,8 +68,9 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
     calibration, calibration_source, warnings = _calibration(source, spec, calibration_data)
 
     t = time.perf_counter()
+    model, example_inputs, calibration = _in_dtype(spec.capture.dtype, source.model, source.example_inputs, calibration)
     with step(f"capturing {source.name} ({spec.capture.mode}) with torch.export"):
-        original = capture(source.model, source.example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
+        original = capture(model, example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
     timings["capture"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -106,10 +109,37 @@ def _report(source, spec, original, result, records, calibration, calibration_so
         passes=[r.to_dict() for r in result.report.children],
         backends=records,
         calibration={"samples": len(calibration), "source": calibration_source, "seed": spec.calibration.seed},
+        capture={
+            "mode": spec.capture.mode,
+            "dtype": _dtype(original.module()),
+            "model_dtype": _dtype(source.model),
+            "inputs": original.input_ranges(),
+        },
         timings={k: round(v, 3) for k, v in timings.items()},
         environment={"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         warnings=warnings + [w for r in result.report.children for w in r.warnings],
     )
+
+
+def _in_dtype(dtype: str, model: torch.nn.Module, example_inputs: tuple, calibration: list[tuple]):
+    """The model and its floating-point inputs in ``dtype`` (a converted copy; 'model': as they are)."""
+    target = getattr(torch, dtype, None)
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtype == "model" or floats == {target}:
+        return model, example_inputs, calibration
+
+    def cast(inputs: tuple) -> tuple:
+        return tuple(x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+    with step(f"converting a copy of the model to {dtype}"):
+        converted = copy.deepcopy(model).to(target)
+    return converted, cast(example_inputs), [cast(b) for b in calibration]
+
+
+def _dtype(model: torch.nn.Module) -> str:
+    """The floating-point dtype the model's parameters are stored in (the one the passes store in)."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return "/".join(dtypes) or "none"
 
 
 def _source(model, example_inputs) -> ModelSource:
@@ -124,6 +154,9 @@ def _calibration(source: ModelSource, spec: Spec, data: Iterable | None) -> tupl
     if data is not None:
         batches = [b if isinstance(b, tuple) else (b,) for b in data]
         return batches, "user data", []
+    files = calibration_from_files(cfg, source.tokenize)
+    if files is not None:
+        return files, cfg.text or cfg.tokens, []
     if source.calibration_batches is not None:
         return source.calibration_batches(cfg.samples, cfg.seq_len, cfg.seed), "model directory", []
     warning = "no calibration data given: calibrating and verifying on the example inputs alone"

@@ -63,7 +63,6 @@ def hf_llama():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        use_cache=False,
         attn_implementation="sdpa",
     )
     return transformers.LlamaForCausalLM(config).eval()

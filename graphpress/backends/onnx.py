@@ -76,7 +76,15 @@ class OnnxBackend(Backend):
                 program.save(str(staged), external_data=external)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-            comparison = self.validate(staged, graph, inputs)
+            try:
+                comparison = self.validate(staged, graph, inputs)
+            except Exception as exc:
+                if "NOT_IMPLEMENTED" in str(exc) and _half_precision(graph):
+                    raise BackendError(
+                        f"{self.spec_path}: onnxruntime (CPU) cannot run this {_half_precision(graph)} model: "
+                        f"{_first_line(exc)}. Capture in float32 for it: \"capture\": {{\"dtype\": \"float32\"}}"
+                    ) from exc
+                raise
             errors = comparison.errors
             if errors["rel_l2"] > cfg.max_error:
                 raise BackendError(
@@ -118,6 +126,18 @@ class OnnxBackend(Backend):
             return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
         return self.compare_with_eager(graph, inputs, run, lambda: OnnxDecoder(path))
+
+
+def _half_precision(graph: Graph) -> str | None:
+    """'bfloat16' / 'float16' when the graph stores tensors in one (onnxruntime's CPU kernels mostly lack them)."""
+    for tensor in graph.tensors().values():
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            return str(tensor.dtype).removeprefix("torch.")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _optimize(model) -> None:

@@ -5,6 +5,12 @@ dimensions not specialised, so a model captured on a (1, 64) batch still runs on
 (8, 256). The captured graph owns copies of the model's tensors: nothing a pass
 or a user does to the result can reach the original model.
 
+A model whose forward takes ``use_cache`` (every transformers causal LM, whose
+default config has ``use_cache=True`` and returns a cache object) is captured
+through :class:`ForwardOutputs`, which calls it with ``use_cache=False``: the forward
+graph returns logits / hidden states, never the cache, and the user's model and its
+config stay as they are.
+
 ``mode="decode"`` captures one decoding step with the KV cache as explicit inputs
 and outputs instead (see :mod:`graphpress.ir.decode`).
 
@@ -23,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx.experimental._config as fx_config
+from torch import nn
 from torch.export import Dim
 
 from ..errors import CaptureError
@@ -53,8 +60,12 @@ def capture(
         example_inputs, kwargs = decode_example(layout, _batch_size(example_inputs)), {}
         dynamic_shapes = _decode_dynamic(layout) if dynamic else None
     else:
+        bound = _bind(model, example_inputs, kwargs)
         traced = model
-        dynamic_shapes = _auto_dynamic(_bind(model, example_inputs, kwargs)) if dynamic else None
+        if ForwardOutputs.applies(model, bound):
+            traced = ForwardOutputs(model, list(bound))
+            example_inputs, kwargs = tuple(bound.values()), {}
+        dynamic_shapes = _auto_dynamic(bound) if dynamic else None
 
     tracker = _ModuleTracker(model)
     try:
@@ -76,9 +87,49 @@ def capture(
     for name, value in list(program.constants.items()):
         if isinstance(value, torch.Tensor):
             program.constants[name] = value.detach().clone()
-    if mode == "decode":
+    if traced is not model:
         _strip_prefix(program, "model.")
     return Graph(program, cache=layout)
+
+
+class ForwardOutputs(nn.Module):
+    """Calls a model that would return its KV cache with ``use_cache=False``.
+
+    The example inputs, bound to the names of the model's forward, become positional
+    inputs in that order: the captured graph is called like the model. Without a cache
+    and a mask, transformers compares the batch with ``position_ids``' (1, S) and the
+    capture would pin the batch size; an all-ones ``attention_mask`` (what a tokenizer
+    gives for unpadded text) keeps it free.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.add_mask = "input_ids" in names and "attention_mask" not in names and _takes(model, "attention_mask")
+
+        def forward(*args):
+            return self._call(*args)
+
+        # The graph's inputs are named after the model's parameters (input_ids, not args_0).
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+        )
+        self.forward = forward
+
+    @staticmethod
+    def applies(model: nn.Module, bound: dict[str, Any]) -> bool:
+        return _takes(model, "use_cache") and "use_cache" not in bound
+
+    def _call(self, *args):
+        inputs = dict(zip(self.names, args))
+        if self.add_mask:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return self.model(**inputs, use_cache=False)
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
 
 
 def _batch_size(example_inputs: tuple) -> int:

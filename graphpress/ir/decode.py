@@ -151,7 +151,7 @@ class DecodeStep(nn.Module):
         if self.hf:
             from transformers import DynamicCache
 
-            past = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+            past = DynamicCache(ddp_cache_data=pairs)  # full layers: a sliding window is the mask's job
             # An explicit all-ones mask keeps transformers from choosing is_causal by shape.
             mask = torch.ones(input_ids.shape[0], cache[0].shape[2] + input_ids.shape[1], dtype=torch.long)
             out = self.model(

@@ -34,6 +34,7 @@ from torch.export.graph_signature import (
     OutputSpec,
     TensorArgument,
 )
+from torch.utils._sympy.numbers import int_oo
 
 from .decode import CacheEntry, CacheLayout
 
@@ -142,6 +143,28 @@ class Graph:
             or sig.inputs_to_buffers.get(node.name)
             or sig.inputs_to_lifted_tensor_constants.get(node.name)
         )
+
+    def input_ranges(self) -> dict[str, list[int | list[int | None]]]:
+        """Each user input's dimensions: an int where fixed, [min, max] where symbolic (max None: unbounded).
+
+        What the capture promises: the graph runs on any shape inside these ranges.
+        """
+        ranges = self._program.range_constraints
+        found = {}
+        user = {s.arg.name for s in self._program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+        for node in self.fx.nodes:
+            if node.op != "placeholder" or node.name not in user or not isinstance(node.meta.get("val"), torch.Tensor):
+                continue
+            dims = []
+            for size in node.meta["val"].shape:
+                expr = size.node.expr if isinstance(size, torch.SymInt) else None
+                if expr is None or expr not in ranges:
+                    dims.append(int(size))
+                    continue
+                lo, hi = ranges[expr].lower, ranges[expr].upper
+                dims.append([int(lo), None if hi == int_oo else int(hi)])
+            found[node.name] = dims
+        return found
 
     def linears(self, targets: str | Sequence[str] = "*", exclude: Sequence[str] = ()) -> list[Linear]:
         found = []

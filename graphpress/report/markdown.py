@@ -105,6 +105,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
         "",
         f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "
         f"seed {report.calibration.get('seed', '?')}.",
+        *_capture_line(report.capture),
         "",
         *_images(figures, "verification.png", "kv-cache.png"),
     ]
@@ -160,3 +161,18 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
     lines += [f"Timings: {timing}.", ""]
     return "\n".join(lines)
+
+
+def _capture_line(capture: dict) -> list[str]:
+    """'Captured: decode mode, float32; input_ids 1+ x 1, ...': the shapes the artifacts accept."""
+    if not capture:
+        return []
+
+    def dim(d) -> str:
+        if isinstance(d, int):
+            return str(d)
+        low, high = max(int(d[0]), 1), d[1]
+        return f"{low}+" if high is None else f"{low}..{high}"
+
+    inputs = ", ".join(f"{name} {' x '.join(map(dim, dims))}" for name, dims in capture.get("inputs", {}).items())
+    return ["", f"Captured: {capture.get('mode', '?')} mode, {capture.get('dtype', '?')}; inputs {inputs or 'none'}."]

@@ -19,12 +19,36 @@ class CaptureConfig(StrictModel):
         "(step(input_ids (B, 1), position_ids (B, 1), cache) -> (logits, cache)).",
     )
     dynamic: bool = Field(True, description="Keep every input dimension symbolic (batch, sequence, ...).")
+    dtype: Literal["model", "float32", "float16", "bfloat16"] = Field(
+        "model",
+        description="The dtype of the captured graph and of what the passes store. 'model' keeps the model's own "
+        "(a bf16 checkpoint stays bf16; passes compute in float32/float64 either way). onnxruntime's CPU provider has "
+        "no bfloat16 kernels: give 'float32' for a bf16 model whose ONNX file should run there. Another dtype "
+        "captures a converted copy; the user's model is never changed.",
+    )
 
 
 class CalibrationConfig(StrictModel):
     samples: int = Field(8, ge=1, description="Number of calibration batches.")
     seq_len: int = Field(128, ge=1, description="Sequence length of each batch (model directories that generate data).")
     seed: int = Field(0, description="Seed for choosing calibration data and for every randomised pass.")
+    text: str | None = Field(
+        None,
+        description="A UTF-8 text file (path relative to the working directory) to calibrate on: tokenized with the "
+        "model's tokenizer (a checkpoint's own, or a model directory's tokenize()), cut into `samples` windows of "
+        "`seq_len` tokens at seeded offsets.",
+    )
+    tokens: str | None = Field(
+        None,
+        description="Like `text`, but already token ids: a .npy, .pt or .json file holding one 1-D integer sequence. "
+        "For models without a tokenizer.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if self.text is not None and self.tokens is not None:
+            raise ValueError("calibration.text and calibration.tokens are alternatives; give one")
+        return self
 
 
 class VerifyConfig(StrictModel):

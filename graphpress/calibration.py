@@ -1,0 +1,82 @@
+"""Calibration data from a text or token file named in the spec (``calibration.text`` / ``.tokens``).
+
+The token stream is cut into ``samples`` windows of ``seq_len`` tokens at offsets drawn
+with the calibration seed, so the same spec calibrates on the same windows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import SpecError
+from .schema.spec import CalibrationConfig
+
+
+def calibration_from_files(cfg: CalibrationConfig, tokenize: Callable[[str], list[int]] | None) -> list[tuple] | None:
+    """Batches (1, seq_len) from ``cfg.text`` or ``cfg.tokens``; None when the spec names neither."""
+    if cfg.text is not None:
+        if tokenize is None:
+            raise SpecError(
+                [
+                    (
+                        "calibration.text",
+                        "the model has no tokenizer (a checkpoint folder without tokenizer files, or a model "
+                        "directory without tokenize()); give calibration.tokens, a file of token ids, instead",
+                    )
+                ]
+            )
+        ids = tokenize(_read(cfg.text, "calibration.text").decode("utf-8", errors="replace"))
+        field = "calibration.text"
+    elif cfg.tokens is not None:
+        ids = _token_file(cfg.tokens)
+        field = "calibration.tokens"
+    else:
+        return None
+    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    return token_windows(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
+
+
+def token_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, field: str) -> list[tuple]:
+    if stream.dim() != 1 or len(stream) < seq_len:
+        raise SpecError(
+            [(field, f"holds {stream.numel()} tokens, fewer than calibration.seq_len={seq_len}; lower seq_len")]
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=gen)
+    return [(stream[s : s + seq_len].unsqueeze(0).clone(),) for s in starts.tolist()]
+
+
+def _read(path: str, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SpecError([(field, f"cannot read {path!r}: {exc.strerror or exc}")]) from None
+
+
+def _token_file(path: str) -> list[int]:
+    field = "calibration.tokens"
+    suffix = Path(path).suffix
+    try:
+        if suffix == ".npy":
+            _read(path, field)
+            ids = np.load(path, allow_pickle=False)
+        elif suffix == ".pt":
+            _read(path, field)
+            ids = torch.load(path, weights_only=True)
+        elif suffix == ".json":
+            ids = json.loads(_read(path, field))
+        else:
+            raise SpecError([(field, f"{path!r}: expected a .npy, .pt or .json file of token ids")])
+        ids = np.asarray(ids)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError([(field, f"cannot read token ids from {path!r}: {exc}")]) from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise SpecError([(field, f"{path!r} holds {ids.dtype} of shape {ids.shape}; expected 1-D integer token ids")])
+    return ids.tolist()

@@ -1,0 +1,50 @@
+"""Small transformers models of every major decoder family, each from its DEFAULT config.
+
+Only sizes are set (hidden 64, 2 layers, 4 heads, a 128-token vocabulary): ``use_cache``,
+``return_dict``, attention implementation, rotary layout, biases and norms are each
+family's defaults, as a user's checkpoint has them. Weights are random (seeded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+GQA = dict(SIZES, num_key_value_heads=2)
+
+# name -> (model class, config class, config kwargs)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", GQA),
+    "llama_mha": ("LlamaForCausalLM", "LlamaConfig", SIZES),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", GQA),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(GQA, head_dim=16)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(GQA, sliding_window=8)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(GQA, pad_token_id=0)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(GQA, head_dim=16)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(GQA, head_dim=16, sliding_window=8)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(GQA, head_dim=24, sliding_window=8)),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4)),
+    "gptneox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", SIZES),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2moe": (
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeConfig",
+        dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+}
+MOE = {"mixtral", "qwen2moe"}
+DENSE = [name for name in FAMILIES if name not in MOE]
+
+
+def build(name: str) -> torch.nn.Module:
+    """The family's causal LM from its default config (sizes only), random weights seeded by name."""
+    import transformers
+
+    model_class, config_class, sizes = FAMILIES[name]
+    config = getattr(transformers, config_class)(**sizes)
+    torch.manual_seed(sum(map(ord, name)))
+    return getattr(transformers, model_class)(config).eval()
+
+
+def token_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
