@@ -69,7 +69,8 @@ def hf_llama():
 
 
 class ToyAttention(torch.nn.Module):
-    """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J) or none."""
+    """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J),
+    'reversed' (a rotation no pass knows: x * cos - flip(x) * sin) or none."""
 
     def __init__(self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2, bias: bool = False):
         super().__init__()
@@ -80,6 +81,8 @@ class ToyAttention(torch.nn.Module):
         self.o_proj = torch.nn.Linear(heads * self.hd, d, bias=bias)
 
     def _rotate(self, x, cos, sin):
+        if self.rope == "reversed":
+            return x * cos + (-x.flip(-1)) * sin
         if self.rope == "half":
             h = x.shape[-1] // 2
             return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
@@ -93,7 +96,7 @@ class ToyAttention(torch.nn.Module):
         v = self.v_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
         if self.rope:
             freqs = 0.1 * torch.arange(1, self.hd // 2 + 1)  # one frequency per rotated pair
-            pairs = torch.cat((freqs, freqs)) if self.rope == "half" else freqs.repeat_interleave(2)
+            pairs = freqs.repeat_interleave(2) if self.rope == "interleaved" else torch.cat((freqs, freqs))
             angles = torch.arange(s)[:, None] * pairs
             q, k = self._rotate(q, angles.cos(), angles.sin()), self._rotate(k, angles.cos(), angles.sin())
         group = self.heads // self.kv_heads

@@ -2,7 +2,8 @@
 
 Only sizes are set (hidden 64, 2 layers, 4 heads, a 128-token vocabulary): ``use_cache``,
 ``return_dict``, attention implementation, rotary layout, biases and norms are each
-family's defaults, as a user's checkpoint has them. Weights are random (seeded).
+family's defaults, as a user's checkpoint has them (``llama_eager`` also sets
+``attn_implementation="eager"``, what users pick for attention maps). Weights are random (seeded).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ GQA = dict(SIZES, num_key_value_heads=2)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", GQA),
     "llama_mha": ("LlamaForCausalLM", "LlamaConfig", SIZES),
+    "llama_eager": ("LlamaForCausalLM", "LlamaConfig", dict(GQA, attn_implementation="eager")),  # matmul/softmax
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", GQA),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(GQA, head_dim=16)),
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(GQA, sliding_window=8)),
@@ -33,6 +35,10 @@ FAMILIES = {
     ),
 }
 MOE = {"mixtral", "qwen2moe"}
+ENCODERS = {  # name -> (model class, config class, config kwargs, example input shape)
+    "bert": ("BertModel", "BertConfig", SIZES, None),
+    "vit": ("ViTModel", "ViTConfig", dict(SIZES, image_size=32, patch_size=8, vocab_size=None), (3, 32, 32)),
+}
 DENSE = [name for name in FAMILIES if name not in MOE]
 
 
@@ -44,6 +50,21 @@ def build(name: str) -> torch.nn.Module:
     config = getattr(transformers, config_class)(**sizes)
     torch.manual_seed(sum(map(ord, name)))
     return getattr(transformers, model_class)(config).eval()
+
+
+def build_encoder(name: str) -> tuple[torch.nn.Module, callable]:
+    """An encoder from its default config and a function batch -> example inputs (token ids or pixels)."""
+    import transformers
+
+    model_class, config_class, sizes, pixels = ENCODERS[name]
+    config = getattr(transformers, config_class)(**{k: v for k, v in sizes.items() if v is not None})
+    torch.manual_seed(sum(map(ord, name)))
+    model = getattr(transformers, model_class)(config).eval()
+    if pixels is None:
+        return model, lambda batch, length=12, seed=0: token_ids(batch, length, seed)
+    return model, lambda batch, length=None, seed=0: torch.randn(
+        batch, *pixels, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def token_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from graphpress.metrics import logits_of
 from graphpress.runtime import OnnxDecoder, TorchDecoder, teacher_forced_logits
 
 from .conftest import rel_err, state_hash
-from .families import DENSE, FAMILIES, build, token_ids
+from .families import DENSE, ENCODERS, FAMILIES, build, build_encoder, token_ids
 
 pytest.importorskip("transformers")
 
@@ -53,20 +53,160 @@ def test_default_config_captures_and_runs_at_other_shapes(models, name, mode):
     assert rel_err(logits(graph, other), expected) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", DENSE)
-def test_onnx_of_default_config_runs_at_other_shapes(models, name, mode, tmp_path):
+TVM_FAMILIES = ["gpt2", "phi3", "qwen3", "gemma2", "gptneox"]  # Conv1D, fused, QK-norm, eager, partial rotary
+
+
+def artifact_logits(target: str, path, mode: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of an ONNX file (onnxruntime) or a TVM library, forward or decode (teacher-forced)."""
+    from graphpress.runtime import TvmDecoder, TvmModule
+
+    if mode == "decode":
+        return teacher_forced_logits((OnnxDecoder if target == "onnx" else TvmDecoder)(path), ids)
+    if target == "tvm":
+        return TvmModule(path)(ids)[0]
     import onnxruntime as ort
 
+    session = ort.InferenceSession(str(path))
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("name", "target"), [(n, "onnx") for n in FAMILIES] + [(n, "tvm") for n in TVM_FAMILIES])
+def test_artifacts_of_default_configs_run_at_other_shapes(models, name, target, mode, tmp_path):
+    if target == "tvm":
+        pytest.importorskip("tvm")
     model = family(models, name)
-    result = compress(model, {"capture": {"mode": mode}}, (token_ids(1, 12),), out_dir=tmp_path, progress=False)
+    spec = {"capture": {"mode": mode}, "backends": [{"target": target}]}
+    result = compress(model, spec, (token_ids(1, 12),), out_dir=tmp_path, progress=False)
     other = token_ids(3, 17, seed=1)
     with torch.no_grad():
         expected = model(other).logits
-    if mode == "decode":
-        got = teacher_forced_logits(OnnxDecoder(result.artifacts["onnx"]), other)
+    assert rel_err(artifact_logits(target, result.artifacts[target], mode, other), expected) < 1e-5
+
+
+# ---------------------------------------------------------------- family x pass
+EXACT = {
+    "qkvo_lock": ("forward", {"pass": "qkvo_lock", "seed": 1}),
+    "gqa_to_mla": ("decode", {"pass": "gqa_to_mla"}),  # full rank, RoPE after the up-projection
+    "gqa_to_mla_absorbed": ("decode", {"pass": "gqa_to_mla", "rope": {"mode": "decoupled"}}),  # dims: all K dims
+    "low_rank": ("forward", {"pass": "low_rank", "rank": 512, "only_if_smaller": False}),  # full rank
+}
+LOSSY = {
+    "nm_sparsity": ("forward", {"pass": "nm_sparsity", "targets": "*", "exclude": ["lm_head"]}),
+    "weight_clustering": (
+        "forward",
+        {"pass": "weight_clustering", "bits": 4, "group_size": 16, "targets": "*", "exclude": ["*mlp.gate", "*_gate"]},
+    ),
+    "shift_add": ("forward", {"pass": "shift_add", "targets": "*", "exclude": ["lm_head"]}),
+    "kv_cache_quant": (
+        "decode",
+        {
+            "pass": "kv_cache_quant",
+            "key": {"bits": 4, "axis": "channel", "group_size": 8},
+            "value": {"bits": 4, "axis": "token", "group_size": 8},
+            "residual": 4,
+        },
+    ),
+}
+EAGER = r"written out as matmul/softmax/matmul"
+REFUSED = {
+    ("gemma2", "gqa_to_mla_absorbed"): EAGER + " with soft-capped scores",
+    ("llama_eager", "gqa_to_mla_absorbed"): EAGER,
+    ("gpt2", "gqa_to_mla_absorbed"): "has no RoPE; 'decoupled' splits RoPE off the latent",
+    ("gptneox", "gqa_to_mla_absorbed"): r"partial rotary \(RoPE on 4 of 16 head dims\)",
+    **{(f, "gqa_to_mla_absorbed"): r"\(QK-norm\), which RoRoPE's mixing" for f in ("qwen3", "gemma3")},
+}
+CALIBRATION = [(token_ids(2, 16, seed),) for seed in range(2)]
+
+
+def run_pass(model, mode, config):
+    spec = {"capture": {"mode": mode}, "passes": [config], "verify": {"max": 100.0}, "backends": []}
+    result = compress(model, spec, (token_ids(1, 12),), calibration_data=CALIBRATION, progress=False)
+    return result, result.report.passes[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pass_name", [*EXACT, *LOSSY])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_pass_on_every_family(models, name, pass_name):
+    """Exact passes are exact (<= 1e-5 on held-out ids, batch 3), lossy ones run; refusals name the block and why."""
+    from graphpress.errors import PassPreconditionError
+
+    model = family(models, name)
+    mode, config = {**EXACT, **LOSSY}[pass_name]
+    if pass_name == "gqa_to_mla_absorbed":  # RoPE kept on every key dimension: exact
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        config = {**config, "rope": {"mode": "decoupled", "dims": kv_heads * head_dim}}
+    if (name, pass_name) in REFUSED:
+        with pytest.raises(PassPreconditionError, match=REFUSED[name, pass_name]):
+            run_pass(model, mode, config)
+        return
+    result, report = run_pass(model, mode, config)
+    assert report["layers"], f"{pass_name} changed nothing in {name}"
+    other = token_ids(3, 14, seed=2)
+    with torch.no_grad():
+        expected = model(other).logits
+    error = rel_err(logits(result.graph, other), expected)
+    if pass_name in EXACT:
+        assert error < 1e-5
     else:
-        session = ort.InferenceSession(str(result.artifacts["onnx"]))
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0])
-    assert rel_err(got, expected) < 1e-5
+        assert 0 < error < 1.0
+
+
+def test_qk_norm_families_are_locked_on_values_and_outputs_only(models):
+    """A QK-norm does not commute with a query-key lock: qkvo_lock locks V/O, exactly, and says so."""
+    for name in ("qwen3", "gemma3"):
+        _, report = run_pass(family(models, name), *EXACT["qkvo_lock"])
+        assert all(
+            layer["details"]["qk_matrices"] == 0 and layer["details"]["vo_matrices"] == 2 for layer in report["layers"]
+        )
+        assert any("QK-norm" in w for w in report["warnings"])
+
+
+def test_fused_and_conv1d_projections_become_one_linear_per_piece(models):
+    """Phi-3's qkv_proj / gate_up_proj, GPT-2's Conv1D c_attn, GPT-NeoX's per-head query_key_value."""
+    expected = {
+        "phi3": ("model.layers.0.self_attn.qkv_proj", [64, 32, 32], "model.layers.0.mlp.gate_up_proj", [128, 128]),
+        "gpt2": ("transformer.h.0.attn.c_attn", [64, 64, 64], None, None),
+        "gptneox": ("gpt_neox.layers.0.attention.query_key_value", [64, 64, 64], None, None),
+    }
+    for name, (qkv, widths, gate_up, mlp_widths) in expected.items():
+        graph = capture(family(models, name), (token_ids(1, 12),))
+        assert [lin.out_features for lin in graph.linears(f"{qkv}.*")] == widths
+        block = graph.attention_blocks()[0]
+        assert [p.path for p in (block.q_proj, block.k_proj, block.v_proj)] == [f"{qkv}.{i}" for i in range(3)]
+        if gate_up:
+            assert [lin.out_features for lin in graph.linears(f"{gate_up}.*")] == mlp_widths
+        assert len(graph.mlp_blocks()) == 2 and len(graph.attention_blocks()) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DENSE)
+def test_locked_and_sparsified_family_in_onnx(models, name, tmp_path):
+    """qkvo_lock then 2:4 on the MLPs, through onnxruntime at another batch and length."""
+    model = family(models, name)
+    passes = [EXACT["qkvo_lock"][1], {"pass": "nm_sparsity", "targets": "*mlp*", "exclude": ["*gate"]}]
+    spec = {"passes": passes, "verify": {"max": 100.0}}
+    result = compress(model, spec, (token_ids(1, 12),), calibration_data=CALIBRATION, out_dir=tmp_path, progress=False)
+    other = token_ids(3, 17, seed=1)
+    with torch.no_grad():
+        expected = logits_of(result.model(other))
+    assert rel_err(artifact_logits("onnx", result.artifacts["onnx"], "forward", other), expected) < 1e-5
+
+
+@pytest.mark.parametrize("pass_name", ["qkvo_lock", "low_rank"])
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoders_from_default_configs(name, pass_name):
+    """BertModel and ViTModel: captured at batch 1, exact passes exact at batch 3 (and another length)."""
+    model, inputs = build_encoder(name)
+    config = EXACT[pass_name][1]
+    spec = {"passes": [config], "backends": []}
+    result = compress(model, spec, (inputs(1),), calibration_data=[(inputs(2, 16, seed=3),)], progress=False)
+    other = inputs(3, 17, seed=1)
+    with torch.no_grad():
+        expected = model(other).last_hidden_state
+        assert rel_err(result.model(other).last_hidden_state, expected) < 1e-5
+    assert len(result.graph.attention_blocks()) == 2 and len(result.graph.mlp_blocks()) == 2

@@ -159,11 +159,14 @@ def test_toy_half_split_rope_attention_converts_exactly(toy_input):
         assert rel_err(out, model(toy_input)) < 1e-5
 
 
-@pytest.mark.parametrize("rope", ["interleaved", None])
-def test_unhandled_position_encodings_are_refused(toy_input, rope):
-    graph = capture(ToyAttention(rope).eval(), (toy_input,))
-    with pytest.raises(PassPreconditionError, match="half-split form.*interleaved RoPE"):
-        convert(graph, [(toy_input,)])
+@pytest.mark.parametrize(("rope", "refusal"), [("interleaved", "has interleaved RoPE"), (None, "has no RoPE")])
+def test_interleaved_or_no_rope_is_exact_after_up_and_refused_decoupled(toy_input, rope, refusal):
+    """after_up_projection copies the graph's own RoPE onto the rebuilt keys, whatever its pairing."""
+    model = ToyAttention(rope).eval()
+    graph = capture(model, (toy_input,))
+    assert rel_err(convert(graph, [(toy_input,)]).graph.module()(toy_input), model(toy_input)) < 1e-5
+    with pytest.raises(PassPreconditionError, match=refusal):
+        convert(graph, [(toy_input,)], rope={"mode": "decoupled", "dims": 16})
 
 
 def test_rank_and_layout_errors_name_the_field(trained_llama, calibration):

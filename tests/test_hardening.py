@@ -70,8 +70,15 @@ def test_targets_that_match_nothing_list_what_is_there(tiny_llama, tmp_path, mod
             PassPreconditionError,
             r"value\.group_size: 24 does not divide",
         ),
-        ("interleaved", "forward", {"pass": "gqa_to_mla"}, PassPreconditionError, "exclude this block from targets"),
-        ("interleaved", "forward", {"pass": "qkvo_lock"}, PassPreconditionError, "set qk: false"),
+        (
+            "interleaved",
+            "forward",
+            {"pass": "gqa_to_mla", "rope": {"mode": "decoupled"}},
+            PassPreconditionError,
+            r"rope\.mode: .* has interleaved RoPE",
+        ),
+        ("reversed", "forward", {"pass": "qkvo_lock"}, PassPreconditionError, "set qk: false"),
+        ("reversed", "forward", {"pass": "gqa_to_mla"}, PassPreconditionError, "exclude this block from targets"),
         ("linear", "decode", {"pass": "kv_cache_quant"}, CaptureError, "decode capture needs .*init_kv_cache"),
         ("llama", "forward", {"pass": "gqa_to_mla", "kv_rank": 4096}, PassPreconditionError, r"kv_rank: 4096"),
         ("llama", "forward", {"pass": "nm_sparsity", "n": 4, "m": 2}, SpecError, r"passes\[0\]"),
@@ -79,8 +86,8 @@ def test_targets_that_match_nothing_list_what_is_there(tiny_llama, tmp_path, mod
 )
 def test_unsupported_layouts_are_refused_naming_the_field(tiny_llama, tmp_path, model, mode, config, error, message):
     inputs = None
-    if model == "interleaved":
-        model, inputs = ToyAttention("interleaved"), (torch.randn(1, 8, 32),)
+    if model in ("interleaved", "reversed"):
+        model, inputs = ToyAttention(model), (torch.randn(1, 8, 32),)
     elif model == "linear":
         model, inputs = torch.nn.Linear(4, 4), (torch.randn(1, 4),)
     else:

@@ -82,7 +82,7 @@ class OnnxBackend(Backend):
                 if "NOT_IMPLEMENTED" in str(exc) and _half_precision(graph):
                     raise BackendError(
                         f"{self.spec_path}: onnxruntime (CPU) cannot run this {_half_precision(graph)} model: "
-                        f"{_first_line(exc)}. Capture in float32 for it: \"capture\": {{\"dtype\": \"float32\"}}"
+                        f'{_first_line(exc)}. Capture in float32 for it: "capture": {{"dtype": "float32"}}'
                     ) from exc
                 raise
             errors = comparison.errors

@@ -102,9 +102,41 @@ class TvmBackend(Backend):
 
 
 def prepare(graph: Graph) -> Graph:
-    """A copy of the graph as TVM's importer takes it: masked attention spelled out, slice axes non-negative."""
+    """A copy of the graph as TVM's importer takes it: masked attention spelled out, no same-device moves,
+    slice axes non-negative."""
     work = graph.clone()
     explicit_masked_attention(work)
+    # transformers writes .to(x.device[, dtype]): on one device a dtype cast at most; TVM's importer lacks to.device
+    for node in work.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+            x, dtype = node.args[0], node.meta["val"].dtype
+            if dtype != x.meta["val"].dtype:
+                with work.fx.inserting_before(node):
+                    x = SubgraphBuilder(work, "", node).call(torch.ops.aten._to_copy.default, x, dtype=dtype)
+            node.replace_all_uses_with(x)
+            work.fx.erase_node(node)
+    # torch.cat skips legacy empty 1-D inputs (transformers' fresh cache layers start as tensor([])); TVM rejects them
+    for node in work.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
+            kept = [t for t in node.args[0] if not _legacy_empty(t)]
+            if len(kept) < len(node.args[0]):
+                if len(kept) == 1:
+                    node.replace_all_uses_with(kept[0])
+                    work.fx.erase_node(node)
+                else:
+                    node.update_arg(0, kept)
+    # where(cond, x, scalar) (transformers' eager masks) as masked_fill(x * cond, ~cond, scalar), which TVM's
+    # importer has; x * cond broadcasts x to the result's shape, and masked_fill overwrites what cond drops
+    aten = torch.ops.aten
+    for node in work.nodes:
+        if node.op == "call_function" and node.target is aten.where.ScalarOther:
+            cond, x, other = node.args
+            b = SubgraphBuilder(work, "", node)
+            with work.fx.inserting_before(node):
+                kept = b.call(aten.mul.Tensor, x, b.call(aten._to_copy.default, cond, dtype=x.meta["val"].dtype))
+                filled = b.call(aten.masked_fill.Scalar, kept, b.call(aten.logical_not.default, cond), other)
+            node.replace_all_uses_with(filled)
+            work.fx.erase_node(node)
     # TVM's dynamic strided_slice (the path symbolic bounds take) rejects negative axes
     for node in work.nodes:
         is_slice = node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor
@@ -112,6 +144,11 @@ def prepare(graph: Graph) -> Graph:
             node.update_arg(1, node.args[1] + node.args[0].meta["val"].dim())
     work._changed()
     return work
+
+
+def _legacy_empty(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0
 
 
 def explicit_masked_attention(work: Graph) -> None:

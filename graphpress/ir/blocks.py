@@ -34,7 +34,15 @@ ACTIVATIONS = {
     aten.sigmoid.default,
     aten.tanh.default,
 }
-ELEMENTWISE = ACTIVATIONS | {aten.mul.Tensor, aten.add.Tensor, aten.to.dtype, aten._to_copy.default, aten.clone.default}
+ELEMENTWISE = ACTIVATIONS | {
+    aten.mul.Tensor,
+    aten.add.Tensor,
+    aten.pow.Tensor_Scalar,
+    aten.dropout.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.clone.default,
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +53,17 @@ class AttentionBlock:
     v_proj: Linear
     o_proj: Linear
     sdpa: fx.Node
+    """The attention's output node: the SDPA call, or (eager form) the probabilities-times-V matmul."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
     rope: bool
     rope_nodes: tuple[fx.Node, ...] = field(default=())
     repeat_kv_nodes: tuple[fx.Node, ...] = field(default=())
+    eager: bool = False
+    """Written out as matmul / softmax / matmul (transformers' eager attention), not SDPA."""
+    softcap: bool = False
+    """Eager form with a tanh soft-cap on the scores (Gemma 2)."""
 
     @property
     def group_size(self) -> int:
@@ -73,12 +86,25 @@ class MLPBlock:
 
 @dataclass(frozen=True)
 class Rope:
-    """``out = x * cos + rotate_half(x) * sin`` with half-split pairing (dim i rotates with i + d/2)."""
+    """``out = x * cos + rotate_half(x) * sin``: half-split pairing (dim i rotates with i + d/2) or interleaved.
+
+    Partial rotary: ``x`` is the first ``rotary_dims`` dims of the head, ``rotated`` the RoPE
+    of it, and ``out`` the whole head again (the rest appended unrotated).
+    """
 
     out: fx.Node
     x: fx.Node
     cos: fx.Node
     sin: fx.Node
+    rotary_dims: int | None = None
+    rotated: fx.Node | None = None
+    interleaved: bool = False
+    """Pairs (2i, 2i + 1) instead of (i, i + d/2) (GPT-J's rotate_every_two)."""
+
+    @property
+    def partial(self) -> bool:
+        """RoPE on a prefix of the head's dims only."""
+        return self.rotary_dims is not None and self.rotary_dims < self.out.meta["val"].shape[-1]
 
 
 def _call(node, *targets) -> bool:
@@ -114,6 +140,21 @@ def _is_rotate_half(node, x) -> bool:
     return is_slice(second, half, 2 * half) and is_slice(first, 0, half)
 
 
+def _is_rotate_every_two(node, x) -> bool:
+    """flatten(stack([-x[..., 1::2], x[..., ::2]], -1), -2): GPT-J's interleaved rotate_every_two."""
+    if not (_call(node, aten.flatten.using_ints) and _call(node.args[0], aten.stack.default)):
+        return False
+    parts, dim = node.args[0].args[0], node.args[0].args[1] if len(node.args[0].args) > 1 else 0
+    if len(parts) != 2 or dim != -1 or not _call(parts[0], aten.neg.default):
+        return False
+
+    def every_other(n, start) -> bool:
+        args = list(n.args) + [None] * (5 - len(n.args))
+        return _call(n, aten.slice.Tensor) and n.args[0] is x and args[1] % 4 == 3 and args[2] == start and args[4] == 2
+
+    return every_other(parts[0].args[0], 1) and every_other(parts[1], 0)
+
+
 def match_rope(node) -> Rope | None:
     """The RoPE application computing ``node``, or None if ``node`` is not one."""
     if not _call(node, aten.add.Tensor):
@@ -126,33 +167,117 @@ def match_rope(node) -> Rope | None:
             for rot, sin in (rotated, rotated[::-1]):
                 if isinstance(x, fx.Node) and _is_rotate_half(rot, x):
                     return Rope(node, x, cos, sin)
+                if isinstance(x, fx.Node) and _is_rotate_every_two(rot, x):
+                    return Rope(node, x, cos, sin, interleaved=True)
     return None
 
 
+PER_HEAD = ELEMENTWISE | {aten.rsqrt.default, aten.mean.dim, aten.pow.Tensor_Scalar, aten.add.Scalar}
+
+
 def split_heads(linear: fx.Node, heads: int, head_dim: int) -> fx.Node | None:
-    """The (B, heads, S, head_dim) node made from a linear's output by view + transpose(1, 2)."""
+    """The (B, heads, S, head_dim) node made from a linear's output by view + transpose(1, 2).
+
+    Per-head ops between the view and the transpose (Qwen3's / Gemma3's q_norm and k_norm:
+    elementwise, or reducing over head_dim only) are allowed; :func:`head_norm` tells.
+    """
     for view in linear.users:
         if view.op != "call_function" or view.target not in VIEWS:
             continue
         if tuple(view.meta["val"].shape[-2:]) != (heads, head_dim) or view.meta["val"].dim() != 4:
             continue
-        for t in view.users:
-            if (
-                t.op == "call_function"
-                and t.target is aten.transpose.int
-                and sorted(a % 4 for a in t.args[1:]) == [1, 2]
-            ):
-                return t
+        seen, todo = set(), [view]
+        while todo:
+            node = todo.pop()
+            for t in node.users:
+                if t in seen:
+                    continue
+                seen.add(t)
+                if _call(t, aten.transpose.int) and sorted(a % 4 for a in t.args[1:]) == [1, 2]:
+                    return t
+                if _call(t, *PER_HEAD) and _per_head(t, heads, 2):
+                    todo.append(t)
     return None
 
 
+def _per_head(node: fx.Node, heads: int, axis: int) -> bool:
+    """Keeps a 4-D layout with the heads on ``axis``: nothing mixes heads (a norm reduces over head_dim alone)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or val.shape[axis] != heads:
+        return False
+    return not _call(node, aten.mean.dim) or [d % 4 for d in node.args[1]] == [3]
+
+
+def _normed(heads: fx.Node) -> list[fx.Node]:
+    """Nodes computed from ``heads`` (B, heads, S, d) by per-head ops alone (a QK-norm after the transpose)."""
+    count, found, todo = heads.meta["val"].shape[1], [], [heads]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in found and _call(user, *PER_HEAD, aten.type_as.default) and _per_head(user, count, 1):
+                found.append(user)
+                todo.append(user)
+    return found
+
+
+def head_norm(heads: fx.Node) -> bool:
+    """Whether a per-head norm (QK-norm) acts on ``heads`` (from split_heads) before RoPE or the scores.
+
+    Before the transpose (Qwen3) or after it (Gemma3): either way it is a function of each
+    head's vector that no lock or latent map commutes with in general.
+    """
+    if not _call(heads.args[0], *VIEWS):
+        return True
+    rope = rope_of(heads)
+    return rope is not None and rope.x not in _aliases(heads) and rope.x.args[0] not in _aliases(heads)
+
+
+def _aliases(node: fx.Node) -> list[fx.Node]:
+    return [node] + [u for u in node.users if _call(u, aten.alias.default)]
+
+
 def rope_of(heads: fx.Node) -> Rope | None:
-    """The half-split RoPE applied to ``heads`` (a (B, heads, S, head_dim) node), or None."""
-    for mul in heads.users:
-        for add in mul.users:
-            rope = match_rope(add)
-            if rope is not None and rope.x is heads:
-                return rope
+    """The half-split RoPE applied to ``heads`` (a (B, heads, S, head_dim) node), or None.
+
+    Partial rotary (GPT-NeoX, Phi): RoPE on the first ``rotary_dims`` dims, the rest passed
+    through, ``cat([rope(x[..., :r]), x[..., r:]], -1)``; ``Rope.x`` is then the slice.
+    """
+    head_dim = heads.meta["val"].shape[-1]
+    for base, source in [(n, a) for n in (heads, *_normed(heads)) for a in _aliases(n)]:
+        prefixes = [source] + [
+            u
+            for u in source.users
+            if _call(u, aten.slice.Tensor) and u.args[1] % 4 == 3 and u.args[2] == 0 and len(u.args) > 3
+        ]
+        for x in prefixes:
+            for mul in x.users:
+                for add in mul.users:
+                    rope = match_rope(add)
+                    if rope is None or rope.x is not x:
+                        continue
+                    rotary = int(x.meta["val"].shape[-1])
+                    joined = _rejoined(rope.out, base, rotary)
+                    if joined is not None:  # the head re-assembled (its tail empty when rotary == head_dim)
+                        return Rope(joined, x, rope.cos, rope.sin, rotary, rope.out, rope.interleaved)
+                    if rotary == head_dim and x is source:
+                        return rope
+    return None
+
+
+def _rejoined(rotated: fx.Node, heads: fx.Node, rotary: int) -> fx.Node | None:
+    """``cat([rotated, heads[..., rotary:]], -1)``: the whole head again, its tail untouched."""
+    for cat in rotated.users:
+        if not _call(cat, aten.cat.default) or len(cat.args[0]) != 2 or cat.args[0][0] is not rotated:
+            continue
+        if (cat.args[1] if len(cat.args) > 1 else 0) % 4 != 3:
+            continue
+        tail = cat.args[0][1]
+        if (
+            _call(tail, aten.slice.Tensor)
+            and tail.args[0] in _aliases(heads)
+            and tail.args[1:3] in ((3, rotary), (-1, rotary))
+        ):
+            return cat
     return None
 
 
@@ -190,10 +315,12 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
     is_linear = linears.__contains__
     blocks = []
     for sdpa in graph.fx.nodes:
-        if sdpa.op != "call_function" or sdpa.target not in SDPA:
+        eager = eager_attention(sdpa)
+        if not _call(sdpa, *SDPA) and eager is None:
             continue
+        q_in, k_in, v_in, scores = eager or (*sdpa.args[:3], None)
         projections, paths = [], {}
-        for arg in sdpa.args[:3]:
+        for arg in (q_in, k_in, v_in):
             seen, hits = _walk_back(arg, is_linear)
             if len(hits) != 1:
                 break
@@ -203,7 +330,7 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
         if len(projections) != 3 or len(outs) != 1:
             continue
         q, k, v = projections
-        q_val, k_val = sdpa.args[0].meta["val"], sdpa.args[1].meta["val"]
+        q_val, k_val = q_in.meta["val"], k_in.meta["val"]
         num_heads, head_dim = int(q_val.shape[1]), int(q_val.shape[-1])
         num_kv_heads = k.out_features // head_dim
         if num_kv_heads * head_dim != k.out_features or num_heads % num_kv_heads:
@@ -226,9 +353,51 @@ def find_attention_blocks(graph: Graph) -> list[AttentionBlock]:
                 rope=bool(rope_nodes),
                 rope_nodes=rope_nodes,
                 repeat_kv_nodes=repeat_nodes,
+                eager=eager is not None,
+                softcap=scores is not None and any(_call(n, aten.tanh.default) for n in scores),
             )
         )
     return blocks
+
+
+SOFTMAX_TO_MATMUL = {
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.type_as.default,
+}
+
+
+def eager_attention(node) -> tuple[fx.Node, fx.Node, fx.Node, set[fx.Node]] | None:
+    """``matmul(softmax(f(matmul(q, k^T))), v)``: (q, k, v, the nodes of f), or None.
+
+    f is whatever elementwise work sits on the scores (scale, soft-cap, mask): it acts on
+    the scores only, so a rewrite that keeps q.k and the probabilities-times-V products
+    keeps the attention.
+    """
+    if not _call(node, aten.matmul.default):
+        return None
+    probs, v = node.args[:2]
+    while _call(probs, *SOFTMAX_TO_MATMUL):
+        probs = probs.args[0]
+    if not _call(probs, aten.softmax.int, aten._softmax.default) or probs.args[1] % 4 != 3:
+        return None
+    seen, hits = _walk_back(probs.args[0], lambda n: _call(n, aten.matmul.default))
+    if len(hits) != 1:
+        return None
+    q, kt = hits[0].args[:2]
+    if not _call(kt, aten.transpose.int) or sorted(a % 4 for a in kt.args[1:3]) != [2, 3]:
+        return None
+    return q, kt.args[0], v, seen
+
+
+def _keeps_features(node: fx.Node) -> bool:
+    """A view that only regroups the leading dims (Conv1D's flatten to 2-D and back): elementwise per feature."""
+    if node.target not in VIEWS or not isinstance(node.args[0], fx.Node):
+        return False
+    before, after = node.args[0].meta["val"].shape, node.meta["val"].shape
+    return len(before) >= 1 and len(after) >= 1 and before[-1] == after[-1]
 
 
 def find_mlp_blocks(graph: Graph) -> list[MLPBlock]:
@@ -240,9 +409,10 @@ def find_mlp_blocks(graph: Graph) -> list[MLPBlock]:
             continue
 
         def stop(n: fx.Node) -> bool:
-            return n in linears or n.op != "call_function" or n.target not in ELEMENTWISE
+            return n in linears or n.op != "call_function" or not (n.target in ELEMENTWISE or _keeps_features(n))
 
         seen, hits = _walk_back(node.args[0], stop)
+        hits = [h for h in hits if not _call(h, aten.sym_size.int)]  # shape reads carry no data
         producers = [linears[h] for h in hits if h in linears and h not in attention]
         if len(producers) != len(hits) or not 1 <= len(producers) <= 2:
             continue

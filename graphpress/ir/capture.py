@@ -33,6 +33,7 @@ from torch import nn
 from torch.export import Dim
 
 from ..errors import CaptureError
+from .canonical import canonicalize
 from .decode import CacheLayout, DecodeStep, decode_example
 from .graph import Graph
 
@@ -89,7 +90,7 @@ def capture(
             program.constants[name] = value.detach().clone()
     if traced is not model:
         _strip_prefix(program, "model.")
-    return Graph(program, cache=layout)
+    return canonicalize(Graph(program, cache=layout))
 
 
 class ForwardOutputs(nn.Module):

@@ -546,6 +546,17 @@ class Graph:
         )
         self._changed()
 
+    def replace_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Rebind a stored tensor to a value of any shape; its placeholder's fake value follows."""
+        old = self.weight(name)
+        placeholder = next(n for n in self.fx.nodes if n.op == "placeholder" and self.tensor_name(n) == name)
+        placeholder.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
+        store[name] = (
+            torch.nn.Parameter(value.detach(), old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        )
+        self._changed()
+
     def replace_linear(self, linear: Linear, build: Callable[[SubgraphBuilder, fx.Node], fx.Node]) -> fx.Node:
         """Replace one linear by the subgraph ``build(builder, x)`` returns; drop weights left unused."""
         node = linear.node

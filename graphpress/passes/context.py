@@ -40,11 +40,20 @@ class LinearInputs:
 
     ``gram`` is X^T X over *all* calibration rows (in x in, float32): what activation-aware
     factorizations need. ``rows`` is a seeded sample of at most ``max_rows`` rows of X,
-    enough to measure output error.
+    enough to measure output error. ``total`` (sum of all rows) and ``count`` complete the
+    second moments of the affine input [x; 1], for maps with a bias.
     """
 
     rows: torch.Tensor
     gram: torch.Tensor
+    total: torch.Tensor | None = None
+    count: int = 0
+
+    def affine_gram(self) -> torch.Tensor:
+        """Second moments of [x; 1] (float64): [[X^T X, X^T 1], [1^T X, n]]."""
+        gram, total = self.gram.double(), self.total.double()
+        top = torch.cat([gram, total[:, None]], 1)
+        return torch.cat([top, torch.cat([total, torch.tensor([float(self.count)], dtype=torch.float64)])[None]])
 
 
 @dataclass
@@ -80,9 +89,10 @@ class PassContext:
             gen = torch.Generator().manual_seed(self.seed)
             for producer in sorted(missing):
                 x = torch.cat(rows.pop(producer))
+                total, count = x.double().sum(0), len(x)
                 if len(x) > self.max_rows:
                     x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
-                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer))
+                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer), total, count)
         return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
 
     def column_means(self, graph: Graph, nodes: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -41,7 +41,7 @@ from torch import fx
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, SubgraphBuilder
-from ..ir.blocks import AttentionBlock, Rope, rope_of
+from ..ir.blocks import VIEWS, AttentionBlock, Rope, head_norm, rope_of
 from ..ir.decode import CacheEntry
 from ..progress import track
 from ..schema import GqaToMlaConfig
@@ -58,8 +58,9 @@ class Site:
 
     block: AttentionBlock
     x: fx.Node
-    q_rope: Rope
-    k_rope: Rope
+    q_rope: Rope | None  # None: no RoPE (learned or no positions, e.g. GPT-2)
+    k_rope: Rope | None
+    k_heads: fx.Node  # K split into heads, (B, KV, S, head_dim), before RoPE
     k_full: fx.Node  # K as repeat_kv/SDPA read it: the grown cache (decode) or the rotated K
     v_full: fx.Node
     k_cache: CacheEntry | None
@@ -97,16 +98,15 @@ class GqaToMla(Pass):
         report = self.new_report()
         sites = self.sites(graph, ctx)
         inputs = ctx.linear_inputs(graph, [s.block.k_proj for s in sites])
-        tables = ctx.column_means(graph, sorted({n.name for s in sites for n in (s.q_rope.cos, s.q_rope.sin)}))
+        tables = ctx.column_means(
+            graph, sorted({n.name for s in sites if s.q_rope for n in (s.q_rope.cos, s.q_rope.sin)})
+        )
         cache_before = graph.cache.bytes_per_token if graph.cache is not None else None
         absorb = cfg.rope.mode == "decoupled" and cfg.absorb is not False
         for site in track(sites, f"{ctx.spec_path} gqa_to_mla: blocks"):
             block = site.block
-            gram = inputs[block.k_proj.node.name].gram.double()
             rank, rope_dims = self.check_ranks(site, ctx)
-            weights = {
-                name: graph.weight(getattr(block, name).weight).double() for name in ("q_proj", "k_proj", "v_proj")
-            }
+            gram, weights = affine_maps(graph, block, inputs[block.k_proj.node.name])
             if cfg.rope.mode == "after_up_projection":
                 plan = plan_after_up(weights["k_proj"], weights["v_proj"], gram, rank, cfg.balance_kv)
                 rewrite_after_up(graph, site, plan)
@@ -115,6 +115,8 @@ class GqaToMla(Pass):
                 damage = 1 - (cos.square() + sin.square())[: block.head_dim // 2]
                 plan = plan_decoupled(block, weights, gram, rank, rope_dims, cfg.balance_kv, damage)
                 o_weight = graph.weight(block.o_proj.weight).double()
+                if block.o_proj.bias is not None:
+                    o_weight = torch.cat([o_weight, graph.weight(block.o_proj.bias).double()[:, None]], 1)
                 rewrite_decoupled(graph, site, plan, o_weight if absorb else None)
             before = sum(lin.params for lin in (block.q_proj, block.k_proj, block.v_proj, block.o_proj))
             report.layers.append(
@@ -146,7 +148,37 @@ class GqaToMla(Pass):
 
     # ------------------------------------------------------------------ analysis
     def sites(self, graph: Graph, ctx: PassContext) -> list[Site]:
-        return [find_site(graph, b, ctx) for b in self.selected_attention(graph, ctx)]
+        sites = [find_site(graph, b, ctx) for b in self.selected_attention(graph, ctx)]
+        for site in sites:
+            if self.config.rope.mode == "decoupled" and site.block.eager:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' is written out as "
+                    f"matmul/softmax/matmul{' with soft-capped scores' if site.block.softcap else ''}; 'decoupled' "
+                    "builds a new SDPA, which would drop that; 'after_up_projection' keeps it"
+                )
+            if self.config.rope.mode == "decoupled" and site.k_rope is None:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has no RoPE; 'decoupled' "
+                    "splits RoPE off the latent, use 'after_up_projection'"
+                )
+            if self.config.rope.mode == "decoupled" and any(map(head_norm, split_qkv_heads(site.block, "")[:2])):
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' normalises each q/k head "
+                    "(QK-norm), which RoRoPE's mixing of KV heads and the absorbed form do not commute with; "
+                    "'after_up_projection' applies the norm to the rebuilt keys (exact at full rank)"
+                )
+            if self.config.rope.mode == "decoupled" and site.k_rope.interleaved:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has interleaved RoPE (pairs "
+                    "2i, 2i+1); 'decoupled' handles the half-split layout only, 'after_up_projection' handles both"
+                )
+            if self.config.rope.mode == "decoupled" and site.k_rope.partial:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has partial rotary (RoPE on "
+                    f"{site.k_rope.rotary_dims} of {site.block.head_dim} head dims); 'decoupled' does not handle it "
+                    "yet, 'after_up_projection' does"
+                )
+        return sites
 
     def check_ranks(self, site: Site, ctx: PassContext) -> tuple[int, int]:
         cfg: GqaToMlaConfig = self.config
@@ -186,22 +218,20 @@ def find_site(graph: Graph, block: AttentionBlock, ctx: PassContext) -> Site:
     x = block.k_proj.node.args[0]
     if block.v_proj.node.args[0] is not x or block.q_proj.node.args[0] is not x:
         raise PassPreconditionError(f"{where}: q_proj, k_proj and v_proj do not read the same input")
-    if any(lin.bias for lin in (block.q_proj, block.k_proj, block.v_proj)):
-        raise PassPreconditionError(f"{where}: biased q/k/v projections are not supported")
     if block.head_dim % 2:
         raise PassPreconditionError(f"{where}: head_dim {block.head_dim} is odd; RoPE needs pairs")
     q_heads, k_heads, v_heads = split_qkv_heads(block, where)
     q_rope, k_rope = rope_of(q_heads), rope_of(k_heads)
-    if q_rope is None or k_rope is None:
+    if block.rope and (q_rope is None or k_rope is None):
         raise PassPreconditionError(
-            f"{where}: no RoPE of the half-split form x*cos + rotate_half(x)*sin on both q and k; other position "
-            "encodings (interleaved RoPE, partial rotary, none) are not handled; exclude this block from targets"
+            f"{where}: no RoPE of the form x*cos + rotate(x)*sin (half-split or interleaved pairs) on both q and k; "
+            "other position encodings are not handled; exclude this block from targets"
         )
-    k_full, k_cache = _cache_concat(graph, k_rope.out)
+    k_full, k_cache = _cache_concat(graph, k_rope.out if k_rope is not None else k_heads)
     v_full, v_cache = _cache_concat(graph, v_heads)
     if graph.cache is not None and (k_cache is None or v_cache is None):
         raise PassPreconditionError(f"{where}: K/V are not appended to cache inputs of this decode graph")
-    return Site(block, x, q_rope, k_rope, k_full, v_full, k_cache, v_cache)
+    return Site(block, x, q_rope, k_rope, k_heads, k_full, v_full, k_cache, v_cache)
 
 
 def _cache_concat(graph: Graph, node: fx.Node) -> tuple[fx.Node, CacheEntry | None]:
@@ -216,6 +246,24 @@ def _cache_concat(graph: Graph, node: fx.Node) -> tuple[fx.Node, CacheEntry | No
 
 
 # ---------------------------------------------------------------------- the math
+def affine_maps(graph: Graph, block: AttentionBlock, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The input's second moments and the q/k/v maps (float64); with biases, on the affine input [x; 1].
+
+    A projection with a bias is the linear map [W | b] of [x; 1], so the joint PCA, RoRoPE's
+    mixing and the absorption all work unchanged on [W | b] with the moments of [x; 1]: every
+    derived map comes out affine too (its last column is its bias, see ``_Builder.dense``).
+    At full rank the latent spans K and V with their biases: still exact.
+    """
+    projections = {name: getattr(block, name) for name in ("q_proj", "k_proj", "v_proj")}
+    weights = {name: graph.weight(lin.weight).double() for name, lin in projections.items()}
+    if not any(lin.bias for lin in projections.values()):
+        return inputs.gram.double(), weights
+    for name, lin in projections.items():
+        bias = graph.weight(lin.bias).double() if lin.bias else torch.zeros(lin.out_features, dtype=torch.float64)
+        weights[name] = torch.cat([weights[name], bias[:, None]], 1)
+    return inputs.affine_gram(), weights
+
+
 def joint_pca(parts: list[torch.Tensor], gram: torch.Tensor, rank: int, balance: bool):
     """PCA of the activations [alpha P_0 x; P_1 x] (alpha balancing norms); (W_down, [ups], energy kept)."""
     norms = [torch.einsum("ij,jk,ik->", w, gram, w).clamp_min(1e-30) for w in parts]
@@ -319,6 +367,10 @@ class _Builder(SubgraphBuilder):
         self.dtype = dtype
 
     def dense(self, x, module: str, weight: torch.Tensor) -> fx.Node:
+        """A linear of ``x``; a weight with one column more than ``x`` has features is affine: [W | b]."""
+        if weight.shape[-1] == x.meta["val"].shape[-1] + 1:
+            w, bias = weight[:, :-1], weight[:, -1]
+            return self.linear(x, module, w.to(self.dtype).contiguous(), bias.to(self.dtype).contiguous())
         return self.linear(x, module, weight.to(self.dtype).contiguous())
 
     def size(self, x, dim: int) -> fx.Node | int:
@@ -404,15 +456,33 @@ def rewrite_after_up(graph: Graph, site: Site, plan: Plan) -> None:
     def build(full: list[fx.Node]) -> None:
         (c,) = full
         with graph.fx.inserting_before(_first_user([site.k_full, site.v_full])):
-            k = b.split_heads(b.dense(c, "k_up", plan.k_up), block.num_kv_heads)
-            cos, sin = _key_tables(graph, b, site, c)
-            k = b.rope(k, cos, sin)
+            k = _rebuilt_keys(graph, b, site, b.dense(c, "k_up", plan.k_up), c)
             v = b.split_heads(b.dense(c, "v_up", plan.v_up), block.num_kv_heads)
         _replace_uses(site.k_full, k)
         _replace_uses(site.v_full, v)
 
     _grow(graph, site, entries, build)
     graph.eliminate_dead_code()
+
+
+def _rebuilt_keys(graph: Graph, b: _Builder, site: Site, keys: fx.Node, latent: fx.Node) -> fx.Node:
+    """(B, KV, L, head_dim) keys from the up-projected latent, through the graph's own ops.
+
+    Whatever the block did between viewing k_proj's output as heads and handing K to the
+    attention (a QK-norm before or after the transpose; RoPE, half-split, partial or
+    interleaved) is copied onto the rebuilt keys, with RoPE's tables recomputed for the
+    cached slots: these ops act per slot, so they are as exact on the latent's keys as on
+    the original ones.
+    """
+    block = site.block
+    view = next(u for u in block.k_proj.node.users if u.target in VIEWS and u.meta["val"].dim() == 4)
+    env = {view: b.call(view.target, keys, [b.size(keys, 0), b.size(keys, 1), block.num_kv_heads, block.head_dim])}
+    rope = site.k_rope
+    if rope is not None and graph.cache is not None:
+        cos, sin = _key_tables(graph, b, site, latent)
+        env.update({rope.cos: cos, rope.sin: sin})
+    out = site.k_heads if rope is None else rope.out
+    return _recompute(graph, b, [out], env, site, "the keys", source=view)[0]
 
 
 def _replace_uses(old: fx.Node, new: fx.Node) -> None:
@@ -428,11 +498,19 @@ def _key_tables(graph: Graph, b: _Builder, site: Site, latent: fx.Node) -> tuple
     length = b.size(latent, 1)
     slots = b.call(aten.arange.start_step, 0, length, 1, dtype=positions.meta["val"].dtype)
     slots = b.call(aten.expand.default, b.call(aten.unsqueeze.default, slots, 0), [b.size(positions, 0), -1])
-    return tuple(_recompute(graph, b, [rope.cos, rope.sin], positions, slots, site))
+    return tuple(_recompute(graph, b, [rope.cos, rope.sin], {positions: slots}, site, "the RoPE tables"))
 
 
-def _recompute(graph: Graph, b: _Builder, outputs: list[fx.Node], source: fx.Node, replacement: fx.Node, site):
-    """Copy the nodes between ``source`` and ``outputs``, reading ``replacement`` instead of ``source``."""
+def _recompute(
+    graph: Graph, b: _Builder, outputs: list[fx.Node], env: dict, site, what: str, source: fx.Node | None = None
+) -> list[fx.Node]:
+    """Copy the nodes between ``source`` and ``outputs``, every key of ``env`` read as its value.
+
+    ``source`` (default: the only key of ``env``) decides what is copied: the nodes on a path
+    from it to ``outputs``. The other keys are substitutions only (RoPE tables shared by every
+    layer must not drag earlier layers into the copy).
+    """
+    source = source if source is not None else next(iter(env))
     needed: set[fx.Node] = set()
     todo = list(outputs)
     while todo:
@@ -440,13 +518,14 @@ def _recompute(graph: Graph, b: _Builder, outputs: list[fx.Node], source: fx.Nod
         if n not in needed:
             needed.add(n)
             todo.extend(n.all_input_nodes)
-    if source not in needed:
+    missing = [source for source in env if source not in needed]
+    if missing:
         raise PassPreconditionError(
-            f"{site.block.path}: the RoPE tables do not come from the position_ids input, so they cannot be "
-            "recomputed for cached positions; use rope.mode 'decoupled'"
+            f"{site.block.path}: {what} do not come from {missing[0].name}, so they cannot be recomputed for "
+            "cached positions" + ("; use rope.mode 'decoupled'" if what == "the RoPE tables" else "")
         )
+    env = dict(env)
     depends = {source}
-    env = {source: replacement}
     for n in graph.fx.nodes:
         if n in needed and n not in depends and any(a in depends for a in n.all_input_nodes):
             depends.add(n)
@@ -500,8 +579,10 @@ def rewrite_decoupled(graph: Graph, site: Site, plan: Plan, o_weight: torch.Tens
             if o_weight is not None:
                 group, n_kv = block.group_size, block.num_kv_heads
                 v_up = plan.v_up.view(n_kv, hd, plan.rank)
-                folded = torch.cat([o_weight[:, h * hd : (h + 1) * hd] @ v_up[h // group] for h in range(heads)], 1)
-                out = b.dense(merged, "o_latent", folded)
+                folded = [o_weight[:, h * hd : (h + 1) * hd] @ v_up[h // group] for h in range(heads)]
+                if o_weight.shape[1] == heads * hd + 1:  # o_proj's bias stays the bias
+                    folded.append(o_weight[:, -1:])
+                out = b.dense(merged, "o_latent", torch.cat(folded, 1))
                 out_node.replace_all_uses_with(out)
             else:
                 out_node.replace_input_with(out_node.args[0], merged)

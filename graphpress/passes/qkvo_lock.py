@@ -28,7 +28,7 @@ import torch
 
 from ..errors import PassPreconditionError
 from ..ir import Graph
-from ..ir.blocks import AttentionBlock, rope_of
+from ..ir.blocks import AttentionBlock, head_norm, rope_of
 from ..schema import QkvoLockConfig
 from .base import LayerReport, Pass, PassReport, split_qkv_heads
 from .context import PassContext
@@ -51,11 +51,21 @@ class QkvoLock(Pass):
         worst = 1.0
         for block in self.blocks(graph, ctx):
             d, group = block.head_dim, block.group_size
-            qk = [lock_matrix(d, cfg.max_condition, gen, block.rope) for _ in range(block.num_kv_heads)]
+            q_heads, k_heads, _ = split_qkv_heads(block, block.path)
+            lock_qk = cfg.qk and not (head_norm(q_heads) or head_norm(k_heads))
+            if cfg.qk and not lock_qk:
+                report.warnings.append(
+                    f"{block.path}: q/k not locked: a per-head norm (QK-norm) between the projections and the "
+                    "scores does not commute with a lock matrix; values and outputs are locked"
+                )
+            rope = rope_of(q_heads) if block.rope and lock_qk else None
+            rotary = (rope.rotary_dims or d) if rope is not None else 0
+            interleaved = rope is not None and rope.interleaved
+            qk = [lock_matrix(d, cfg.max_condition, gen, rotary, interleaved) for _ in range(block.num_kv_heads)]
             vo = [lock_matrix(d, cfg.max_condition, gen) for _ in range(block.num_kv_heads)]
             heads = {
-                "q_proj": ([m.T for m in qk], group) if cfg.qk else None,
-                "k_proj": ([torch.linalg.inv(m) for m in qk], 1) if cfg.qk else None,
+                "q_proj": ([m.T for m in qk], group) if lock_qk else None,
+                "k_proj": ([torch.linalg.inv(m) for m in qk], 1) if lock_qk else None,
                 "v_proj": (vo, 1) if cfg.vo else None,
             }
             before = {name: graph.weight(getattr(block, name).weight).detach().clone() for name in heads}
@@ -67,7 +77,7 @@ class QkvoLock(Pass):
                         transform_rows(graph, lin.bias, per_head[0], per_head[1], d)
             if cfg.vo:
                 transform_columns(graph, block.o_proj.weight, [torch.linalg.inv(n) for n in vo], group, d)
-            used = (qk if cfg.qk else []) + (vo if cfg.vo else [])
+            used = (qk if lock_qk else []) + (vo if cfg.vo else [])
             conditions = [float(torch.linalg.cond(m)) for m in used]
             worst = max(worst, *conditions)
             moved = {
@@ -82,9 +92,10 @@ class QkvoLock(Pass):
                     0,
                     0,
                     {
-                        "qk_matrices": block.num_kv_heads if cfg.qk else 0,
+                        "qk_matrices": block.num_kv_heads if lock_qk else 0,
                         "vo_matrices": block.num_kv_heads if cfg.vo else 0,
-                        "rope_commuting": block.rope and cfg.qk,
+                        "rope_commuting": block.rope and lock_qk,
+                        "rotary_dims": rotary,
                         "max_condition": max(conditions),
                         "weight_change": moved,
                     },
@@ -109,28 +120,38 @@ def check_layout(block: AttentionBlock, ctx: PassContext, qk: bool) -> None:
             f"{where}: o_proj reads {block.o_proj.in_features} features, not heads x head_dim = "
             f"{block.num_heads * block.head_dim}"
         )
-    if qk and block.rope and (block.head_dim % 2 or rope_of(q) is None or rope_of(k) is None):
+    rope = rope_of(q) if block.rope else None
+    if qk and block.rope and (rope is None or rope_of(k) is None or (rope.rotary_dims or block.head_dim) % 2):
         raise PassPreconditionError(
-            f"{where}: RoPE is not of the half-split form x*cos + rotate_half(x)*sin on both q and k, so no "
-            "query-key lock is known to commute with it; set qk: false to lock values and outputs only"
+            f"{where}: RoPE is not of the form x*cos + rotate(x)*sin (half-split or interleaved pairs) on both q and "
+            "k, so no query-key lock is known to commute with it; set qk: false to lock values and outputs only"
         )
 
 
-def lock_matrix(d: int, max_condition: float, gen: torch.Generator, rope: bool = False) -> torch.Tensor:
+def lock_matrix(
+    d: int, max_condition: float, gen: torch.Generator, rotary: int = 0, interleaved: bool = False
+) -> torch.Tensor:
     """A random invertible d x d matrix (float64) with condition number <= max_condition.
 
-    ``rope``: of the family commuting with half-split RoPE, a scaled rotation per
-    frequency pair (i, i + d/2).
+    ``rotary`` > 0: of the family commuting with half-split RoPE on the first ``rotary`` dims,
+    a scaled rotation per frequency pair (i, i + rotary/2) there; the dims RoPE passes
+    through (partial rotary) get any invertible block. ``interleaved``: the same for RoPE
+    that pairs (2i, 2i + 1), by the fixed permutation taking pair (i, i + rotary/2) there.
     """
     spread = math.log(max_condition) / 2
-    if rope:
-        half = d // 2
+    if rotary:
+        half = rotary // 2
         scale = torch.exp((torch.rand(half, generator=gen, dtype=torch.float64) * 2 - 1) * spread)
         angle = torch.rand(half, generator=gen, dtype=torch.float64) * 2 * math.pi
         a, b = scale * angle.cos(), scale * angle.sin()
         m = torch.zeros(d, d, dtype=torch.float64)
         i = torch.arange(half)
         m[i, i], m[i, i + half], m[i + half, i], m[i + half, i + half] = a, -b, b, a
+        if interleaved:
+            order = torch.arange(rotary).view(2, half).T.reshape(-1)  # 0, half, 1, half + 1, ...
+            m[:rotary, :rotary] = m[:rotary, :rotary][order][:, order]
+        if rotary < d:
+            m[rotary:, rotary:] = lock_matrix(d - rotary, max_condition, gen)
         return m
     left, right = (_orthogonal(d, gen) for _ in range(2))
     singular = torch.exp((torch.rand(d, generator=gen, dtype=torch.float64) * 2 - 1) * spread)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
 from ..ir.blocks import AttentionBlock
 from ..ir.ops.bitstream import pack_bits
@@ -45,7 +46,13 @@ class ShiftAdd(Pass):
         if self.config.linears:
             self.require_linears(graph, ctx)
         if self.config.attention:
-            self.selected_attention(graph, ctx, field="attention_targets")
+            for block in self.selected_attention(graph, ctx, field="attention_targets"):
+                if block.eager:
+                    raise PassPreconditionError(
+                        f"{ctx.spec_path}.attention: attention block '{block.path}' is written out as "
+                        "matmul/softmax/matmul, not scaled_dot_product_attention; binarized Q/K needs the SDPA form "
+                        "(load the model with attn_implementation='sdpa')"
+                    )
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
         cfg: ShiftAddConfig = self.config
