@@ -228,8 +228,7 @@ def head_norm(heads: fx.Node) -> bool:
     """
     if not _call(heads.args[0], *VIEWS):
         return True
-    rope = rope_of(heads)
-    return rope is not None and rope.x not in _aliases(heads) and rope.x.args[0] not in _aliases(heads)
+    return any(_call(n, aten.mean.dim) for n in _normed(heads))  # a reduction over head_dim: a norm
 
 
 def _aliases(node: fx.Node) -> list[fx.Node]:

@@ -68,10 +68,12 @@ def _matmul_to_linear(graph: Graph, node: fx.Node) -> None:
 
 
 def _pieces(linear_out: fx.Node, features: int):
-    """[(node, start, end, head_view, transposes)] for every feature cut of a linear's output, or None.
+    """(cuts, head_view, transposes) when a linear's output is only ever cut along its features, else None.
 
-    ``head_view`` is the view the cuts happen after (into (..., heads, per_head), or one that
-    only unflattens the leading dims; None: cut the features directly); ``transposes`` are the transposes between that view and the cut.
+    ``cuts`` are (node, start, end) feature ranges. ``head_view`` is the view the cuts happen
+    after (into (..., heads, per_head), the ranges then per head; or one that only regroups
+    the leading dims; None: the features are cut directly); ``transposes`` sit between that
+    view and the cuts.
     """
     users = list(linear_out.users)
     head_view, transposes, source = None, [], linear_out
