@@ -6,6 +6,7 @@ with the calibration seed, so the same spec calibrates on the same windows.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -61,20 +62,17 @@ def _read(path: str, field: str) -> bytes:
 def _token_file(path: str) -> list[int]:
     field = "calibration.tokens"
     suffix = Path(path).suffix
+    if suffix not in (".npy", ".pt", ".json"):
+        raise SpecError([(field, f"{path!r}: expected a .npy, .pt or .json file of token ids")])
+    data = _read(path, field)
     try:
         if suffix == ".npy":
-            _read(path, field)
-            ids = np.load(path, allow_pickle=False)
+            ids = np.load(io.BytesIO(data), allow_pickle=False)
         elif suffix == ".pt":
-            _read(path, field)
-            ids = torch.load(path, weights_only=True)
-        elif suffix == ".json":
-            ids = json.loads(_read(path, field))
+            ids = torch.load(io.BytesIO(data), weights_only=True)
         else:
-            raise SpecError([(field, f"{path!r}: expected a .npy, .pt or .json file of token ids")])
+            ids = json.loads(data)
         ids = np.asarray(ids)
-    except SpecError:
-        raise
     except Exception as exc:
         raise SpecError([(field, f"cannot read token ids from {path!r}: {exc}")]) from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, for one-line errors that wrap it (``empty``, else its type, if none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else (empty or type(exc).__name__)
+
+
 class GraphpressError(Exception):
     """Base class of every error graphpress raises on purpose."""
 

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from .errors import CaptureError
+from .errors import CaptureError, first_line
 
 
 @dataclass
@@ -83,7 +83,7 @@ def load_checkpoint(path: Path) -> ModelSource:
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise CaptureError(f"--model {path}: config.json is not a transformers config: {_first_line(exc)}") from exc
+        raise CaptureError(f"--model {path}: config.json is not a transformers config: {first_line(exc)}") from exc
     classes = [getattr(transformers, a, None) for a in config.architectures or []]
     classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
     failures = []
@@ -92,7 +92,7 @@ def load_checkpoint(path: Path) -> ModelSource:
             model = cls.from_pretrained(path, local_files_only=True, dtype="auto")
             break
         except Exception as exc:
-            failures.append(f"{cls.__name__}: {_first_line(exc)}")
+            failures.append(f"{cls.__name__}: {first_line(exc)}")
     else:
         raise CaptureError(f"--model {path}: no transformers class could load it ({'; '.join(failures)})")
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 2
@@ -109,11 +109,6 @@ def _tokenizer(path: Path) -> Callable[[str], list[int]] | None:
     except Exception:  # no tokenizer files, or ones transformers cannot read: calibration says what to do
         return None
     return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _import_directory(path: Path) -> ModuleType:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, first_line
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
 from ..progress import step
@@ -79,10 +79,11 @@ class OnnxBackend(Backend):
             try:
                 comparison = self.validate(staged, graph, inputs)
             except Exception as exc:
-                if "NOT_IMPLEMENTED" in str(exc) and _half_precision(graph):
+                half = _half_precision(graph)
+                if "NOT_IMPLEMENTED" in str(exc) and half:
                     raise BackendError(
-                        f"{self.spec_path}: onnxruntime (CPU) cannot run this {_half_precision(graph)} model: "
-                        f'{_first_line(exc)}. Capture in float32 for it: "capture": {{"dtype": "float32"}}'
+                        f"{self.spec_path}: onnxruntime (CPU) cannot run this {half} model: "
+                        f'{first_line(exc)}. Capture in float32 for it: "capture": {{"dtype": "float32"}}'
                     ) from exc
                 raise
             errors = comparison.errors
@@ -134,10 +135,6 @@ def _half_precision(graph: Graph) -> str | None:
         if tensor.dtype in (torch.bfloat16, torch.float16):
             return str(tensor.dtype).removeprefix("torch.")
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _optimize(model) -> None:

@@ -104,20 +104,21 @@ class TvmBackend(Backend):
 def prepare(graph: Graph) -> Graph:
     """A copy of the graph as TVM's importer takes it: masked attention spelled out, no same-device moves,
     slice axes non-negative."""
+    aten = torch.ops.aten
     work = graph.clone()
     explicit_masked_attention(work)
     # transformers writes .to(x.device[, dtype]): on one device a dtype cast at most; TVM's importer lacks to.device
     for node in work.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+        if node.op == "call_function" and node.target is aten.to.device:
             x, dtype = node.args[0], node.meta["val"].dtype
             if dtype != x.meta["val"].dtype:
                 with work.fx.inserting_before(node):
-                    x = SubgraphBuilder(work, "", node).call(torch.ops.aten._to_copy.default, x, dtype=dtype)
+                    x = SubgraphBuilder(work, "", node).call(aten._to_copy.default, x, dtype=dtype)
             node.replace_all_uses_with(x)
             work.fx.erase_node(node)
     # torch.cat skips legacy empty 1-D inputs (transformers' fresh cache layers start as tensor([])); TVM rejects them
     for node in work.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
+        if node.op == "call_function" and node.target is aten.cat.default:
             kept = [t for t in node.args[0] if not _legacy_empty(t)]
             if len(kept) < len(node.args[0]):
                 if len(kept) == 1:
@@ -127,7 +128,6 @@ def prepare(graph: Graph) -> Graph:
                     node.update_arg(0, kept)
     # where(cond, x, scalar) (transformers' eager masks) as masked_fill(x * cond, ~cond, scalar), which TVM's
     # importer has; x * cond broadcasts x to the result's shape, and masked_fill overwrites what cond drops
-    aten = torch.ops.aten
     for node in work.nodes:
         if node.op == "call_function" and node.target is aten.where.ScalarOther:
             cond, x, other = node.args

@@ -22,10 +22,10 @@ import operator
 import torch
 from torch import fx
 
+from .blocks import VIEWS, _call
 from .graph import Graph, SubgraphBuilder, module_path
 
 aten = torch.ops.aten
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 END = 2**62
 
 
@@ -39,10 +39,6 @@ def canonicalize(graph: Graph) -> Graph:
     graph.fx.eliminate_dead_code()
     graph.remove_unused_tensors()
     return graph
-
-
-def _call(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _matmul_to_linear(graph: Graph, node: fx.Node) -> None:

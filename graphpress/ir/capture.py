@@ -32,7 +32,7 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
-from ..errors import CaptureError
+from ..errors import CaptureError, first_line
 from .canonical import canonicalize
 from .decode import CacheLayout, DecodeStep, decode_example
 from .graph import Graph
@@ -77,7 +77,7 @@ def capture(
         op = _failing_op(exc)
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}{where}"
-            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {_first_line(exc)}. {_hint(exc, dynamic)}"
+            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {first_line(exc, '(no message)')}. {_hint(exc, dynamic)}"
         ) from exc
 
     for name, tensor in list(program.state_dict.items()):
@@ -247,11 +247,6 @@ def _hint(exc: BaseException, dynamic: bool) -> str:
         "Make the forward traceable by torch.export (tensor inputs and outputs, no Python side effects "
         "that depend on values), or compress the submodule that is"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _failing_op(exc: BaseException) -> str | None:

@@ -538,19 +538,17 @@ class Graph:
         old = self.weight(name)
         if old.shape != value.shape or old.dtype != value.dtype:
             raise ValueError(f"{name}: new value {tuple(value.shape)}/{value.dtype} != {tuple(old.shape)}/{old.dtype}")
-        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
-        store[name] = (
-            torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
-            if isinstance(old, torch.nn.Parameter)
-            else value
-        )
-        self._changed()
+        self._rebind(name, old, value)
 
     def replace_tensor(self, name: str, value: torch.Tensor) -> None:
         """Rebind a stored tensor to a value of any shape; its placeholder's fake value follows."""
         old = self.weight(name)
         placeholder = next(n for n in self.fx.nodes if n.op == "placeholder" and self.tensor_name(n) == name)
         placeholder.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        self._rebind(name, old, value)
+
+    def _rebind(self, name: str, old: torch.Tensor, value: torch.Tensor) -> None:
+        """Store ``value`` under ``name``, a parameter again if ``old`` was one (same requires_grad)."""
         store = self._program.state_dict if name in self._program.state_dict else self._program.constants
         store[name] = (
             torch.nn.Parameter(value.detach(), old.requires_grad) if isinstance(old, torch.nn.Parameter) else value

@@ -150,33 +150,10 @@ class GqaToMla(Pass):
     def sites(self, graph: Graph, ctx: PassContext) -> list[Site]:
         sites = [find_site(graph, b, ctx) for b in self.selected_attention(graph, ctx)]
         for site in sites:
-            if self.config.rope.mode == "decoupled" and site.block.eager:
+            obstacle = decoupled_obstacle(site) if self.config.rope.mode == "decoupled" else None
+            if obstacle:
                 raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' is written out as "
-                    f"matmul/softmax/matmul{' with soft-capped scores' if site.block.softcap else ''}; 'decoupled' "
-                    "builds a new SDPA, which would drop that; 'after_up_projection' keeps it"
-                )
-            if self.config.rope.mode == "decoupled" and site.k_rope is None:
-                raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has no RoPE; 'decoupled' "
-                    "splits RoPE off the latent, use 'after_up_projection'"
-                )
-            if self.config.rope.mode == "decoupled" and any(map(head_norm, split_qkv_heads(site.block, "")[:2])):
-                raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' normalises each q/k head "
-                    "(QK-norm), which RoRoPE's mixing of KV heads and the absorbed form do not commute with; "
-                    "'after_up_projection' applies the norm to the rebuilt keys (exact at full rank)"
-                )
-            if self.config.rope.mode == "decoupled" and site.k_rope.interleaved:
-                raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has interleaved RoPE (pairs "
-                    "2i, 2i+1); 'decoupled' handles the half-split layout only, 'after_up_projection' handles both"
-                )
-            if self.config.rope.mode == "decoupled" and site.k_rope.partial:
-                raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' has partial rotary (RoPE on "
-                    f"{site.k_rope.rotary_dims} of {site.block.head_dim} head dims); 'decoupled' does not handle it "
-                    "yet, 'after_up_projection' does"
+                    f"{ctx.spec_path}.rope.mode: attention block '{site.block.path}' {obstacle}"
                 )
         return sites
 
@@ -202,6 +179,35 @@ class GqaToMla(Pass):
                 + f" = {full}"
             )
         return rank, rope_dims
+
+
+def decoupled_obstacle(site: Site) -> str | None:
+    """What in a block stops the decoupled (RoRoPE, absorbed) form, or None."""
+    block, rope = site.block, site.k_rope
+    if block.eager:
+        capped = " with soft-capped scores" if block.softcap else ""
+        return (
+            f"is written out as matmul/softmax/matmul{capped}; 'decoupled' builds a new SDPA, which would drop "
+            "that; 'after_up_projection' keeps it"
+        )
+    if rope is None:
+        return "has no RoPE; 'decoupled' splits RoPE off the latent, use 'after_up_projection'"
+    if any(map(head_norm, split_qkv_heads(block, "")[:2])):
+        return (
+            "normalises each q/k head (QK-norm), which RoRoPE's mixing of KV heads and the absorbed form do not "
+            "commute with; 'after_up_projection' applies the norm to the rebuilt keys (exact at full rank)"
+        )
+    if rope.interleaved:
+        return (
+            "has interleaved RoPE (pairs 2i, 2i+1); 'decoupled' handles the half-split layout only, "
+            "'after_up_projection' handles both"
+        )
+    if rope.partial:
+        return (
+            f"has partial rotary (RoPE on {rope.rotary_dims} of {block.head_dim} head dims); 'decoupled' does not "
+            "handle it yet, 'after_up_projection' does"
+        )
+    return None
 
 
 def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:
