@@ -15,7 +15,7 @@ from graphpress.metrics import logits_of
 from graphpress.runtime import OnnxDecoder, TorchDecoder, teacher_forced_logits
 
 from .conftest import rel_err, state_hash
-from .families import DENSE, ENCODERS, FAMILIES, build, build_encoder, token_ids
+from .families import DENSE, ENCODERS, FAMILIES, MOE, build, build_encoder, token_ids
 
 pytest.importorskip("transformers")
 
@@ -181,6 +181,66 @@ def test_fused_and_conv1d_projections_become_one_linear_per_piece(models):
         if gate_up:
             assert [lin.out_features for lin in graph.linears(f"{gate_up}.*")] == mlp_widths
         assert len(graph.mlp_blocks()) == 2 and len(graph.attention_blocks()) == 2
+
+
+SPARSE_ROUTING = (token_ids(1, 2, seed=0),)  # 4 token-expert rows: some expert of layer 0 gets none (both families)
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_experts_become_one_linear_each(models, name, tmp_path):
+    """3-D expert parameters run by grouped_mm: one linear per expert, named by index, exact where experts get no rows."""
+    from graphpress.passes import PassContext
+
+    model = family(models, name)
+    inter = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
+    graph = capture(model, (token_ids(1, 12),))
+    experts = graph.linears("model.layers.0.mlp.experts.*")
+    prefix = "model.layers.0.mlp.experts"
+    assert [(lin.path, lin.out_features, lin.in_features) for lin in experts] == [
+        *((f"{prefix}.{e}.gate_up_proj", 2 * inter, 64) for e in range(4)),
+        *((f"{prefix}.{e}.down_proj", 64, inter) for e in range(4)),
+    ]
+    assert not [name for name, t in graph.tensors().items() if t.dim() == 3]
+    rows = PassContext([SPARSE_ROUTING]).linear_inputs(graph, experts)
+    assert min(rows[lin.node.name].count for lin in experts) == 0
+    result = compress(model, {"passes": []}, (token_ids(1, 12),), out_dir=tmp_path, progress=False)
+    for ids in (SPARSE_ROUTING[0], token_ids(3, 17, seed=1)):
+        with torch.no_grad():
+            expected = model(ids).logits
+        assert rel_err(logits(graph, ids), expected) < 1e-5
+        assert rel_err(artifact_logits("onnx", result.artifacts["onnx"], "forward", ids), expected) < 1e-5
+
+
+EXPERT_PASSES = {
+    "whitened_svd": {"pass": "low_rank", "method": "whitened_svd", "rank": 8},
+    "fisher_svd": {"pass": "low_rank", "method": "fisher_svd", "rank": 8},
+    "nm_sparsity": {"pass": "nm_sparsity", "score": "activation", "update": True},
+    "weight_clustering": {"pass": "weight_clustering", "bits": 4, "group_size": 16, "weighting": "activation"},
+    "shift_add": {"pass": "shift_add"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", EXPERT_PASSES.values(), ids=list(EXPERT_PASSES))
+def test_moe_expert_linears_as_pass_targets(models, config, tmp_path):
+    """``*experts.*`` selects every expert's linears; one no calibration token reached is compressed data-free, and said."""
+    model = family(models, "mixtral")
+    spec = {"passes": [{**config, "targets": "*experts.*"}], "verify": {"max": 100.0}}
+    result = compress(model, spec, SPARSE_ROUTING, calibration_data=[SPARSE_ROUTING], out_dir=tmp_path, progress=False)
+    report = result.report.passes[0]
+    assert sorted(layer["path"] for layer in report["layers"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{e}.{proj}"
+        for i in range(2)
+        for e in range(4)
+        for proj in ("gate_up_proj", "down_proj")
+    )
+    unreached = "model.layers.0.mlp.experts.3.gate_up_proj: no calibration"
+    assert any(w.startswith(unreached) for w in report["warnings"]) == (config["pass"] != "shift_add")
+    other = token_ids(3, 17, seed=1)
+    with torch.no_grad():
+        compressed = logits_of(result.model(other))
+        assert 0 < rel_err(compressed, model(other).logits) < 1.0
+    assert rel_err(artifact_logits("onnx", result.artifacts["onnx"], "forward", other), compressed) < 1e-5
 
 
 @pytest.mark.slow

@@ -13,6 +13,12 @@ capture, so no recogniser grows a case per model family:
   becomes one linear per piece, holding exactly the rows the piece read. Piece ``i`` of
   ``...qkv_proj`` is the module ``...qkv_proj.i``. Exact: each output element is computed
   from the same row and bias entry as before.
+- A *grouped* matmul over expert-sorted rows (transformers' ``grouped_mm``: row block e of
+  the input times expert e's slice of a 3-D parameter, block ends ``offs``) becomes the
+  loop it stands for: the rows split at ``offs``, one linear per expert, the outputs
+  concatenated. Expert e of ``...experts.down_proj`` is the module ``...experts.e.down_proj``
+  (weight (out, in), as every linear). Exact, and no row meets a weight it did not meet
+  before; the split sizes are read from ``offs`` at run time.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ def canonicalize(graph: Graph) -> Graph:
     for node in list(graph.fx.nodes):
         if _call(node, aten.addmm.default, aten.mm.default):
             _matmul_to_linear(graph, node)
+    grouped = _grouped_mm_ops()
+    for node in list(graph.fx.nodes):
+        if _call(node, *grouped):
+            _unstack_experts(graph, node)
     for linear in graph.linears():
         _split_fused(graph, linear)
     graph.fx.eliminate_dead_code()
@@ -134,3 +144,47 @@ def _split_fused(graph: Graph, linear) -> None:
                 for t in transposes:
                     out = builder.call(aten.transpose.int, out, *t.args[1:3])
         graph.substitute(cut, out)
+
+
+def _grouped_mm_ops() -> tuple:
+    """torch's and transformers' grouped matmuls (the latter registered once transformers' MoE code is imported)."""
+    ops = (
+        getattr(aten, "_grouped_mm", None),
+        getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None),
+    )
+    return tuple(op.default for op in ops if op is not None)
+
+
+def _unstack_experts(graph: Graph, node: fx.Node) -> None:
+    x, stacked, offs = (*node.args, node.kwargs.get("offs"))[:3]
+    transposed = _call(stacked, aten.transpose.int) and {a % 3 for a in stacked.args[1:3]} == {1, 2}
+    name = graph.tensor_name(stacked.args[0] if transposed else stacked)
+    if name is None or offs is None or graph.weight(name).dim() != 3 or (transposed and len(stacked.users) != 1):
+        return
+    weights = graph.weight(name) if transposed else graph.weight(name).transpose(1, 2)  # (E, out, in)
+    owner, attr = name.rpartition(".")[::2]
+    builder = SubgraphBuilder(graph, owner, node)
+    with graph.fx.inserting_before(node):
+        ends = builder.call(aten._to_copy.default, offs, dtype=torch.int64)
+        counts = builder.call(aten.diff.default, ends, 1, 0, builder.call(aten.new_zeros.default, ends, [1]))
+        sizes = []
+        for e in range(len(weights)):
+            size = builder.call(aten._local_scalar_dense.default, builder.call(aten.select.int, counts, 0, e))
+            builder.call(aten.sym_constrain_range_for_size.default, size)
+            sizes.append(size)
+        rest = builder.call(operator.sub, builder.call(aten.sym_size.int, x, 0), _sum(builder, sizes))
+        pieces = builder.call(aten.split_with_sizes.default, x, [*sizes, rest])
+        outs = [
+            builder.linear(builder.call(operator.getitem, pieces, e), f"{e}.{attr}", weights[e].clone())
+            for e in range(len(weights))
+        ]
+        tail = builder.call(operator.getitem, pieces, len(weights))  # rows past the last block: zeros, as grouped_mm
+        outs.append(builder.call(aten.new_zeros.default, tail, [rest, int(weights.shape[1])]))
+        graph.substitute(node, builder.call(aten.cat.default, outs))
+
+
+def _sum(builder: SubgraphBuilder, sizes: list[fx.Node]) -> fx.Node:
+    total = sizes[0]
+    for size in sizes[1:]:
+        total = builder.call(operator.add, total, size)
+    return total

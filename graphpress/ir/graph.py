@@ -676,7 +676,10 @@ class SubgraphBuilder:
         fake_args = fx.map_arg((args, kwargs), self._value)
         # Size-oblivious, as at capture: otherwise a size-1 example dimension would be
         # guarded (Eq(s0, 1)) here and specialised by the next re-trace (e.g. ONNX export).
-        with self._fake_mode, fx_config.patch(backed_size_oblivious=True):
+        # Sizes read from data at run time (``item``) get fresh unbacked symbols here; they are
+        # not left pending, or the next re-trace (ONNX export) would expect to find them.
+        shape_env = self._fake_mode.shape_env
+        with self._fake_mode, fx_config.patch(backed_size_oblivious=True), shape_env.ignore_fresh_unbacked_symbols():
             node.meta["val"] = op(*fake_args[0], **fake_args[1])
         stack = dict(self.origin.meta.get("nn_module_stack", {}))
         if module is not None:

@@ -166,6 +166,21 @@ class Pass(ABC):
 
         graph.replace_linear(lin, build)
 
+    @staticmethod
+    def data_free(report: PassReport, lin, reached: bool, instead: str, signal: str = "input") -> bool:
+        """True (and a warning naming ``lin``) when no calibration ``signal`` reached it: use ``instead``.
+
+        A data-aware criterion has nothing to weigh there (a zero X^T X would whiten by zero,
+        score every weight 0, refit every weight to 0), so the data-free form is used.
+        """
+        if reached:
+            return False
+        report.warnings.append(
+            f"{lin.path}: no calibration {signal} reached it (an expert no calibration token was routed to?), "
+            f"so {instead}; add calibration data that reaches it"
+        )
+        return True
+
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.config.model_dump(mode="json", by_alias=True))
 

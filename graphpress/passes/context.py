@@ -49,6 +49,11 @@ class LinearInputs:
     total: torch.Tensor | None = None
     count: int = 0
 
+    @property
+    def reached(self) -> bool:
+        """Whether any calibration signal reached the linear (an expert no token was routed to: none)."""
+        return bool(self.gram.diagonal().any())
+
     def affine_gram(self) -> torch.Tensor:
         """Second moments of [x; 1] (float64): [[X^T X, X^T 1], [1^T X, n]]."""
         gram, total = self.gram.double(), self.total.double()

@@ -80,6 +80,8 @@ class LowRank(Pass):
         """M = D W S for this pass's method; ``whiteners`` caches S for consecutive linears of one input."""
         dtype = torch.float64 if min(weight.shape) <= FLOAT64_MAX_DIM else torch.float32
         w = weight.detach().to(dtype)
+        if not self.has_data(inputs, grad_sq):  # no X to whiten by, no gradient to weigh by
+            return Scaled(w, None, None)
         if self.config.method == "whitened_svd":
             key = id(inputs.gram)  # q/k/v (and gate/up) share one X^T X object, so one S
             if key not in whiteners:
@@ -89,10 +91,15 @@ class LowRank(Pass):
             return Scaled(w @ s, None, s)
         if self.config.method == "fisher_svd":
             importance = grad_sq.sum(dim=1)  # I_i: Fisher information of output row i
-            floor = max(importance.mean().item() * 1e-6, torch.finfo(torch.float64).tiny)  # rows with no gradient
-            d = (importance + floor).sqrt().to(dtype)
+            importance = importance / importance.mean()  # D's scale cancels in B A; kept O(1) for fp32 factors
+            d = (importance + 1e-6).sqrt().to(dtype)  # rows with no gradient keep a small weight
             return Scaled(d[:, None] * w, d, None)
         return Scaled(w, None, None)
+
+    def has_data(self, inputs: LinearInputs, grad_sq: torch.Tensor | None) -> bool:
+        """Whether the method's scaling has calibration signal to work with (plain SVD always does)."""
+        method = self.config.method
+        return method == "svd" or (inputs.reached if method == "whitened_svd" else bool(grad_sq.any()))
 
     # ------------------------------------------------------------------ ranks
     def fixed_rank(self, linear: Linear) -> int | None:
@@ -214,7 +221,16 @@ class LowRank(Pass):
                     LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": rank, "reason": reason})
                 )
                 continue
-            report.layers.append(self.factor_layer(graph, lin, rank, scaled_of(lin), inputs[lin.node.name], ctx))
+            plain = self.data_free(
+                report,
+                lin,
+                self.has_data(inputs[lin.node.name], grads.get(lin.weight)),
+                f"plain SVD factors it, not {self.config.method}",
+                "input" if self.config.method == "whitened_svd" else "gradient",
+            )
+            layer = self.factor_layer(graph, lin, rank, scaled_of(lin), inputs[lin.node.name], ctx)
+            layer.details["method"] = "svd" if plain else self.config.method
+            report.layers.append(layer)
         return report
 
     def factor_layer(
@@ -257,9 +273,14 @@ class LowRank(Pass):
 
 
 def whitener(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """Lower-triangular S with S S^T = X^T X + lambda I, lambda = damping * mean diag (grown until PD)."""
+    """Lower-triangular S with S S^T = X^T X / c + lambda I, c = mean diag, lambda = damping (grown until PD).
+
+    The scale c cancels in B A (S and S^-1 both appear); dividing by it keeps S, and so the
+    stored factors, O(1) whatever the activations' magnitude (a tiny S would overflow A in fp32).
+    """
     eye = torch.eye(len(gram), dtype=gram.dtype)
-    ridge = damping * gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    gram = gram / gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    ridge = damping
     for _ in range(8):
         s, info = torch.linalg.cholesky_ex(gram + ridge * eye)
         if info == 0:

@@ -62,10 +62,14 @@ class NmSparsity(Pass):
         for lin in track(linears, f"{ctx.spec_path} nm_sparsity: masks"):
             weight = graph.weight(lin.weight)
             w = weight.detach().double()
-            score = self.score(w, inputs[lin.node.name].gram)
+            aware = cfg.score == "activation" or cfg.update
+            blind = aware and self.data_free(
+                report, lin, inputs[lin.node.name].reached, "magnitudes pick its weights, unrefit"
+            )
+            score = w.abs() if blind else self.score(w, inputs[lin.node.name].gram)
             gram = inputs[lin.node.name].gram.double()
             columns, within = keep(score, cfg.n, cfg.m)
-            if cfg.update:
+            if cfg.update and not blind:
                 w = refit(w, gram, columns, cfg.damping)
             values = w.gather(1, columns).to(weight.dtype)
             dense = torch.zeros_like(weight).scatter(1, columns, values)

@@ -77,8 +77,8 @@ class WeightClustering(Pass):
         gen = torch.Generator().manual_seed(ctx.seed)
         for lin in track(dense, f"{ctx.spec_path} weight_clustering: k-means"):
             weight = graph.weight(lin.weight)
-            energy = inputs[lin.node.name].gram.diagonal().double().expand_as(weight)
-            palette = self.palettize(weight, energy, gen)
+            energy = self.energy(report, lin, inputs[lin.node.name])
+            palette = self.palettize(weight, None if energy is None else energy.expand_as(weight), gen)
             self.store_weight_as(graph, lin, LUT, palette.tensors, *palette.args)
             layer = self.layer_report(lin.path, weight, palette, inputs[lin.node.name].rows, weight, palette.rebuilt)
             layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
@@ -88,8 +88,9 @@ class WeightClustering(Pass):
             values_node, positions_node, n, m, in_features = lin.op.args
             values = graph.weight(graph.tensor_name(values_node))
             positions = graph.weight(graph.tensor_name(positions_node))
-            energy = inputs[lin.node.name].gram.diagonal().double()[kept_columns(positions, n, m, values.shape[1])]
-            palette = self.palettize(values, energy, gen)
+            energy = self.energy(report, lin, inputs[lin.node.name])
+            kept = None if energy is None else energy[kept_columns(positions, n, m, values.shape[1])]
+            palette = self.palettize(values, kept, gen)
 
             graph.replace_input(
                 lin.op, 0, lin.path, lambda b, p=lin.path, s=palette: stored_call(graph, b, p, LUT, s.tensors, *s.args)
@@ -101,13 +102,20 @@ class WeightClustering(Pass):
             )
         return report
 
-    def palettize(self, weight: torch.Tensor, energy: torch.Tensor, gen: torch.Generator) -> Palette:
-        """Cluster ``weight`` (out, in); ``energy`` (out, in) weighs each value when ``weighting`` is activation."""
+    def energy(self, report: PassReport, lin, inputs) -> torch.Tensor | None:
+        """E[x_j^2] per input channel under ``weighting: activation``; None: every value counts the same."""
+        if self.config.weighting != "activation" or self.data_free(
+            report, lin, inputs.reached, "it is clustered unweighted"
+        ):
+            return None
+        return inputs.gram.diagonal().double()
+
+    def palettize(self, weight: torch.Tensor, energy: torch.Tensor | None, gen: torch.Generator) -> Palette:
+        """Cluster ``weight`` (out, in); ``energy`` (out, in), when given, weighs each value."""
         cfg: WeightClusteringConfig = self.config
         out, inp = weight.shape
         rows = {"tensor": out, "channel": 1, "group": cfg.group_size}[cfg.granularity]
-        importance = energy if cfg.weighting == "activation" else None
-        codes, codebook = cluster(weight.detach().double(), 2**cfg.bits, rows, cfg.iterations, gen, importance)
+        codes, codebook = cluster(weight.detach().double(), 2**cfg.bits, rows, cfg.iterations, gen, energy)
         codebook = codebook.to(weight.dtype)
         rebuilt = codebook.reshape(-1)[codes + (torch.arange(out) // rows * codebook.shape[1])[:, None]]
         tensors = {"lut_indices": pack_bits(codes, cfg.bits), "lut_codebook": codebook}

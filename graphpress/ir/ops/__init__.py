@@ -7,7 +7,7 @@ kernels implement. ``low_rank`` and ``gqa_to_mla`` need
 none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
 
-from . import fused, grouped_mm, kv_quant, lut, nm_sparse, shift
+from . import fused, kv_quant, lut, nm_sparse, shift
 
 
 def onnx_translations() -> dict:
@@ -17,7 +17,6 @@ def onnx_translations() -> dict:
         **lut.ONNX_TRANSLATIONS,
         **nm_sparse.ONNX_TRANSLATIONS,
         **shift.ONNX_TRANSLATIONS,
-        **grouped_mm.onnx_translations(),
     }
 
 
