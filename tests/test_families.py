@@ -114,7 +114,6 @@ REFUSED = {
     ("gemma2", "gqa_to_mla_absorbed"): EAGER + " with soft-capped scores",
     ("llama_eager", "gqa_to_mla_absorbed"): EAGER,
     ("gpt2", "gqa_to_mla_absorbed"): "has no RoPE; 'decoupled' splits RoPE off the latent",
-    ("gptneox", "gqa_to_mla_absorbed"): r"partial rotary \(RoPE on 4 of 16 head dims\)",
     **{(f, "gqa_to_mla_absorbed"): r"\(QK-norm\), which RoRoPE's mixing" for f in ("qwen3", "gemma3")},
 }
 CALIBRATION = [(token_ids(2, 16, seed),) for seed in range(2)]
@@ -135,11 +134,12 @@ def test_every_pass_on_every_family(models, name, pass_name):
 
     model = family(models, name)
     mode, config = {**EXACT, **LOSSY}[pass_name]
-    if pass_name == "gqa_to_mla_absorbed":  # RoPE kept on every key dimension: exact
+    if pass_name == "gqa_to_mla_absorbed":  # RoPE kept on every rotary key dimension: exact
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        config = {**config, "rope": {"mode": "decoupled", "dims": kv_heads * head_dim}}
+        rotary = int(head_dim * (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
+        config = {**config, "rope": {"mode": "decoupled", "dims": kv_heads * rotary}}
     if (name, pass_name) in REFUSED:
         with pytest.raises(PassPreconditionError, match=REFUSED[name, pass_name]):
             run_pass(model, mode, config)
@@ -164,6 +164,26 @@ def test_qk_norm_families_are_locked_on_values_and_outputs_only(models):
             layer["details"]["qk_matrices"] == 0 and layer["details"]["vo_matrices"] == 2 for layer in report["layers"]
         )
         assert any("QK-norm" in w for w in report["warnings"])
+
+
+def test_partial_rotary_keeps_rope_on_the_rotary_dims_only(models):
+    """GPT-NeoX turns 4 of 16 head dims: 'decoupled' keeps RoPE on at most 4 x 4 key dims, the rest are latent."""
+    from graphpress.errors import PassPreconditionError
+
+    model = family(models, "gptneox")
+    with pytest.raises(PassPreconditionError, match=r"rope\.dims: 24 exceeds the 16 rotary key dimensions"):
+        run_pass(model, "decode", {"pass": "gqa_to_mla", "rope": {"mode": "decoupled", "dims": 24}})
+    other = token_ids(3, 14, seed=2)
+    with torch.no_grad():
+        expected = model(other).logits
+    errors = []
+    for rank in (24, 64, 112):
+        result, report = run_pass(
+            model, "forward", {"pass": "gqa_to_mla", "kv_rank": rank, "rope": {"mode": "decoupled"}}
+        )
+        assert report["layers"][0]["details"]["cache_numbers_per_token"] == (128, rank + 16)
+        errors.append(rel_err(logits(result.graph, other), expected))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5  # 112 = 2 x 64 - 16: full rank
 
 
 def test_fused_and_conv1d_projections_become_one_linear_per_piece(models):

@@ -150,22 +150,26 @@ def toy_input():
     return torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
 
 
-def test_toy_half_split_rope_attention_converts_exactly(toy_input):
+@pytest.mark.parametrize("rope", ["half", "interleaved"])
+def test_toy_rope_attention_converts_exactly(toy_input, rope):
+    """Half-split (Llama) and interleaved (GPT-J) pairs: RoRoPE mixes the rows of each frequency's pair."""
     torch.manual_seed(0)
-    model = ToyAttention("half").eval()
+    model = ToyAttention(rope).eval()
     graph = capture(model, (toy_input,))
     for fields in (AFTER_UP, {"rope": {"mode": "decoupled", "dims": 16}}):
         out = convert(graph, [(toy_input,)], **fields).graph.module()(toy_input)
         assert rel_err(out, model(toy_input)) < 1e-5
+    lossy = [convert(graph, [(toy_input,)], kv_rank=r, rope={"mode": "decoupled", "dims": 4}) for r in (8, 20)]
+    errors = [rel_err(result.graph.module()(toy_input), model(toy_input)) for result in lossy]
+    assert errors[0] > errors[1] > 1e-4
 
 
-@pytest.mark.parametrize(("rope", "refusal"), [("interleaved", "has interleaved RoPE"), (None, "has no RoPE")])
-def test_interleaved_or_no_rope_is_exact_after_up_and_refused_decoupled(toy_input, rope, refusal):
-    """after_up_projection copies the graph's own RoPE onto the rebuilt keys, whatever its pairing."""
-    model = ToyAttention(rope).eval()
+def test_no_rope_is_exact_after_up_and_refused_decoupled(toy_input):
+    """after_up_projection copies the graph's own ops onto the rebuilt keys; decoupled needs a RoPE to split."""
+    model = ToyAttention(None).eval()
     graph = capture(model, (toy_input,))
     assert rel_err(convert(graph, [(toy_input,)]).graph.module()(toy_input), model(toy_input)) < 1e-5
-    with pytest.raises(PassPreconditionError, match=refusal):
+    with pytest.raises(PassPreconditionError, match="has no RoPE"):
         convert(graph, [(toy_input,)], rope={"mode": "decoupled", "dims": 16})
 
 
@@ -175,7 +179,7 @@ def test_rank_and_layout_errors_name_the_field(trained_llama, calibration):
         convert(graph, calibration, kv_rank=200)
     with pytest.raises(PassPreconditionError, match=r"kv_rank: 100 exceeds .*rope.dims 32 = 96"):
         convert(graph, calibration, kv_rank=100, rope={"mode": "decoupled", "dims": 32})
-    with pytest.raises(PassPreconditionError, match=r"rope.dims: 96 exceeds the 64 key dimensions"):
+    with pytest.raises(PassPreconditionError, match=r"rope.dims: 96 exceeds the 64 rotary key dimensions"):
         convert(graph, calibration, rope={"mode": "decoupled", "dims": 96})
     with pytest.raises(
         PassPreconditionError, match=r"targets: 'decoder\.\*' matches no attention block.*layers\.0\.self_attn"

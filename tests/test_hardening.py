@@ -71,11 +71,11 @@ def test_targets_that_match_nothing_list_what_is_there(tiny_llama, tmp_path, mod
             r"value\.group_size: 24 does not divide",
         ),
         (
-            "interleaved",
+            "no_rope",
             "forward",
             {"pass": "gqa_to_mla", "rope": {"mode": "decoupled"}},
             PassPreconditionError,
-            r"rope\.mode: .* has interleaved RoPE",
+            r"rope\.mode: .* has no RoPE",
         ),
         ("reversed", "forward", {"pass": "qkvo_lock"}, PassPreconditionError, "set qk: false"),
         ("reversed", "forward", {"pass": "gqa_to_mla"}, PassPreconditionError, "exclude this block from targets"),
@@ -86,8 +86,8 @@ def test_targets_that_match_nothing_list_what_is_there(tiny_llama, tmp_path, mod
 )
 def test_unsupported_layouts_are_refused_naming_the_field(tiny_llama, tmp_path, model, mode, config, error, message):
     inputs = None
-    if model in ("interleaved", "reversed"):
-        model, inputs = ToyAttention(model), (torch.randn(1, 8, 32),)
+    if model in ("no_rope", "reversed"):
+        model, inputs = ToyAttention(None if model == "no_rope" else model), (torch.randn(1, 8, 32),)
     elif model == "linear":
         model, inputs = torch.nn.Linear(4, 4), (torch.randn(1, 4),)
     else:

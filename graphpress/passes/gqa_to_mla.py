@@ -20,13 +20,16 @@ RoPE rotates K per position, so it cannot be folded into a cached latent. Two wa
   components; the ``rope.dims`` strongest keep RoPE as one key shared by all heads (cached
   after rotation, as DeepSeek-V2 does), the rest lose RoPE and join V in the latent PCA.
   Each query head gets the same per-frequency mix, so scores are unchanged except for the
-  RoPE dropped on the weak components. Without RoPE on the latent part, W_uk folds into
+  RoPE dropped on the weak components. A frequency is a pair of dims in each head, (i, i + r/2)
+  half-split or (2i, 2i + 1) interleaved, so the pairing only decides which rows are mixed;
+  with partial rotary the dims past the first r carry no RoPE and join the latent as they are.
+  Without RoPE on the latent part, W_uk folds into
   the query projection and W_uv into the output projection (the *absorbed* form):
 
       score_h = (W_uk^T q_h)^T c + q_rope_h^T k_rope,     o = W_o [W_uv softmax(score) c]_h
 
 Invariants (tested): at full rank, after_up_projection matches the original to 1e-5 (fp32)
-in forward and decode graphs, and so does decoupled with rope.dims = kv_heads * head_dim;
+in forward and decode graphs, and so does decoupled with rope.dims = kv_heads * rotary dims;
 absorbed and non-absorbed forms agree; a decode graph's cache becomes the latent (and the
 RoPE key) per converted layer.
 """
@@ -112,8 +115,8 @@ class GqaToMla(Pass):
                 rewrite_after_up(graph, site, plan)
             else:
                 cos, sin = tables[site.q_rope.cos.name], tables[site.q_rope.sin.name]
-                damage = 1 - (cos.square() + sin.square())[: block.head_dim // 2]
-                plan = plan_decoupled(block, weights, gram, rank, rope_dims, cfg.balance_kv, damage)
+                damage = 1 - (cos.square() + sin.square())
+                plan = plan_decoupled(block, site.k_rope, weights, gram, rank, rope_dims, cfg.balance_kv, damage)
                 o_weight = graph.weight(block.o_proj.weight).double()
                 if block.o_proj.bias is not None:
                     o_weight = torch.cat([o_weight, graph.weight(block.o_proj.bias).double()[:, None]], 1)
@@ -163,11 +166,12 @@ class GqaToMla(Pass):
         d = block.num_kv_heads * block.head_dim
         rope_dims = 0
         if cfg.rope.mode == "decoupled":
-            rope_dims = cfg.rope.dims if cfg.rope.dims is not None else block.head_dim
-            if rope_dims > d:
+            rotary = block.num_kv_heads * rotary_dims(site.k_rope, block.head_dim)
+            rope_dims = cfg.rope.dims if cfg.rope.dims is not None else min(block.head_dim, rotary)
+            if rope_dims > rotary:
                 raise PassPreconditionError(
-                    f"{ctx.spec_path}.rope.dims: {rope_dims} exceeds the {d} key dimensions of {block.path} "
-                    f"({block.num_kv_heads} KV heads x {block.head_dim})"
+                    f"{ctx.spec_path}.rope.dims: {rope_dims} exceeds the {rotary} rotary key dimensions of "
+                    f"{block.path} ({block.num_kv_heads} KV heads x {rotary // block.num_kv_heads})"
                 )
         full = 2 * d - rope_dims
         rank = cfg.kv_rank if cfg.kv_rank is not None else full
@@ -197,17 +201,20 @@ def decoupled_obstacle(site: Site) -> str | None:
             "normalises each q/k head (QK-norm), which RoRoPE's mixing of KV heads and the absorbed form do not "
             "commute with; 'after_up_projection' applies the norm to the rebuilt keys (exact at full rank)"
         )
-    if rope.interleaved:
-        return (
-            "has interleaved RoPE (pairs 2i, 2i+1); 'decoupled' handles the half-split layout only, "
-            "'after_up_projection' handles both"
-        )
-    if rope.partial:
-        return (
-            f"has partial rotary (RoPE on {rope.rotary_dims} of {block.head_dim} head dims); 'decoupled' does not "
-            "handle it yet, 'after_up_projection' does"
-        )
     return None
+
+
+def rotary_dims(rope: Rope | None, head_dim: int) -> int:
+    """How many of a head's dims RoPE turns (a prefix of them: all but with partial rotary)."""
+    return 0 if rope is None else rope.rotary_dims or head_dim
+
+
+def rope_pairs(rope: Rope, head_dim: int) -> list[tuple[int, int]]:
+    """The (real, imaginary) dims of each frequency in a head, which are also its cos/sin table columns."""
+    r = rotary_dims(rope, head_dim)
+    if rope.interleaved:
+        return [(2 * i, 2 * i + 1) for i in range(r // 2)]
+    return [(i, i + r // 2) for i in range(r // 2)]
 
 
 def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:
@@ -291,6 +298,7 @@ def plan_after_up(w_k: torch.Tensor, w_v: torch.Tensor, gram: torch.Tensor, rank
 
 def plan_decoupled(
     block: AttentionBlock,
+    rope: Rope,
     w: dict[str, torch.Tensor],
     gram: torch.Tensor,
     rank: int,
@@ -304,15 +312,16 @@ def plan_decoupled(
     E|q_ij|^2 E|k_ij|^2 summed over query heads, times ``damage[i]``: how far RoPE at that
     frequency moves over the calibration positions (1 - |mean e^{i theta_i p}|^2; ~0 for
     frequencies too slow to turn within the context, where dropping RoPE costs nothing).
+    Dims RoPE does not turn (partial rotary) follow the dropped components into the latent.
     """
     n_kv, hd, heads, group = block.num_kv_heads, block.head_dim, block.num_heads, block.group_size
-    half, d = hd // 2, n_kv * hd
+    d, pairs = n_kv * hd, rope_pairs(rope, hd)
     cov_k = w["k_proj"] @ gram @ w["k_proj"].T
     cov_q = w["q_proj"] @ gram @ w["q_proj"].T
     candidates, mixes = [], []
-    for i in range(half):
-        re = [g * hd + i for g in range(n_kv)]
-        im = [g * hd + i + half for g in range(n_kv)]
+    for i, (a, p) in enumerate(pairs):
+        re = [g * hd + a for g in range(n_kv)]
+        im = [g * hd + p for g in range(n_kv)]
         cov = cov_k[re][:, re] + cov_k[im][:, im]
         vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
         vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
@@ -320,11 +329,10 @@ def plan_decoupled(
         for j in range(n_kv):
             # query energy on component (i, j): each query head h sees it with weight vecs[g(h), j]
             q_energy = sum(
-                vecs[h // group, j].square()
-                * (cov_q[h * hd + i, h * hd + i] + cov_q[h * hd + i + half, h * hd + i + half])
+                vecs[h // group, j].square() * (cov_q[h * hd + a, h * hd + a] + cov_q[h * hd + p, h * hd + p])
                 for h in range(heads)
             )
-            score = (damage[i].clamp_min(0) * vals[j] * q_energy).item()
+            score = (damage[a].clamp_min(0) * vals[j] * q_energy).item()
             candidates.append((-score, -vals[j].item(), i, j))
     candidates.sort()
     m = rope_dims // 2
@@ -341,6 +349,8 @@ def plan_decoupled(
 
     rows = [row(i, j, False) for i, j in kept] + [row(i, j, True) for i, j in kept]
     rows += [row(i, j, part) for i, j in dropped for part in (False, True)]
+    unturned = [g * hd + t for g in range(n_kv) for t in range(2 * len(pairs), hd)]
+    rows += list(torch.eye(d, dtype=gram.dtype)[unturned])
     mix = torch.stack(rows)  # orthogonal (D x D): rotated key = mix @ k
     k_rot = mix @ w["k_proj"]
     group = block.group_size
@@ -348,7 +358,7 @@ def plan_decoupled(
         [mix[:, (h // group) * hd : (h // group + 1) * hd] @ w["q_proj"][h * hd : (h + 1) * hd] for h in range(heads)]
     )  # (H, D, d): each query head against the rotated key of its KV head
     w_down, (k_up, v_up), energy = joint_pca([k_rot[rope_dims:], w["v_proj"]], gram, rank, balance)
-    freqs = torch.tensor([i for i, _ in kept] + [i + half for i, _ in kept], dtype=torch.long)
+    freqs = torch.tensor([pairs[i][0] for i, _ in kept] + [pairs[i][1] for i, _ in kept], dtype=torch.long)
     return Plan(
         rank,
         rope_dims,
