@@ -15,7 +15,21 @@ from graphpress.metrics import logits_of
 from graphpress.runtime import OnnxDecoder, TorchDecoder, teacher_forced_logits
 
 from .conftest import rel_err, state_hash
-from .families import DENSE, ENCODERS, FAMILIES, MOE, build, build_encoder, token_ids
+from .families import (
+    CALIBRATION,
+    DENSE,
+    ENCODERS,
+    EXACT,
+    FAMILIES,
+    LOSSY,
+    MOE,
+    REFUSED,
+    build,
+    build_encoder,
+    matrix_config,
+    run_pass,
+    token_ids,
+)
 
 pytest.importorskip("transformers")
 
@@ -86,45 +100,6 @@ def test_artifacts_of_default_configs_run_at_other_shapes(models, name, target, 
 
 
 # ---------------------------------------------------------------- family x pass
-EXACT = {
-    "qkvo_lock": ("forward", {"pass": "qkvo_lock", "seed": 1}),
-    "gqa_to_mla": ("decode", {"pass": "gqa_to_mla"}),  # full rank, RoPE after the up-projection
-    "gqa_to_mla_absorbed": ("decode", {"pass": "gqa_to_mla", "rope": {"mode": "decoupled"}}),  # dims: all K dims
-    "low_rank": ("forward", {"pass": "low_rank", "rank": 512, "only_if_smaller": False}),  # full rank
-}
-LOSSY = {
-    "nm_sparsity": ("forward", {"pass": "nm_sparsity", "targets": "*", "exclude": ["lm_head"]}),
-    "weight_clustering": (
-        "forward",
-        {"pass": "weight_clustering", "bits": 4, "group_size": 16, "targets": "*", "exclude": ["*mlp.gate", "*_gate"]},
-    ),
-    "shift_add": ("forward", {"pass": "shift_add", "targets": "*", "exclude": ["lm_head"]}),
-    "kv_cache_quant": (
-        "decode",
-        {
-            "pass": "kv_cache_quant",
-            "key": {"bits": 4, "axis": "channel", "group_size": 8},
-            "value": {"bits": 4, "axis": "token", "group_size": 8},
-            "residual": 4,
-        },
-    ),
-}
-EAGER = r"written out as matmul/softmax/matmul"
-REFUSED = {
-    ("gemma2", "gqa_to_mla_absorbed"): EAGER + " with soft-capped scores",
-    ("llama_eager", "gqa_to_mla_absorbed"): EAGER,
-    ("gpt2", "gqa_to_mla_absorbed"): "has no RoPE; 'decoupled' splits RoPE off the latent",
-    **{(f, "gqa_to_mla_absorbed"): r"\(QK-norm\), which RoRoPE's mixing" for f in ("qwen3", "gemma3")},
-}
-CALIBRATION = [(token_ids(2, 16, seed),) for seed in range(2)]
-
-
-def run_pass(model, mode, config):
-    spec = {"capture": {"mode": mode}, "passes": [config], "verify": {"max": 100.0}, "backends": []}
-    result = compress(model, spec, (token_ids(1, 12),), calibration_data=CALIBRATION, progress=False)
-    return result, result.report.passes[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("pass_name", [*EXACT, *LOSSY])
 @pytest.mark.parametrize("name", FAMILIES)
@@ -133,13 +108,7 @@ def test_every_pass_on_every_family(models, name, pass_name):
     from graphpress.errors import PassPreconditionError
 
     model = family(models, name)
-    mode, config = {**EXACT, **LOSSY}[pass_name]
-    if pass_name == "gqa_to_mla_absorbed":  # RoPE kept on every rotary key dimension: exact
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        rotary = int(head_dim * (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
-        config = {**config, "rope": {"mode": "decoupled", "dims": kv_heads * rotary}}
+    mode, config = matrix_config(model, pass_name)
     if (name, pass_name) in REFUSED:
         with pytest.raises(PassPreconditionError, match=REFUSED[name, pass_name]):
             run_pass(model, mode, config)

@@ -150,6 +150,7 @@ def cluster(
     """(indices (out, in) int64, codebooks (groups, k)) of a weight, one k-means per group of rows.
 
     ``importance`` (out, in): each value's weight in the k-means objective (uniform if None).
+    Stops early once no value changes cluster (``iterations`` is an upper bound).
     """
     out, inp = weight.shape
     values = weight.reshape(out // group_rows, group_rows * inp)
@@ -159,8 +160,12 @@ def cluster(
         else importance.to(values.dtype).clamp_min(1e-12).reshape(out // group_rows, group_rows * inp)
     )
     centroids = kmeans_plus_plus(values, weights, k, gen)
+    previous = None
     for _ in range(iterations):
         assign = nearest(values, centroids)
+        if previous is not None and torch.equal(assign, previous):
+            break  # a fixed point of Lloyd's map: the update would give the same centroids again
+        previous = assign
         total = torch.zeros_like(centroids).scatter_add_(1, assign, values * weights)
         mass = torch.zeros_like(centroids).scatter_add_(1, assign, weights)
         centroids = torch.where(mass > 0, total / mass.clamp_min(1e-300), centroids)

@@ -4,12 +4,19 @@ pydantic reports locations like ``('passes', 0, 'low_rank', 'rnak')``: the third
 is the discriminator's tag, not a key in the user's JSON. We walk the input data
 alongside the location to drop such tags, and add what the user could have
 written instead (allowed fields, a close match).
+
+Before validation the JSON itself is checked, so that no input reaches pydantic (or
+Python's int parser) that it would crash on or silently reinterpret: a key given twice
+(the last would win, hiding the first), nesting deeper than any spec needs, integers
+outside int64 and non-finite numbers (``NaN``, ``Infinity``, ``1e999``) are each refused
+with the JSON path they sit at.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,86 @@ from .passes import PASS_CONFIGS
 from .spec import Spec
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_DEPTH = 32  # a spec nests 5 deep; anything deeper is not a spec
+INT64 = (-(2**63), 2**63 - 1)
+
+
+class _Object(dict):
+    """A parsed JSON object that remembers the first key it was given twice."""
+
+    duplicate: str | None = None
+
+
+class _Refused:
+    """A JSON number the loader will not turn into a Python value, kept with why."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object()
+    for key, value in pairs:
+        if key in obj and obj.duplicate is None:
+            obj.duplicate = key
+        obj[key] = value
+    return obj
+
+
+def _integer(text: str) -> int | _Refused:
+    digits = len(text.lstrip("-"))
+    if digits > 19:
+        return _Refused(f"an integer of {digits} digits; numbers in a spec fit in 64 bits")
+    return int(text)
+
+
+def _float(text: str) -> float | _Refused:
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(f"{text} overflows a float")
+
+
+def _parse(text: str) -> Any:
+    return json.loads(
+        text,
+        object_pairs_hook=_object,
+        parse_int=_integer,
+        parse_float=_float,
+        parse_constant=lambda name: _Refused(f"{name} is not a JSON number (give a finite number)"),
+    )
+
+
+def _key_path(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if not _PLAIN_KEY.fullmatch(str(key)):
+        return f"{path}[{json.dumps(str(key))}]"
+    return f"{path}.{key}" if path != "$" else str(key)
+
+
+def check_json(data: Any) -> list[tuple[str, str]]:
+    """What in parsed JSON (or a dict given in Python) no spec may hold: [(JSON path, why)], walked iteratively."""
+    problems: list[tuple[str, str]] = []
+    todo = [("$", data, 0)]
+    while todo and len(problems) < 20:
+        path, value, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            problems.append((path, f"nested more than {MAX_DEPTH} levels deep; a spec needs a handful"))
+            continue
+        if isinstance(value, _Refused):
+            problems.append((path, value.why))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+            problems.append((path, f"{value:.3e} is outside the 64-bit integers a spec may hold"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append((path, f"{value} is not a finite number"))
+        elif isinstance(value, dict):
+            if getattr(value, "duplicate", None) is not None:
+                problems.append((_key_path(path, value.duplicate), "this key is given twice; give it once"))
+            todo.extend((_key_path(path, k), v, depth + 1) for k, v in reversed(list(value.items())))
+        elif isinstance(value, (list, tuple)):
+            todo.extend((_key_path(path, i), v, depth + 1) for i, v in reversed(list(enumerate(value))))
+    return problems
 
 
 def load_spec(source: Spec | dict | str | Path) -> Spec:
@@ -29,7 +116,7 @@ def load_spec(source: Spec | dict | str | Path) -> Spec:
     if isinstance(source, Spec):
         return source
     origin = None
-    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
         origin = str(source)
         try:
             text = Path(source).read_text()
@@ -38,13 +125,20 @@ def load_spec(source: Spec | dict | str | Path) -> Spec:
         source = text
     if isinstance(source, str):
         try:
-            source = json.loads(source)
+            source = _parse(source)
         except json.JSONDecodeError as exc:
             raise SpecError(
                 [("$", f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")], origin
             ) from None
+        except RecursionError:
+            raise SpecError(
+                [("$", f"nested more than {MAX_DEPTH} levels deep; a spec needs a handful")], origin
+            ) from None
     if not isinstance(source, dict):
         raise SpecError([("$", f"a spec is a JSON object, got {type(source).__name__}")], origin)
+    problems = check_json(source)
+    if problems:
+        raise SpecError(problems, origin)
     try:
         return Spec.model_validate(source)
     except ValidationError as exc:

@@ -119,8 +119,10 @@ class LowRankConfig(PassConfig):
         description="randomized (Halko et al., seeded) is used by 'auto' when min(in, out) >= 1024 and "
         "rank + oversample <= min(in, out) / 2.",
     )
-    oversample: int = Field(10, ge=0, description="Extra columns of the randomized range finder.")
-    power_iters: int = Field(2, ge=0, description="Power iterations of the randomized range finder.")
+    oversample: int = Field(10, ge=0, le=4096, description="Extra columns of the randomized range finder.")
+    power_iters: int = Field(
+        2, ge=0, le=32, description="Power iterations of the randomized range finder (a few are enough: Halko et al.)."
+    )
     damping: float = Field(
         1e-4,
         ge=0,
@@ -235,7 +237,12 @@ class WeightClusteringConfig(PassConfig):
         description="activation: weight each value in k-means by its input channel's calibration energy E[x_j^2] "
         "(sensitivity-aware clustering in the spirit of eDKM / coremltools' sensitive k-means).",
     )
-    iterations: int = Field(30, ge=1, description="Lloyd iterations after k-means++ initialisation (seeded).")
+    iterations: int = Field(
+        30,
+        ge=1,
+        le=1000,
+        description="At most this many Lloyd iterations after k-means++ (seeded); stops when no code moves.",
+    )
 
 
 class NmSparsityConfig(PassConfig):
@@ -256,6 +263,7 @@ class NmSparsityConfig(PassConfig):
     permute_rounds: int = Field(
         8,
         ge=1,
+        le=1000,
         description="permute: at most this many rounds of channel swaps (each scores every swap between two groups).",
     )
     update: bool = Field(
@@ -296,7 +304,11 @@ class QkvoLockConfig(PassConfig):
         "[c^-1/2, c^1/2]); small keeps fp16/bf16 inference accurate.",
     )
     seed: int | None = Field(
-        None, description="Seed of the lock matrices (default: the calibration seed). It is the key: keep it private."
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Seed of the lock matrices (default: the calibration seed). It is the key: keep it private; "
+        "no report or artifact holds it.",
     )
 
     @model_validator(mode="after")

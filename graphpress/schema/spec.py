@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .backends import AnyBackendConfig, OnnxBackendConfig
 from .base import StrictModel
@@ -29,9 +29,13 @@ class CaptureConfig(StrictModel):
 
 
 class CalibrationConfig(StrictModel):
-    samples: int = Field(8, ge=1, description="Number of calibration batches.")
-    seq_len: int = Field(128, ge=1, description="Sequence length of each batch (model directories that generate data).")
-    seed: int = Field(0, description="Seed for choosing calibration data and for every randomised pass.")
+    samples: int = Field(8, ge=1, le=4096, description="Number of calibration batches.")
+    seq_len: int = Field(
+        128, ge=1, le=131072, description="Sequence length of each batch (model directories that generate data)."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seed for choosing calibration data and for every randomised pass."
+    )
     text: str | None = Field(
         None,
         description="A UTF-8 text file (path relative to the working directory) to calibrate on: tokenized with the "
@@ -59,6 +63,14 @@ class VerifyConfig(StrictModel):
 
 class Spec(StrictModel):
     version: Literal[1] = 1
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        if isinstance(value, bool):  # True == 1 in Python; in a spec it is a mistake
+            raise ValueError(f"Input should be 1, got {str(value).lower()}")
+        return value
+
     capture: CaptureConfig = CaptureConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[AnyPassConfig] = Field(default_factory=list)
