@@ -34,14 +34,28 @@ def publish_all(staged_dir: Path, out_dir: Path, last: Sequence[Path] = (), mirr
 
     ``mirror`` names subdirectories whose content is replaced as a whole: files an earlier
     publication left there that this one does not bring are removed.
+    A symbolic link where a subdirectory of ``out_dir`` goes (``OUT/plots -> elsewhere``) is
+    replaced by a real directory, never written or cleaned through: nothing outside
+    ``out_dir`` is touched.
     """
     order = {Path(p): k for k, p in enumerate(last)}
     moves = [(src, out_dir / src.relative_to(staged_dir)) for src in staged_dir.rglob("*") if src.is_file()]
     for src, dst in sorted(moves, key=lambda m: (order.get(m[1], -1), str(m[1]))):
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        _real_dirs(out_dir, dst.parent)
         os.replace(src, dst)
     published = {dst for _, dst in moves}
     for sub in mirror:
+        _real_dirs(out_dir, out_dir / sub)
         for stale in (out_dir / sub).glob("*"):
-            if stale.is_file() and stale not in published:
+            if (stale.is_file() or stale.is_symlink()) and stale not in published:
                 stale.unlink()
+
+
+def _real_dirs(root: Path, directory: Path) -> None:
+    """Make every directory from ``root`` down to ``directory`` a real one (a symlink among them is unlinked)."""
+    current = root
+    for part in directory.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            current.unlink()
+        current.mkdir(exist_ok=True)

@@ -16,7 +16,9 @@ from .markdown import PLOTS_DIR
 from .plots import Figure
 
 _IMAGE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^)\s]+)\)$")
-_CODE = re.compile(r"`([^`]+)`")
+_PUNCT = re.compile(r"[!-/:-@\[-`{-~]")  # what a Markdown backslash escapes: ASCII punctuation
+_PIPE = re.compile(r"(?<!\\)\|")
+_UNESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -32,6 +34,7 @@ figure { margin: 1em 0; } img { max-width: 100%; } figcaption { color: #666; fon
 def render_html(markdown: str, figures: list[Figure] = ()) -> str:
     sources = {f"{PLOTS_DIR}/{f.name}": f for f in figures}
     title = next((line[2:] for line in markdown.splitlines() if line.startswith("# ")), "graphpress report")
+    title = _UNESCAPE.sub(r"\1", title)
     body: list[str] = []
     lines = markdown.splitlines()
     i = 0
@@ -77,11 +80,33 @@ def _take(lines: list[str], start: int, keep) -> list[str]:
 
 
 def _inline(text: str) -> str:
-    return _CODE.sub(r"<code>\1</code>", html.escape(text, quote=False))
+    """Inline Markdown to HTML: code spans kept literal, backslash escapes resolved, everything else escaped."""
+    out, plain, code, i = [], [], None, 0
+    while i < len(text):
+        c = text[i]
+        if code is None and c == "\\" and i + 1 < len(text) and _PUNCT.match(text[i + 1]):
+            plain.append(text[i + 1])
+            i += 2
+            continue
+        if c == "`":
+            if code is None:
+                out.append(html.escape("".join(plain), quote=False))
+                plain, code = [], []
+            else:
+                out.append(f"<code>{html.escape(''.join(code), quote=False)}</code>")
+                code = None
+        else:
+            (plain if code is None else code).append(c)
+        i += 1
+    if code is not None:  # an unclosed span is text
+        plain = ["`", *code]
+    out.append(html.escape("".join(plain), quote=False))
+    return "".join(out)
 
 
 def _cells(row: str) -> list[str]:
-    return [cell.strip() for cell in row.strip().strip("|").split("|")]
+    """A table row's cells; an escaped pipe (``\\|``, also inside code) is a character of its cell."""
+    return [cell.strip().replace("\\|", "|") for cell in _PIPE.split(row.strip().strip("|"))]
 
 
 def _table(rows: list[str]) -> str:
@@ -107,5 +132,5 @@ def _table(rows: list[str]) -> str:
 def _figure(alt: str, src: str, sources: dict[str, Figure]) -> str:
     figure = sources.get(src)
     uri = f"data:image/png;base64,{base64.b64encode(figure.png).decode('ascii')}" if figure else html.escape(src)
-    caption = html.escape(alt)
+    caption = html.escape(_UNESCAPE.sub(r"\1", alt))
     return f'<figure><img src="{uri}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'

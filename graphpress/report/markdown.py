@@ -1,9 +1,50 @@
-"""Markdown rendering of a CompressionReport: the summary a person reads first."""
+"""Markdown rendering of a CompressionReport: the summary a person reads first.
+
+Every string that comes from the report's data (model name, module paths, pass names,
+warnings, details) is rendered inert with :func:`text` or :func:`code`: one line, with
+every character Markdown or HTML could act on escaped, so a crafted report.json cannot
+add headings, table cells, tags or links. The only links are the figures graphpress drew.
+"""
 
 from __future__ import annotations
 
+import re
+
 from .data import CompressionReport
-from .plots import Figure
+from .plots import Figure, layers_figure
+
+_ACTIVE = re.compile(r"([\\`*_{}\[\]()<>#!|~&])")
+_LEADING = re.compile(r"^([-+=:>]|\d+[.)])")  # what would start a list, quote or heading rule at a line's start
+_URL = re.compile(r"(?i)(://|www\.|@)")
+
+
+def _one_line(value) -> str:
+    return " ".join("".join(c if c.isprintable() else " " for c in str(value)).split())
+
+
+def text(value, leading: bool = True) -> str:
+    """Report data as plain Markdown text: one line, active characters backslash-escaped, no autolinks.
+
+    ``leading``: the text may start a line, so a list marker or quote there is escaped too.
+    """
+    escaped = _ACTIVE.sub(r"\\\1", _one_line(value))
+    if leading:
+        escaped = _LEADING.sub(lambda m: m[1][:-1] + "\\" + m[1][-1], escaped)
+    return _URL.sub(lambda m: "".join(c if c.isalnum() else "\\" + c for c in m[1]), escaped)
+
+
+def code(value) -> str:
+    """Report data as an inline code span (backticks become quotes; a table's pipe stays escaped)."""
+    return "`" + _one_line(value).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def prose(value) -> str:
+    """A message with `quoted` parts (graphpress's warnings): the quoted parts as code, the rest as text."""
+    parts = _one_line(value).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: no code spans
+        return text(value)
+    return "".join(code(part) if k % 2 else text(part, leading=k == 0) for k, part in enumerate(parts))
+
 
 PLOTS_DIR = "plots"
 """Where figures go, relative to the report."""
@@ -33,12 +74,21 @@ def _fmt_err(x) -> str:
     return "" if x is None else f"{x:.3g}"
 
 
+def _g(x, digits: int = 4) -> str:
+    """A measured figure, or n/a where the report holds none (a non-finite value is written as null)."""
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
 def _fmt_detail(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict):
-        return "(" + ", ".join(f"{k} {_fmt_detail(v)}" for k, v in value.items()) + ")"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+        return "(" + ", ".join(f"{text(k)} {_fmt_detail(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_fmt_detail(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + ")"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else prose(value)
 
 
 def _detail_columns(layers: list[dict]) -> list[str]:
@@ -58,16 +108,16 @@ def _fmt_cell(value) -> str:
     if isinstance(value, float):
         return _fmt_err(value)
     if isinstance(value, (list, tuple)):
-        return " -> ".join(_fmt_cell(v) for v in value)
+        return " -> ".join(_fmt_cell(v) for v in value[:3])
     return _fmt_detail(value)
 
 
 def _latency_sentence(latency: dict | None) -> str:
     if not latency:
         return ""
-    where = f" on {latency['device']}" if latency.get("device") else ""
+    where = f" on {text(latency['device'])}" if latency.get("device") else ""
     return (
-        f" Validation ran {latency['artifact_ms']:.3g} ms per {latency['per']}{where} "
+        f" Validation ran {latency['artifact_ms']:.3g} ms per {text(latency['per'])}{where} "
         f"(eager PyTorch {latency['eager_ms']:.3g} ms; not a benchmark)."
     )
 
@@ -77,7 +127,7 @@ def _ratio(after: float, before: float) -> str:
 
 
 def _images(figures: dict[str, Figure], *names: str) -> list[str]:
-    return [f"![{figures[n].title}]({PLOTS_DIR}/{n})" for n in names if n in figures] + [""] * any(
+    return [f"![{text(figures[n].title)}]({PLOTS_DIR}/{n})" for n in names if n in figures] + [""] * any(
         n in figures for n in names
     )
 
@@ -87,7 +137,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
     figures = {f.name: f for f in figures}
     o, c = report.original, report.compressed
     lines = [
-        f"# graphpress report: {report.model}",
+        f"# graphpress report: {text(report.model)}",
         "",
         "| | original | compressed | ratio |",
         "|---|---:|---:|---:|",
@@ -103,62 +153,64 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
             lines.append(f"| KV-cache window bytes (fp residual) | 0 | {_fmt_int(c['kv_cache_window_bytes'])} | |")
     lines += [
         "",
-        f"Calibration: {report.calibration.get('samples', '?')} batches ({report.calibration.get('source', '?')}), "
-        f"seed {report.calibration.get('seed', '?')}.",
+        f"Calibration: {text(report.calibration.get('samples', '?'))} batches "
+        f"({text(report.calibration.get('source', '?'))}), seed {text(report.calibration.get('seed', '?'))}.",
         *_capture_line(report.capture),
         "",
         *_images(figures, "verification.png", "kv-cache.png"),
     ]
     for i, p in enumerate(report.passes):
-        lines += [f"## passes[{i}]: {p['name']}", ""]
+        lines += [f"## passes[{i}]: {text(p['name'])}", ""]
         v = p.get("verification")
         if v:
             verdict = "passed" if v["passed"] else "FAILED"
             lines.append(
-                f"Verification vs original ({verdict}): {v['metric']} = {v[v['metric']]:.4g} (max {v['max']:g}); "
-                f"rel_l2 {v['rel_l2']:.4g}, max_abs {v['max_abs']:.4g}, cosine distance {v['cosine_distance']:.3g}."
+                f"Verification vs original ({verdict}): {v['metric']} = {_g(v.get(v['metric']))} (max {v['max']:g}); "
+                f"rel_l2 {_g(v.get('rel_l2'))}, max_abs {_g(v.get('max_abs'))}, "
+                f"cosine distance {_g(v.get('cosine_distance'), 3)}."
             )
         if p.get("details"):
-            lines.append("Details: " + "; ".join(f"{k} {_fmt_detail(v)}" for k, v in p["details"].items()) + ".")
+            lines.append("Details: " + "; ".join(f"{text(k)} {_fmt_detail(v)}" for k, v in p["details"].items()) + ".")
         columns = _detail_columns(p["layers"])
         lines += [
             f"Parameters {_fmt_int(p['params_before'])} -> {_fmt_int(p['params_after'])}; time {p['seconds']:.2f} s.",
             "",
             "| layer | action | params before | params after | bytes before | bytes after |"
-            + "".join(f" {c.replace('_', ' ')} |" for c in columns),
+            + "".join(f" {text(c.replace('_', ' '))} |" for c in columns),
             "|---|---|---:|---:|---:|---:|" + "---:|" * len(columns),
         ]
         for layer in p["layers"]:
             d = layer["details"]
             cells = "".join(f" {_fmt_cell(d.get(c))} |" for c in columns)
             lines.append(
-                f"| `{layer['path']}` | {layer['action']} | {_fmt_int(layer['params_before'])} "
+                f"| {code(layer['path'])} | {text(layer['action'])} | {_fmt_int(layer['params_before'])} "
                 f"| {_fmt_int(layer['params_after'])} | {_fmt_size(layer.get('bytes_before'))} "
                 f"| {_fmt_size(layer.get('bytes_after'))} |{cells}"
             )
         skipped = [layer for layer in p["layers"] if layer["action"] == "skipped"]
         if skipped:
-            lines += ["", f"Skipped {len(skipped)} layer(s): {skipped[0]['details'].get('reason', '')} (first shown)."]
+            reason = prose(skipped[0]["details"].get("reason", ""))
+            lines += ["", f"Skipped {len(skipped)} layer(s): {reason} (first shown)."]
         lines.append("")
-        lines += _images(figures, f"passes-{i}-{p['name']}.png", f"passes-{i}-spectra.png")
+        lines += _images(figures, layers_figure(i, p["name"]), f"passes-{i}-spectra.png")
     if report.backends:
         lines += _images(figures, "latency.png")
     for b in report.backends:
-        files = ", ".join(f"`{name}` ({_fmt_bytes(size)})" for name, size in b["files"].items())
-        top_ops = ", ".join(f"{op} x{n}" for op, n in list(b["op_histogram"].items())[:8])
+        files = ", ".join(f"{code(name)} ({_fmt_bytes(size)})" for name, size in b["files"].items())
+        top_ops = ", ".join(f"{text(op)} x{n}" for op, n in list(b["op_histogram"].items())[:8])
         lines += [
-            f"## backend: {b['target']}",
+            f"## backend: {text(b['target'])}",
             "",
             f"Files: {files}.",
-            f"Parity with eager on calibration inputs: rel_l2 {b['errors']['rel_l2']:.3g}, "
-            f"max_abs {b['errors']['max_abs']:.3g} (tolerance rel_l2 <= {b['tolerance']:g}).",
+            f"Parity with eager on calibration inputs: rel_l2 {_g(b['errors'].get('rel_l2'), 3)}, "
+            f"max_abs {_g(b['errors'].get('max_abs'), 3)} (tolerance rel_l2 <= {b['tolerance']:g}).",
             f"Ops: {top_ops}.",
             f"Time {b['seconds']:.2f} s." + _latency_sentence(b.get("latency")),
             "",
         ]
     if report.warnings:
-        lines += ["## warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
-    timing = ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
+        lines += ["## warnings", ""] + [f"- {prose(w)}" for w in report.warnings] + [""]
+    timing = ", ".join(f"{text(k)} {v:.2f} s" for k, v in report.timings.items())
     lines += [f"Timings: {timing}.", ""]
     return "\n".join(lines)
 
@@ -171,8 +223,15 @@ def _capture_line(capture: dict) -> list[str]:
     def dim(d) -> str:
         if isinstance(d, int):
             return str(d)
-        low, high = max(int(d[0]), 1), d[1]
-        return f"{low}+" if high is None else f"{low}..{high}"
+        if isinstance(d, (list, tuple)) and len(d) == 2 and isinstance(d[0], int):
+            low, high = max(d[0], 1), d[1]
+            return f"{low}+" if high is None else f"{low}..{text(high)}"
+        return text(d)
 
-    inputs = ", ".join(f"{name} {' x '.join(map(dim, dims))}" for name, dims in capture.get("inputs", {}).items())
-    return ["", f"Captured: {capture.get('mode', '?')} mode, {capture.get('dtype', '?')}; inputs {inputs or 'none'}."]
+    shapes = capture.get("inputs", {})
+    inputs = ", ".join(
+        f"{text(name)} {' x '.join(map(dim, dims)) if isinstance(dims, list) else text(dims)}"
+        for name, dims in (shapes.items() if isinstance(shapes, dict) else ())
+    )
+    mode, dtype = text(capture.get("mode", "?")), text(capture.get("dtype", "?"))
+    return ["", f"Captured: {mode} mode, {dtype}; inputs {inputs or 'none'}."]

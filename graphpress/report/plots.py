@@ -9,12 +9,30 @@ for decode graphs, latency only when a backend measured it.
 from __future__ import annotations
 
 import io
+import math
+import re
 from dataclasses import dataclass
 
 from .data import CompressionReport
 
 ERROR_KEYS = ("weight_error", "output_error", "attention_error")
 """Per-layer errors passes record in their layer details (relative, lower is better)."""
+MAX_ROWS = 60
+"""Layers drawn per figure at most (the largest by stored bytes); the tables list every layer."""
+MAX_LINES = 24
+"""Spectra drawn at most."""
+
+
+def layers_figure(index: int, pass_name: str) -> str:
+    """The per-layer figure's file name: the pass name reduced to a safe slug (it comes from report data)."""
+    slug = re.sub(r"[^A-Za-z0-9_]+", "-", pass_name).strip("-")[:48] or "pass"
+    return f"passes-{index}-{slug}.png"
+
+
+def _number(value) -> float:
+    """A figure from report data as a float for plotting (anything else, or non-finite: 0)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else 0.0
 
 
 @dataclass(frozen=True)
@@ -29,9 +47,10 @@ def render_plots(report: CompressionReport) -> list[Figure]:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    figures = [_verification(report), _kv_cache(report), _latency(report)]
-    for i, p in enumerate(report.passes):
-        figures += [_layers(i, p), _spectra(i, p)]
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names are data, not TeX
+        figures = [_verification(report), _kv_cache(report), _latency(report)]
+        for i, p in enumerate(report.passes):
+            figures += [_layers(i, p), _spectra(i, p)]
     return [f for f in figures if f is not None]
 
 
@@ -52,23 +71,29 @@ def _figure(width: float, height: float, panels: int = 1):
 
 
 def _short(path: str) -> str:
-    return path.removeprefix("model.")
+    path = path.removeprefix("model.")
+    return path if len(path) <= 60 else "..." + path[-57:]
 
 
 def _layers(index: int, p: dict) -> Figure | None:
     """Per layer: stored bytes before/after, and the errors the pass measured."""
-    layers = [layer for layer in p["layers"] if layer.get("bytes_before") or layer.get("bytes_after")]
-    errors = [k for k in ERROR_KEYS if any(isinstance(layer["details"].get(k), float) for layer in p["layers"])]
+    shown = sorted(p["layers"], key=lambda layer: -(layer.get("bytes_before") or 0))[:MAX_ROWS]
+    shown = [layer for layer in p["layers"] if any(layer is s for s in shown)]  # in the pass's order
+    layers = [layer for layer in shown if layer.get("bytes_before") or layer.get("bytes_after")]
+    errors = [k for k in ERROR_KEYS if any(isinstance(layer["details"].get(k), float) for layer in shown)]
     if not layers and not errors:
         return None
-    rows = max(len(layers), len(p["layers"]) if errors else 0)
+    rows = max(len(layers), len(shown) if errors else 0)
     fig, axes = _figure(11 if errors and layers else 6, 0.9 + 0.28 * rows, 2 if errors and layers else 1)
     if layers:
         ax = axes[0]
         names = [_short(layer["path"]) for layer in layers]
         ys = range(len(layers))
-        ax.barh([y + 0.2 for y in ys], [layer["bytes_before"] / 1024 for layer in layers], 0.4, label="before")
-        ax.barh([y - 0.2 for y in ys], [layer["bytes_after"] / 1024 for layer in layers], 0.4, label="after")
+        before = [_number(layer.get("bytes_before")) / 1024 for layer in layers]
+        ax.barh([y + 0.2 for y in ys], before, 0.4, label="before")
+        ax.barh(
+            [y - 0.2 for y in ys], [_number(layer.get("bytes_after")) / 1024 for layer in layers], 0.4, label="after"
+        )
         ax.set_yticks(list(ys), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("stored KiB")
@@ -76,10 +101,10 @@ def _layers(index: int, p: dict) -> Figure | None:
         ax.legend(fontsize=7)
     if errors:
         ax = axes[-1]
-        names = [_short(layer["path"]) for layer in p["layers"]]
+        names = [_short(layer["path"]) for layer in shown]
         width = 0.8 / len(errors)
         for k, key in enumerate(errors):
-            values = [layer["details"].get(key) or 0.0 for layer in p["layers"]]
+            values = [_number(layer["details"].get(key)) for layer in shown]
             ax.barh(
                 [y - 0.4 + width * (k + 0.5) for y in range(len(names))], values, width, label=key.replace("_", " ")
             )
@@ -88,25 +113,27 @@ def _layers(index: int, p: dict) -> Figure | None:
         ax.set_xlabel("relative error")
         ax.set_title("error per layer")
         ax.legend(fontsize=7)
-    fig.suptitle(f"passes[{index}] {p['name']}")
+    some = f" ({len(shown)} largest of {len(p['layers'])} layers)" if len(shown) < len(p["layers"]) else ""
+    fig.suptitle(f"passes[{index}] {p['name']}{some}")
     return Figure(
-        f"passes-{index}-{p['name']}.png", f"passes[{index}] {p['name']}: bytes and error per layer", _png(fig)
+        layers_figure(index, p["name"]), f"passes[{index}] {p['name']}: bytes and error per layer{some}", _png(fig)
     )
 
 
 def _spectra(index: int, p: dict) -> Figure | None:
     """low_rank: each layer's singular spectrum (normalised to its largest value) and the rank kept."""
-    layers = [layer for layer in p["layers"] if layer["details"].get("spectrum")]
+    layers = [layer for layer in p["layers"] if isinstance(layer["details"].get("spectrum"), list)]
+    layers = [layer for layer in layers if layer["details"]["spectrum"]][:MAX_LINES]
     if not layers:
         return None
     fig, (ax,) = _figure(7, 4)
     for layer in layers:
-        spectrum = layer["details"]["spectrum"]
+        spectrum = [_number(s) for s in layer["details"]["spectrum"][:4096]]
         top = spectrum[0] or 1.0
         values = [max(s / top, 1e-12) for s in spectrum]
         (line,) = ax.semilogy(range(1, len(values) + 1), values, linewidth=1, label=_short(layer["path"]))
         rank = layer["details"].get("rank")
-        if rank and rank <= len(values):
+        if isinstance(rank, int) and 0 < rank <= len(values):
             ax.plot([rank], [values[rank - 1]], "o", color=line.get_color(), markersize=4)
     ax.set_xlabel("index (dots: rank kept)")
     ax.set_ylabel("σ_i / σ_1")
@@ -118,13 +145,13 @@ def _spectra(index: int, p: dict) -> Figure | None:
 
 def _verification(report: CompressionReport) -> Figure | None:
     """The pipeline's error vs the original after each pass, against the spec's threshold."""
-    checked = [(i, p) for i, p in enumerate(report.passes) if p.get("verification")]
+    checked = [(i, p) for i, p in enumerate(report.passes) if p.get("verification")][:MAX_ROWS]
     if not checked:
         return None
     metric = checked[0][1]["verification"]["metric"]
     fig, (ax,) = _figure(6, 0.9 + 0.35 * len(checked))
     names = [f"passes[{i}] {p['name']}" for i, p in checked]
-    ax.barh(range(len(names)), [p["verification"][metric] for _, p in checked], 0.6)
+    ax.barh(range(len(names)), [_number(p["verification"].get(metric)) for _, p in checked], 0.6)
     ax.axvline(checked[0][1]["verification"]["max"], color="red", linestyle="--", label="verify.max")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
@@ -138,6 +165,7 @@ def _kv_cache(report: CompressionReport) -> Figure | None:
     if not before:
         return None
     fig, (ax,) = _figure(5, 2.2)
+    before, after = _number(before), _number(after)
     ax.barh([0, 1], [before, after], 0.6, color=["tab:blue", "tab:orange"])
     ax.set_yticks([0, 1], ["original", "compressed"])
     ax.invert_yaxis()
@@ -148,7 +176,7 @@ def _kv_cache(report: CompressionReport) -> Figure | None:
 
 
 def _latency(report: CompressionReport) -> Figure | None:
-    timed = [(i, b) for i, b in enumerate(report.backends) if b.get("latency")]
+    timed = [(i, b) for i, b in enumerate(report.backends) if b.get("latency")][:MAX_ROWS]
     if not timed:
         return None
     fig, (ax,) = _figure(6, 0.9 + 0.5 * len(timed))

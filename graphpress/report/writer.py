@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import GraphpressError
+from pydantic import ValidationError
+
+from ..errors import GraphpressError, first_line
 from ..fileio import publish_all, staging_dir
 from .data import CompressionReport
 from .html import render_html
@@ -32,6 +34,9 @@ def write_report(report: CompressionReport, out_dir: str | Path, *, json_too: bo
         files["report_json"] = ("report.json", report.to_json().encode())
     files["report_md"] = ("report.md", markdown.encode())
     files["report_html"] = ("report.html", render_html(markdown, figures).encode())
+    for name, _ in files.values():  # names are built from report data: they must stay where they are put
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ReportError(f"{name!r}: a report file name outside {out}")
     with staging_dir(out) as stage:
         for name, data in files.values():
             (stage / name).parent.mkdir(exist_ok=True)
@@ -47,8 +52,28 @@ def load_report(path: str | Path) -> tuple[CompressionReport, Path]:
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
         raise ReportError(f"{path}: no report.json here (give the --out directory of a graphpress compress run)")
+    if file.stat().st_size > MAX_REPORT_BYTES:
+        raise ReportError(f"{file}: {file.stat().st_size:,} bytes, more than a report ({MAX_REPORT_BYTES:,} at most)")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ReportError(f"{file}: not a graphpress report: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{file}: not a graphpress report: a JSON {type(data).__name__}, not an object")
+    try:
         return CompressionReport.from_dict(data), file.parent
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{file}: not a graphpress report: {exc}") from exc
+    except ValidationError as exc:
+        problems = [f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise ReportError(f"{file}: not a graphpress report: " + "; ".join(problems) + more) from None
+
+
+MAX_REPORT_BYTES = 256 * 2**20
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _where(loc: tuple) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(loc)) or "$"
