@@ -118,16 +118,38 @@ def test_same_seed_same_weights_other_seed_other_weights(trained_llama):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_locked_model_exports_to_onnx_exactly(tmp_path):
+KEY = 6150391274561339807  # a random 63-bit key
+
+
+def test_locked_model_exports_to_onnx_exactly_and_no_file_holds_the_key(tmp_path):
     spec = {
         "capture": {"mode": "decode"},
         "calibration": {"samples": 1, "seq_len": 16},
         "verify": {"max": 1e-5},
-        "passes": [{"pass": "qkvo_lock", "targets": "layers.*.self_attn", "seed": 11}],
+        "passes": [{"pass": "qkvo_lock", "targets": "layers.*.self_attn", "seed": KEY}],
     }
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     assert result.report.passes[0]["verification"]["rel_l2"] < 1e-5
     assert result.report.backends[0]["errors"]["rel_l2"] < 1e-5
+    forms = [str(KEY).encode(), f"{KEY:x}".encode(), KEY.to_bytes(8, "little"), KEY.to_bytes(8, "big")]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"report.json", "report.md", "model.onnx"} <= {p.name for p in files}
+    for path in files:
+        data = path.read_bytes()
+        assert not any(form in data for form in forms), f"{path.name} holds the lock's key"
+    assert result.report.passes[0]["config"]["seed"] == result.report.spec["passes"][0]["seed"] == "<redacted>"
+    assert not any("seed" in w for w in result.report.warnings)  # a 63-bit key: no warning
+
+
+def test_without_a_key_each_run_draws_a_fresh_one_and_says_so():
+    """The default key is not the calibration seed (public in every report): two runs lock differently."""
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    graph = capture(ToyAttention("half").eval(), (x,))
+    first, second = lock(graph), lock(graph)
+    name = "q_proj.weight"
+    assert not torch.equal(first.graph.weight(name), second.graph.weight(name))
+    assert any("fresh random key" in w for w in first.report.warnings)
+    assert any("below 2^32 can be found" in w for w in lock(graph, seed=11).report.warnings)
 
 
 def test_bad_input_is_refused():

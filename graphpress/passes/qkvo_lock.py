@@ -23,6 +23,7 @@ decode graphs, eager and onnxruntime); the matrices commute with RoPE and respec
 from __future__ import annotations
 
 import math
+import secrets
 
 import torch
 
@@ -47,7 +48,7 @@ class QkvoLock(Pass):
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
         cfg: QkvoLockConfig = self.config
         report = self.new_report()
-        gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else ctx.seed)
+        gen = torch.Generator().manual_seed(self.key(ctx, report))
         worst = 1.0
         for block in self.blocks(graph, ctx):
             d, group = block.head_dim, block.group_size
@@ -103,6 +104,21 @@ class QkvoLock(Pass):
             )
         report.details["worst_condition"] = worst
         return report
+
+    def key(self, ctx: PassContext, report: PassReport) -> int:
+        """The lock's key: the spec's ``seed``, else a fresh secret (never the public calibration seed)."""
+        if self.config.seed is None:
+            report.warnings.append(
+                f"{ctx.spec_path}.seed: none given, so the lock drew a fresh random key; this run's locked weights "
+                "cannot be reproduced (give a private seed to reproduce them)"
+            )
+            return secrets.randbits(63)
+        if self.config.seed < 2**32:
+            report.warnings.append(
+                f"{ctx.spec_path}.seed: a key below 2^32 can be found by trying every key against the locked weights; "
+                "use a random 63-bit key (python -c 'import secrets; print(secrets.randbits(63))')"
+            )
+        return self.config.seed
 
     def blocks(self, graph: Graph, ctx: PassContext) -> list[AttentionBlock]:
         blocks = self.selected_attention(graph, ctx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_serializer, model_validator
 
 from .base import StrictModel
 
@@ -285,6 +285,10 @@ class NmSparsityConfig(PassConfig):
         return self
 
 
+REDACTED = "<redacted>"
+"""What a report shows for a secret (qkvo_lock's key)."""
+
+
 class QkvoLockConfig(PassConfig):
     """MergeLock: random invertible matrices on the query-key and value-output pairs of every attention block.
 
@@ -307,9 +311,14 @@ class QkvoLockConfig(PassConfig):
         None,
         ge=0,
         le=2**63 - 1,
-        description="Seed of the lock matrices (default: the calibration seed). It is the key: keep it private; "
-        "no report or artifact holds it.",
+        description="The lock's key: the seed of the lock matrices. Keep it private: no report or artifact holds it "
+        "(reports say '<redacted>'). Default: a fresh random key each run (the OS's entropy), so that run's locked "
+        "weights cannot be reproduced; give a key to reproduce them.",
     )
+
+    @field_serializer("seed")
+    def _redact(self, seed: int | None):
+        return None if seed is None else REDACTED
 
     @model_validator(mode="after")
     def _something_to_lock(self) -> QkvoLockConfig:
