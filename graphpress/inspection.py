@@ -37,25 +37,41 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     graph = model.graph
 
     def dtype_name(elem_type: int) -> str:
-        return TensorProto.DataType.Name(elem_type).lower()
+        try:
+            return TensorProto.DataType.Name(elem_type).lower()
+        except ValueError:
+            return f"unknown({elem_type})"
+
+    def itemsize(init) -> int:
+        try:
+            return helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise InspectError(
+                f"{path}: initializer {init.name!r} has data type {dtype_name(init.data_type)}, "
+                "which has no fixed size (a broken or non-standard ONNX file)"
+            ) from None
 
     def value(v) -> dict[str, Any]:
         t = v.type.tensor_type
         dims = [d.dim_param or d.dim_value for d in t.shape.dim] if t.HasField("shape") else None
         return {"name": v.name, "dtype": dtype_name(t.elem_type), "shape": dims}
 
-    tensors = []
+    tensors, external_files = [], set()
     for init in graph.initializer:
         external = {e.key: e.value for e in init.external_data}
+        if init.data_location == TensorProto.EXTERNAL or external:
+            external_files.add(_external_file(path, init.name, external))
         if "length" in external:
-            nbytes = int(external["length"])
+            nbytes = _count(path, init.name, "length", external["length"])
         elif init.raw_data:
             nbytes = len(init.raw_data)
+        elif init.data_type == TensorProto.STRING:
+            nbytes = sum(len(v) for v in init.string_data)
         else:
             count = 1
             for d in init.dims:
-                count *= d
-            nbytes = count * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+                count *= _count(path, init.name, "dims", d)
+            nbytes = count * itemsize(init)
         tensors.append(
             {"name": init.name, "dtype": dtype_name(init.data_type), "shape": list(init.dims), "bytes": nbytes}
         )
@@ -65,7 +81,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     nodes = list(graph.node) + [n for f in model.functions for n in f.node]
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.node)
     inputs, outputs = [value(v) for v in graph.input], [value(v) for v in graph.output]
-    external_files = sorted({e.value for i in graph.initializer for e in i.external_data if e.key == "location"})
+    external_files = sorted(external_files)
     metadata = {p.key: p.value for p in model.metadata_props}
     return {
         "file": str(path),
@@ -88,6 +104,38 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "nodes": len(graph.node),
         "ops": dict(ops.most_common()),
     }
+
+
+def _count(path: Path, tensor: str, field: str, value) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise InspectError(f"{path}: initializer {tensor!r} has {field} {value!r}, not a size")
+    return n
+
+
+def _external_file(path: Path, tensor: str, external: dict[str, str]) -> str:
+    """The external-data file of a tensor, checked to lie inside the model's folder without reading it.
+
+    A location that is absolute, climbs out with '..' or resolves (through a symlink) outside
+    the folder is refused, as onnx's own loader refuses it: inspecting a file must not touch
+    or reveal anything else on the machine.
+    """
+    location = external.get("location")
+    if not location:
+        raise InspectError(f"{path}: initializer {tensor!r} is stored externally but names no location")
+    folder = path.parent.resolve()
+    target = (folder / location).resolve()
+    if Path(location).is_absolute() or ".." in Path(location).parts or not target.is_relative_to(folder):
+        raise InspectError(
+            f"{path}: initializer {tensor!r} points its external data at {location!r}, outside the model's folder; "
+            "not read (onnx refuses such locations too)"
+        )
+    if not target.is_file():
+        raise InspectError(f"{path}: initializer {tensor!r}: its external data file {location!r} is missing")
+    return location
 
 
 def format_inspection(info: dict[str, Any]) -> str:

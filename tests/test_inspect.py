@@ -81,3 +81,66 @@ def test_cli(tiny_llama, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(InspectError, match="no such file"):
         inspect_onnx(tmp_path / "missing.onnx")
+
+
+def tiny_onnx(directory, edit) -> str:
+    """y = x + w with a 4-float initializer w, after ``edit(w)`` breaks it; saved without checks."""
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    edit(w)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [w],
+    )
+    path = directory / "model" / "m.onnx"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    return str(path)
+
+
+def external(location: str, **more):
+    def edit(w):
+        w.ClearField("raw_data")
+        w.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in {"location": location, "length": "16", **more}.items():
+            w.external_data.add(key=key, value=value)
+
+    return edit
+
+
+def test_broken_or_escaping_onnx_files_are_named_errors(tmp_path, capsys):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 999)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "link.data").symlink_to(secret)
+
+    def set_type(t):
+        def edit(w):
+            w.ClearField("raw_data")
+            w.float_data.extend([0.0] * 4)
+            w.data_type = t
+
+        return edit
+
+    cases = [
+        (set_type(99), "data type unknown\\(99\\), which has no fixed size"),
+        (set_type(onnx.TensorProto.UNDEFINED), "data type undefined"),
+        (external("../secret"), "points its external data at '../secret', outside the model's folder"),
+        (external(str(secret)), "outside the model's folder"),
+        (external("link.data"), "'link.data', outside the model's folder"),
+        (external("gone.data"), "external data file 'gone.data' is missing"),
+        (external("", length="16"), "names no location"),
+        (external("ok.data", length="lots"), "has length 'lots', not a size"),
+    ]
+    (tmp_path / "model" / "ok.data").write_bytes(b"\0" * 16)
+    for edit, message in cases:
+        path = tiny_onnx(tmp_path, edit)
+        with pytest.raises(InspectError, match=message):
+            inspect_onnx(path)
+        assert main(["inspect", path]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(secret.stat().st_size) not in err
+    info = inspect_onnx(tiny_onnx(tmp_path, external("ok.data")))
+    assert info["external_data"] == ["ok.data"] and info["initializer_bytes"] == 16
