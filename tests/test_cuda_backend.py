@@ -161,3 +161,54 @@ def test_spec_with_cuda_backend(tmp_path):
     record = result.report.backends[0]
     assert record["details"]["fused"] == {"graphpress::lut_linear": 12}
     assert record["details"]["gpu"] is None or record["details"]["gpu"]["rel_l2"] < 1e-3
+
+
+class _Marker:
+    """Unpickling this runs code: it creates the file named by ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_program_cannot_run_code_as_it_loads(tmp_path):
+    """A .pt2 whose weight is a pickle (torch.export.load would unpickle it with weights_only=False) is refused."""
+    import json
+    import pickle
+    import zipfile
+
+    from graphpress.backends.cuda import load
+    from graphpress.errors import BackendError
+
+    ep = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    good = tmp_path / "good.pt2"
+    torch.export.save(ep, good)
+    assert torch.equal(load(good)(torch.ones(2, 4)), ep.module()(torch.ones(2, 4)))  # a plain archive loads
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(crafted, "w") as dst:
+        payload = "weights/" + config_path_name(src, "weight")
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["weight"]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            if name.endswith(payload):
+                data = pickle.dumps(_Marker(str(marker)))
+            dst.writestr(name, data)
+    with pytest.raises(BackendError, match="holds pickled objects, not just tensors"):
+        load(crafted)
+    assert not marker.exists()
+    with pytest.raises(RuntimeError):  # the file is a real attack: plain torch.export.load runs its code
+        torch.export.load(crafted)
+    assert marker.exists()
+
+
+def config_path_name(archive, fqn: str) -> str:
+    import json
+
+    name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
+    return json.loads(archive.read(name))["config"][fqn]["path_name"]

@@ -13,14 +13,17 @@ the calibration inputs; where a GPU is present, also on it, through the kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import pickle
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 
-from ...errors import BackendError
+from ...errors import BackendError, first_line
 from ...fileio import publish_all, staging_dir
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
@@ -31,9 +34,46 @@ from .fuse_linear import fuse_format_linears
 
 
 def load(path: str | Path) -> torch.nn.Module:
-    """The module a cuda backend wrote, its fused ops running the Triton kernels on CUDA tensors."""
+    """The module a cuda backend wrote, its fused ops running the Triton kernels on CUDA tensors.
+
+    A ``.pt2`` archive may hold pickles, and ``torch.export.load`` unpickles some of them with
+    ``weights_only=False``: a crafted file would run code as it loads. Here every pickle is
+    read weights-only and pickled objects are refused (graphpress never writes any), so loading
+    cannot run code. The program's ops still run when it is called: load programs you trust.
+    """
     kernels.register()
-    return torch.export.load(str(path)).module()
+    try:
+        with _weights_only():
+            return torch.export.load(str(path)).module()
+    except (pickle.UnpicklingError, _PickledObject) as exc:
+        raise BackendError(
+            f"{path}: holds pickled objects, not just tensors ({first_line(exc)}); not loaded: unpickling them "
+            "could run code. graphpress's cuda backend never writes these: was the file made elsewhere?"
+        ) from None
+
+
+class _PickledObject(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _weights_only():
+    """torch.load forced to weights_only=True and raw unpickling refused while torch.export reads an archive."""
+    real_load = torch.load
+
+    def load_weights(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*_args, **_kwargs):
+        raise _PickledObject("a pickled object, not a tensor")
+
+    with (
+        mock.patch.object(torch, "load", load_weights),
+        mock.patch.object(pickle, "loads", refuse),
+        mock.patch.object(torch._C, "_pickle_load_obj", refuse),
+    ):
+        yield
 
 
 class CudaBackend(Backend):
