@@ -8,7 +8,9 @@ merged by weight averaging and by task arithmetic (base + (A - base) + (B - base
 as they are and once with A locked by qkvo_lock (three condition-number bounds) before
 merging. Held-out perplexity and next-byte accuracy on both tasks are measured for every
 model in this one run; "degradation" is the relative loss of mean accuracy of the merge
-with the locked copy against the plain merge (MergeLock reports > 95%).
+with the locked copy against the plain merge (MergeLock reports > 95%). Last, the attack the
+lock does not stop: the locked copy aligned to the public base by least squares per KV head
+(:func:`align`), then merged: how much of the lock survives, and the merges' accuracy.
 """
 
 from __future__ import annotations
@@ -55,6 +57,51 @@ def locked(model, seed: int, max_condition: float):
         {name: result.graph.weight(name) if name in result.graph.tensors() else t for name, t in state.items()}
     )
     return out, result.report.details["worst_condition"]
+
+
+@torch.no_grad()
+def align(locked_model, base, heads: int, kv_heads: int):
+    """The attack the lock does not stop: undo it by least squares against the public base model.
+
+    Per KV head g, X = argmin sum_h |X W'_q,h - W_q,h| (h over g's query heads) estimates M_g^-T
+    and Y = argmin |Y W'_v,g - W_v,g| estimates N_g^-1; the locked weights are mapped back with
+    them (K by X^-T, o_proj's columns by Y^-1). Exact on a locked base; on a locked fine-tune
+    the residual is what the fine-tune changed.
+    """
+    out = copy.deepcopy(locked_model)
+    state, ref = out.state_dict(), base.state_dict()
+    for prefix in sorted({k.rsplit(".q_proj.", 1)[0] for k in state if k.endswith("q_proj.weight")}):
+        w = {n: state[f"{prefix}.{n}_proj.weight"].double() for n in "qkvo"}
+        w0 = {n: ref[f"{prefix}.{n}_proj.weight"].double() for n in "qkvo"}
+        hd, group = w["k"].shape[0] // kv_heads, heads // kv_heads
+        for g in range(kv_heads):
+            qs = [slice(h * hd, (h + 1) * hd) for h in range(g * group, (g + 1) * group)]
+            kv = slice(g * hd, (g + 1) * hd)
+            x = _solve(torch.cat([w["q"][s] for s in qs], 1), torch.cat([w0["q"][s] for s in qs], 1))
+            y = _solve(w["v"][kv], w0["v"][kv])
+            for s in qs:
+                w["q"][s] = x @ w["q"][s]
+                w["o"][:, s] = w["o"][:, s] @ torch.linalg.inv(y)
+            w["k"][kv] = torch.linalg.inv(x).T @ w["k"][kv]
+            w["v"][kv] = y @ w["v"][kv]
+        for n in "qkvo":
+            state[f"{prefix}.{n}_proj.weight"] = w[n].to(state[f"{prefix}.{n}_proj.weight"].dtype)
+    out.load_state_dict(state)
+    return out.eval()
+
+
+def _solve(moved: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """argmin_X |X moved - reference| (Frobenius): reference moved^T (moved moved^T)^-1."""
+    return torch.linalg.solve(moved @ moved.T, moved @ reference.T).T
+
+
+def weight_residual(model, target, base) -> float:
+    """|model - target| / |target - base| over the attention weights: 0 when the lock is fully undone."""
+    sm, st, s0 = model.state_dict(), target.state_dict(), base.state_dict()
+    keys = [k for k in st if "self_attn" in k]
+    gap = sum((sm[k].double() - st[k].double()).square().sum() for k in keys)
+    change = sum((st[k].double() - s0[k].double()).square().sum() for k in keys)
+    return (gap / change).sqrt().item()
 
 
 def merge(base, a, b, how: str):
@@ -104,11 +151,19 @@ def main() -> None:
         "average(A, B)": merge(base, a, b, "average"),
         "task arithmetic(A, B)": merge(base, a, b, "task"),
     }
+    heads, kv_heads = base.config.num_heads, base.config.num_kv_heads
+    residuals = {}
     for bound in CONDITIONS:
-        a_locked, worst = locked(a, seed=1234, max_condition=bound)
+        a_locked, worst = locked(a, seed=6150391274561339807, max_condition=bound)
         models[f"A locked, c <= {bound:g} (worst {worst:.2f})"] = a_locked
         models[f"average(A locked c <= {bound:g}, B)"] = merge(base, a_locked, b, "average")
         models[f"task arithmetic(A locked c <= {bound:g}, B)"] = merge(base, a_locked, b, "task")
+        aligned = align(a_locked, base, heads, kv_heads)
+        base_aligned = align(locked(base, seed=6150391274561339807, max_condition=bound)[0], base, heads, kv_heads)
+        residuals[bound] = (weight_residual(a_locked, a, base), weight_residual(aligned, a, base),
+                            _relative(base_aligned, base))  # fmt: skip
+        models[f"average(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "average")
+        models[f"task arithmetic(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "task")
     print(
         f"## merging the example LM ({args.steps} fine-tuning steps per copy, {tuned:.0f} s; "
         f"{len(heldout):,} held-out bytes per domain)"
@@ -127,6 +182,28 @@ def main() -> None:
         for bound in CONDITIONS:
             lock = sum(acc for _, acc in scores[f"{how}(A locked c <= {bound:g}, B)"].values()) / len(domains)
             print(f"| {how} | {bound:g} | {plain:.4f} | {lock:.4f} | {(plain - lock) / plain:.1%} |")
+
+    print("\n## the alignment attack: undo the lock by least squares against the public base, then merge")
+    print("| condition bound | attention weights vs A, locked | after alignment | locked base after alignment "
+          "| average: plain / locked / aligned | task arithmetic: plain / locked / aligned |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|")
+    for bound in CONDITIONS:
+        cells = []
+        for how in ("average", "task arithmetic"):
+            names = [f"{how}(A, B)", f"{how}(A locked c <= {bound:g}, B)", f"{how}(aligned A locked c <= {bound:g}, B)"]
+            cells.append(" / ".join(f"{sum(a for _, a in scores[n].values()) / len(domains):.4f}" for n in names))
+        locked_gap, aligned_gap, base_gap = residuals[bound]
+        print(
+            f"| {bound:g} | {locked_gap:.3g} x the fine-tune's change | {aligned_gap:.3g} x | {base_gap:.2e} (relative) "
+            f"| {cells[0]} | {cells[1]} |"
+        )
+
+
+def _relative(model, target) -> float:
+    sm, st = model.state_dict(), target.state_dict()
+    keys = [k for k in st if "self_attn" in k]
+    gap = sum((sm[k].double() - st[k].double()).square().sum() for k in keys)
+    return (gap / sum(st[k].double().square().sum() for k in keys)).sqrt().item()
 
 
 def upper(tokens: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from .backends import build_backend
 from .calibration import calibration_from_files
 from .errors import CaptureError
-from .fileio import publish_all, staging_dir
+from .fileio import claimed_output, previous_run_files, publish_all, remove_stale, staging_dir, write_manifest
 from .ir import Graph, capture
 from .model_source import ModelSource, load_source
 from .passes import PassContext, PassManager, Verifier, build_pass
@@ -59,9 +59,15 @@ def compress(
 
 
 def _compress(model, spec, example_inputs, calibration_data, out_dir) -> CompressionResult:
+    spec = load_spec(spec)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="graphpress-"))
+    with claimed_output(out):  # checked and locked before any work
+        return _run(model, spec, example_inputs, calibration_data, out)
+
+
+def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> CompressionResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    spec = load_spec(spec)
     source = model if isinstance(model, ModelSource) else _source(model, example_inputs)
     if source.example_inputs is None:
         raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
@@ -80,7 +86,6 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
     result = pipeline.run(original, ctx)
     timings["passes"] = time.perf_counter() - t
 
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="graphpress-"))
     with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all
         artifacts: dict[str, Path] = {}
         records = []
@@ -95,7 +100,11 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
         with step("writing the report"):
             written = {name: out / p.relative_to(stage) for name, p in write_report(report, stage).items()}
-        publish_all(stage, out, last=[*artifacts.values(), *written.values()], mirror=[PLOTS_DIR])
+        files = [*(out / p.relative_to(stage) for p in stage.rglob("*") if p.is_file())]
+        manifest = write_manifest(out, stage, files)
+        previous = previous_run_files(out)
+        publish_all(stage, out, last=[*artifacts.values(), *written.values(), manifest], mirror=[PLOTS_DIR])
+        remove_stale(out, previous, {*files, manifest})
     artifacts.update(written)
     return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
 

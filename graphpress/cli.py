@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 from .errors import GraphpressError
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C: staging directories and locks are cleaned up on the way out.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command == "schema":
             from .schema import json_schema
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except GraphpressError as exc:
         print(f"graphpress: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _terminated(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 def _compress(args) -> int:

@@ -4,11 +4,17 @@ when finished, so a reader sees the old file or the new one, never half of one."
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from .errors import GraphpressError
 
 
 @contextlib.contextmanager
@@ -59,3 +65,112 @@ def _real_dirs(root: Path, directory: Path) -> None:
         if current.is_symlink():
             current.unlink()
         current.mkdir(exist_ok=True)
+
+
+class OutputError(GraphpressError):
+    """The output directory cannot take this run's files (not a directory, not writable, busy, full)."""
+
+
+LOCK_NAME = ".graphpress.lock"
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def claimed_output(out_dir: Path) -> Iterator[Path]:
+    """``out_dir`` checked, created if needed and locked for one run, before the run does any work.
+
+    Refused with an :class:`OutputError` naming the problem: a file or a dangling symlink
+    where the directory should be, a directory that cannot be created or written, or one
+    another run holds (an exclusive ``flock`` on ``OUT/.graphpress.lock``). While the lock
+    is held, ``.staging-*`` directories left by killed runs are removed. Running out of
+    space inside is an ``OutputError`` saying where. On failure a directory the run
+    created is removed again (if nothing else was put there); the lock file always goes.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise OutputError(f"{out_dir}: a symlink to {os.readlink(out_dir)}, which does not exist")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory; give --out a directory")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write here: {exc.strerror or exc}") from None
+    try:
+        _lock(fd, out_dir)
+        for leftover in out_dir.glob(".staging-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            yield out_dir
+        except BaseException as exc:
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = exc.filename or out_dir
+                raise OutputError(
+                    f"{out_dir}: no space left on the device (writing {where}); nothing was published"
+                ) from None
+            raise
+    finally:
+        (out_dir / LOCK_NAME).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock(fd: int, out_dir: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise OutputError(
+            f"{out_dir}: another graphpress run is writing here (it holds {LOCK_NAME}); wait for it or give another --out"
+        ) from None
+    if os.fstat(fd).st_ino != os.stat(out_dir / LOCK_NAME).st_ino:  # the holder removed it as we opened it
+        raise OutputError(f"{out_dir}: another graphpress run just finished here; run again")
+
+
+def write_manifest(out_dir: Path, stage: Path, files: Sequence[Path], earlier: dict | None = None) -> Path:
+    """Stage ``manifest.json``: this run's files (relative path -> bytes, sha256) over ``earlier`` entries.
+
+    Published last, so a manifest only ever lists files that are in place.
+    """
+    entries = dict(earlier or {})
+    for path in sorted(files):
+        staged = stage / path.relative_to(out_dir)
+        entries[str(path.relative_to(out_dir))] = {"bytes": staged.stat().st_size, "sha256": _sha256(staged)}
+    (stage / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+    return out_dir / MANIFEST
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_entries(out_dir: Path) -> dict:
+    """The ``files`` of OUT's manifest ({} without a readable one)."""
+    try:
+        listed = json.loads((out_dir / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return listed if isinstance(listed, dict) else {}
+
+
+def previous_run_files(out_dir: Path) -> set[Path]:
+    """The files an earlier run's manifest lists (only those: nothing else in OUT is ever removed)."""
+    files = set()
+    for name in manifest_entries(out_dir):
+        path = Path(name)
+        if not path.is_absolute() and ".." not in path.parts:
+            files.add(out_dir / path)
+    return files
+
+
+def remove_stale(out_dir: Path, previous: set[Path], current: set[Path]) -> None:
+    """Remove what an earlier run wrote and this one did not (a stale model.onnx beside a new other.onnx)."""
+    for path in sorted(previous - current):
+        if path.is_file() or path.is_symlink():
+            path.unlink()

@@ -159,3 +159,16 @@ def test_capture_error_names_the_op():
         CaptureError, match="module '<root>' at op graphpress_test::no_fake: RuntimeError: There was no fake impl"
     ):
         capture(UsesOpWithoutFake(), (torch.randn(2, 4),))
+
+
+def test_forward_hooks_run_once_during_capture_and_are_part_of_the_graph():
+    """What the README promises about hooks on the user's model."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    calls = []
+    model[0].register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    x = torch.randn(2, 4)
+    graph = capture(model, (x,))
+    assert len(calls) == 1
+    calls.clear()
+    assert torch.allclose(graph.module()(x), 2 * torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+    assert calls == []  # the graph does not call back into the user's hooks

@@ -53,6 +53,13 @@ def test_cache_layout_is_packed_codes_scales_and_a_window(decode_graph, calibrat
     # V 16 B of codes + scale and zero (2 heads x 1 group x 4 B) each
     assert layout.bytes_per_token == 4 * ((16 + 2 * 8) + (16 + 2 * 8))
     assert result.report.details["kv_cache_bytes_per_token"] == [2048, 256]
+    assert result.report.details["packed_from_token"] == 16 + 32  # the first key block is packed at token 48
+
+
+def test_a_window_no_context_leaves_is_refused():
+    """residual: 1e9 would keep every token in full precision while the report claimed 8x smaller."""
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 8192"):
+        quant(residual=10**9)
 
 
 def test_the_window_and_the_packed_part_grow_as_kivi_says(decode_graph, calibration):

@@ -111,8 +111,10 @@ class KvCacheQuant(Pass):
         cfg: KvCacheQuantConfig = self.config
         report = self.new_report()
         before = graph.cache.bytes_per_token
+        first_packed = 0  # the first token a cache entry holds packed: before it, nothing is saved
         for entry in self.selected(graph):
             _, side = self.side(entry)
+            first_packed = max(first_packed, cfg.residual + (side.group_size if side.axis == "channel" else 1))
             quantized = quantize_entry(graph, entry, side, cfg.residual)
             report.layers.append(
                 LayerReport(
@@ -132,6 +134,7 @@ class KvCacheQuant(Pass):
             )
         report.details = {
             "residual": cfg.residual,
+            "packed_from_token": first_packed,
             "kv_cache_bytes_per_token": [before, graph.cache.bytes_per_token],
             "window_bytes": graph.cache.window_bytes,
         }

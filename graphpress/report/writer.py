@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import GraphpressError, first_line
-from ..fileio import publish_all, staging_dir
+from ..fileio import MANIFEST, manifest_entries, publish_all, staging_dir, write_manifest
 from .data import CompressionReport
 from .html import render_html
 from .markdown import PLOTS_DIR, render_markdown
@@ -42,7 +42,11 @@ def write_report(report: CompressionReport, out_dir: str | Path, *, json_too: bo
             (stage / name).parent.mkdir(exist_ok=True)
             (stage / name).write_bytes(data)
         written = {key: out / name for key, (name, _) in files.items()}
-        publish_all(stage, out, last=list(written.values()), mirror=[PLOTS_DIR])
+        last = list(written.values())
+        if not json_too and (out / MANIFEST).exists():  # re-rendered in a run's OUT: its manifest follows
+            earlier = {k: v for k, v in manifest_entries(out).items() if not k.startswith(PLOTS_DIR + "/")}
+            last.append(write_manifest(out, stage, last, earlier))
+        publish_all(stage, out, last=last, mirror=[PLOTS_DIR])
     return written
 
 

@@ -219,7 +219,13 @@ class KvCacheQuantConfig(PassConfig):
     key: KvQuantSide = Field(KvQuantSide(bits=2, axis="channel"), description="Keys (and MLA's RoPE key).")
     value: KvQuantSide = Field(KvQuantSide(bits=2, axis="token"), description="Values.")
     latent: KvQuantSide | None = Field(None, description="MLA latents (gqa_to_mla); default: the key settings.")
-    residual: int = Field(32, ge=0, description="Newest tokens kept in full precision (KIVI's residual length).")
+    residual: int = Field(
+        32,
+        ge=0,
+        le=8192,
+        description="Newest tokens kept in full precision (KIVI's residual length; KIVI uses 32-128). Nothing is "
+        "quantized before residual + key group size tokens: the report says from which token the saving starts.",
+    )
 
 
 class WeightClusteringConfig(PassConfig):
