@@ -51,3 +51,20 @@ def test_unreached_linear_gets_the_data_free_criterion(aware, data_free):
     assert stored and stored.keys() == {k for k in expected.graph.tensors() if k.startswith("dead.")}
     for name, value in stored.items():
         assert torch.allclose(value.float(), expected.graph.weight(name).float(), atol=1e-6), name
+
+
+def test_a_calibration_that_cannot_fit_in_memory_is_refused_before_the_sweep(monkeypatch):
+    """Every row of every targeted linear's input is held until the sweep ends: estimated up front."""
+    from graphpress.errors import PassPreconditionError
+    from graphpress.schema import LowRankConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    x = torch.randn(4, 8, 64)
+    graph = capture(model, (x,))
+    swept = []
+    monkeypatch.setattr("graphpress.passes.context.available_memory", lambda: 100_000)
+    monkeypatch.setattr("graphpress.passes.context.run_calibration_sample", lambda *a: swept.append(1))
+    config = LowRankConfig(**{"pass": "low_rank", "method": "whitened_svd", "rank": 8})
+    with pytest.raises(PassPreconditionError, match=r"over 320 calibration rows needs about .* GiB, more than"):
+        build_pass(config).run(graph, PassContext([(x,)] * 10))
+    assert swept == []

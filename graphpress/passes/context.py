@@ -61,6 +61,26 @@ class LinearInputs:
         return torch.cat([top, torch.cat([total, torch.tensor([float(self.count)], dtype=torch.float64)])[None]])
 
 
+def calibration_rows(args: tuple) -> int:
+    """Token rows one calibration sample feeds each linear: B x S for ids (B, S) or activations (B, S, D)."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        return 1
+    return first.numel() if not first.is_floating_point() else first.numel() // first.shape[-1]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass
 class PassContext:
     """Shared by all passes of one run. ``calibration_inputs`` are positional-argument tuples."""
@@ -78,6 +98,8 @@ class PassContext:
         producers = {lin.node.name: lin.node.args[0].name for lin in linears}
         missing = {p for p in producers.values() if (graph.revision, p) not in self._inputs}
         if missing:
+            widths = {lin.node.args[0].name: lin.in_features for lin in linears}
+            self._check_memory([widths[p] for p in missing], "linear inputs")
             rows: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
             grams: dict[str, torch.Tensor] = {}
 
@@ -99,6 +121,19 @@ class PassContext:
                     x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
                 self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer), total, count)
         return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
+
+    def _check_memory(self, widths: list[int], what: str) -> None:
+        """Refuse, before the sweep, a collection that cannot fit: every row of every input is held
+        (float32) until the sweep ends, plus one Gram matrix per input."""
+        rows = sum(calibration_rows(args) for args in self.calibration_inputs)
+        need = 4 * (rows * sum(widths) + sum(w * w for w in widths))
+        available = available_memory()
+        if available is not None and need > 0.8 * available:
+            raise PassPreconditionError(
+                f"{self.spec_path}: collecting {what} of {len(widths)} layers over {rows:,} calibration rows needs "
+                f"about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available; lower "
+                "calibration.samples or calibration.seq_len, or select fewer targets"
+            )
 
     def column_means(self, graph: Graph, nodes: Sequence[str]) -> dict[str, torch.Tensor]:
         """Mean of each node's value over every axis but the last, on the calibration data."""
