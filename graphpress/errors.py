@@ -42,3 +42,7 @@ class VerificationError(GraphpressError):
 
 class BackendError(GraphpressError):
     """A backend could not lower, write or validate its artifact."""
+
+
+class OutputError(GraphpressError):
+    """The output directory cannot take this run's files (not a directory, not writable, busy, full)."""

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import GraphpressError
+from .errors import OutputError
 
 
 @contextlib.contextmanager
@@ -65,10 +65,6 @@ def _real_dirs(root: Path, directory: Path) -> None:
         if current.is_symlink():
             current.unlink()
         current.mkdir(exist_ok=True)
-
-
-class OutputError(GraphpressError):
-    """The output directory cannot take this run's files (not a directory, not writable, busy, full)."""
 
 
 LOCK_NAME = ".graphpress.lock"
