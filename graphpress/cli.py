@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C: staging directories and locks are cleaned up on the way out.
         signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command == "schema":
@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminated(signum, _frame):
-    raise SystemExit(128 + signum)
+    """SIGTERM: remove this run's staging directories and lock (nothing half-written stays), then exit."""
+    from .fileio import clean_up_now
+
+    clean_up_now()
+    print("graphpress: terminated; nothing of this run was kept", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 def _compress(args) -> int:

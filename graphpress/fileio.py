@@ -29,9 +29,34 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        yield tmp
+        with _on_termination(lambda: shutil.rmtree(tmp, ignore_errors=True)):
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_CLEANUPS: list = []
+"""What :func:`clean_up_now` undoes: the staging directories and output claims now open, oldest first."""
+
+
+@contextlib.contextmanager
+def _on_termination(cleanup) -> Iterator[None]:
+    _CLEANUPS.append(cleanup)
+    try:
+        yield
+    finally:
+        _CLEANUPS.remove(cleanup)
+
+
+def clean_up_now() -> None:
+    """Remove every open staging directory and output claim, newest first (for a signal handler).
+
+    A signal can arrive inside any library call, where an exception raised from the handler
+    may be turned into another error or swallowed; so the handler cleans up itself and exits.
+    """
+    for cleanup in reversed(list(_CLEANUPS)):
+        with contextlib.suppress(OSError):
+            cleanup()
 
 
 def publish_all(staged_dir: Path, out_dir: Path, last: Sequence[Path] = (), mirror: Sequence[str] = ()) -> None:
@@ -97,8 +122,15 @@ def claimed_output(out_dir: Path) -> Iterator[Path]:
         _lock(fd, out_dir)
         for leftover in out_dir.glob(".staging-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+        def release() -> None:
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+
         try:
-            yield out_dir
+            with _on_termination(release):
+                yield out_dir
         except BaseException as exc:
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
             if created and not any(out_dir.iterdir()):

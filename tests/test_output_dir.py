@@ -103,17 +103,30 @@ def test_graphpress_report_keeps_the_manifest_true(tiny_llama, tmp_path):
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"], name
 
 
-def test_sigterm_cleans_up_before_exiting(tmp_path):
+@pytest.mark.parametrize("moment", ["claimed", "staging"])
+def test_sigterm_cleans_up_before_exiting(tmp_path, moment):
+    """Whenever it lands (loading the model, or writing artifacts), SIGTERM leaves nothing of the run."""
     out = tmp_path / "out"
     spec = tmp_path / "spec.json"
     spec.write_text(
-        json.dumps({"calibration": {"samples": 2, "seq_len": 32}, "passes": [{"pass": "weight_clustering"}]})
+        json.dumps(
+            {
+                "calibration": {"samples": 2, "seq_len": 32},
+                "passes": [{"pass": "weight_clustering"}],
+                "verify": {"max": 10.0},
+            }
+        )
     )
     cmd = [sys.executable, "-m", "graphpress", "compress", "--model", "examples/tiny_llama", "--spec", str(spec),
            "--out", str(out), "--quiet"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not (out / LOCK_NAME).exists():
-        time.sleep(0.05)
+
+    def reached() -> bool:
+        return (out / LOCK_NAME).exists() and (moment == "claimed" or any(out.glob(".staging-*")))
+
+    while proc.poll() is None and not reached():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the moment to interrupt it"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
