@@ -98,7 +98,7 @@ class PassContext:
         producers = {lin.node.name: lin.node.args[0].name for lin in linears}
         missing = {p for p in producers.values() if (graph.revision, p) not in self._inputs}
         if missing:
-            widths = {lin.node.args[0].name: lin.in_features for lin in linears}
+            widths = {lin.node.args[0].name: int(lin.node.args[0].meta["val"].shape[-1]) for lin in linears}
             self._check_memory([widths[p] for p in missing], "linear inputs")
             rows: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
             grams: dict[str, torch.Tensor] = {}
