@@ -132,9 +132,7 @@ def claimed_output(out_dir: Path) -> Iterator[Path]:
             with _on_termination(release):
                 yield out_dir
         except BaseException as exc:
-            (out_dir / LOCK_NAME).unlink(missing_ok=True)
-            if created and not any(out_dir.iterdir()):
-                out_dir.rmdir()
+            release()
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 where = exc.filename or out_dir
                 raise OutputError(

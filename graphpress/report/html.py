@@ -18,7 +18,7 @@ from .plots import Figure
 _IMAGE = re.compile(r"^!\[(?P<alt>.*)\]\((?P<src>[^)\s]+)\)$")
 _PUNCT = re.compile(r"[!-/:-@\[-`{-~]")  # what a Markdown backslash escapes: ASCII punctuation
 _PIPE = re.compile(r"(?<!\\)\|")
-_UNESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+_UNESCAPE = re.compile(r"\\(" + _PUNCT.pattern + ")")
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
