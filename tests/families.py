@@ -85,6 +85,10 @@ LOSSY = {
         {"pass": "weight_clustering", "bits": 4, "group_size": 16, "targets": "*", "exclude": ["*mlp.gate", "*_gate"]},
     ),
     "shift_add": ("forward", {"pass": "shift_add", "targets": "*", "exclude": ["lm_head"]}),
+    "weight_quant": (
+        "forward",
+        {"pass": "weight_quant", "bits": 4, "group_size": 16, "awq": True, "targets": "*", "exclude": ["lm_head"]},
+    ),
     "kv_cache_quant": (
         "decode",
         {

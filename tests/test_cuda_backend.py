@@ -11,7 +11,7 @@ import torch
 
 from graphpress import compress
 from graphpress.backends import build_backend
-from graphpress.backends.cuda.fuse_linear import fuse_format_linears
+from graphpress.backends.fuse_linear import fuse_format_linears
 from graphpress.ir import capture
 from graphpress.passes import PassContext, build_pass
 from graphpress.schema import CudaBackendConfig, load_spec

@@ -17,12 +17,15 @@ from graphpress.backends.cuda.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     quantized_decode_attention,
 )
+from graphpress.backends.cuda.kernels.int_linear import int_linear  # noqa: E402
 from graphpress.backends.cuda.kernels.lut_linear import lut_linear  # noqa: E402
 from graphpress.backends.cuda.kernels.nm_linear import nm_linear  # noqa: E402
 from graphpress.backends.cuda.kernels.shift_linear import shift_linear  # noqa: E402
+from graphpress.ir.ops import int_weight  # noqa: E402
 from graphpress.ir.ops.bitstream import pack_bits  # noqa: E402
 from graphpress.ir.ops.fused import (  # noqa: E402
     decode_attention_reference,
+    int_linear_reference,
     lut_linear_reference,
     nm_linear_reference,
     quantized_decode_attention_reference,
@@ -84,6 +87,22 @@ def test_shift_linear(exponents, rows, out_features, in_features):
     x = torch.randn(rows, in_features, generator=gen)
     ref = shift_linear_reference(x, codes, scale, low, high, in_features, None)
     close(shift_linear(*on_device(x, codes, scale), low, high, in_features), ref)
+
+
+@pytest.mark.parametrize("bits, block, symmetric", [(2, 16, False), (3, 32, False), (4, 16, True), (8, 64, False)])
+@pytest.mark.parametrize("rows, out_features, in_features", SHAPES)
+def test_int_linear(bits, block, symmetric, rows, out_features, in_features):
+    """Blocks straddling tiles, a padded last block (in_features 40, 24), 3-bit codes across bytes."""
+    gen = torch.Generator().manual_seed(bits * 7 + out_features)
+    blocks = -(-in_features // block)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=gen)
+    zeros = None if symmetric else torch.randint(0, 2**bits, (out_features, blocks), generator=gen)
+    scales = (torch.rand(out_features, blocks, generator=gen) + 0.1) / 2**bits  # weights of order 1
+    stored = int_weight.pack(codes, scales, zeros, bits, block)
+    tensors = (stored["q_codes"], stored["q_scales"], stored.get("q_zeros"))
+    x, bias = torch.randn(rows, in_features, generator=gen), torch.randn(out_features, generator=gen)
+    ref = int_linear_reference(x, *tensors, bits, block, in_features, bias)
+    close(int_linear(*on_device(x, *tensors), bits, block, in_features, *on_device(bias)), ref)
 
 
 def test_leading_dimensions_and_fp16_inputs():

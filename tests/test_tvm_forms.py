@@ -1,4 +1,4 @@
-"""TVM Relax forms of the weight-format ops (lut, nm, shift): converted, compiled for llvm, equal to eager."""
+"""TVM Relax forms of the weight-format ops (lut, nm, shift, int): converted, compiled for llvm, equal to eager."""
 
 from __future__ import annotations
 
@@ -52,6 +52,26 @@ def test_nm_weight_in_tvm_matches_eager(n, m):
 
 def test_clustered_nm_values_in_tvm_match_eager():
     graph, x = compressed({"pass": "nm_sparsity"}, {"pass": "weight_clustering", "bits": 3, "group_size": 16})
+    np.testing.assert_allclose(run_tvm(graph, x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"bits": 2, "group_size": 16},
+        {"bits": 3, "group_size": 32, "symmetric": True},
+        {"bits": 4, "group_size": "channel"},
+        {"bits": 8, "group_size": 16, "symmetric": True},
+    ],
+)
+def test_int_weight_in_tvm_matches_eager(fields):
+    graph, x = compressed({"pass": "weight_quant", "method": "rtn", **fields})
+    assert "graphpress.int_weight.default" in {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    np.testing.assert_allclose(run_tvm(graph, x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_nm_values_in_tvm_match_eager():
+    graph, x = compressed({"pass": "nm_sparsity"}, {"pass": "weight_quant", "bits": 4, "group_size": 16})
     np.testing.assert_allclose(run_tvm(graph, x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """ONNX backend: ``torch.onnx.export(dynamo=True)`` of the final graph, validated in onnxruntime.
 
 The exported program's symbolic dimensions become named dynamic axes, so the
-.onnx file takes any batch and sequence length the captured graph did. Weights
+.onnx file takes any batch and sequence length the captured graph did. With ``ort_contrib_ops``, integer
+weights are fused into their linears and lowered to ``MatMulNBits``. Weights
 go to an external data file when the model would cross protobuf's 2 GB limit
 (or when the spec asks).
 """
@@ -21,9 +22,13 @@ import torch
 from ..errors import BackendError, first_line
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
+from ..ir.ops.int_weight import matmul_nbits_runs
 from ..progress import step
 from ..schema import OnnxBackendConfig
 from .base import Backend, BackendRecord, Comparison
+from .fuse_linear import fuse_format_linears
+
+INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
 PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -52,6 +57,9 @@ class OnnxBackend(Backend):
         external = cfg.external_data == "always" or (
             cfg.external_data == "auto" and graph.summary().bytes >= PROTOBUF_LIMIT
         )
+        fused: Counter[str] = Counter()
+        if cfg.ort_contrib_ops:
+            graph, fused = fuse_format_linears(graph, _runs_packed)
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
@@ -65,7 +73,7 @@ class OnnxBackend(Backend):
                         dynamo=True,
                         opset_version=cfg.opset,
                         verbose=False,
-                        custom_translation_table=ops.onnx_translations(),
+                        custom_translation_table=ops.onnx_translations(cfg.opset),
                         optimize=False,
                     )
                     _optimize(program.model)
@@ -106,7 +114,11 @@ class OnnxBackend(Backend):
             tolerance=cfg.max_error,
             op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
-            details={"opset": cfg.opset, "external_data": external},
+            details={
+                "opset": cfg.opset,
+                "external_data": external,
+                **({"contrib_ops": dict(sorted(fused.items()))} if cfg.ort_contrib_ops else {}),
+            },
             latency=comparison.latency,
         )
 
@@ -127,6 +139,11 @@ class OnnxBackend(Backend):
             return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
         return self.compare_with_eager(graph, inputs, run, lambda: OnnxDecoder(path))
+
+
+def _runs_packed(weight_op) -> bool:
+    """Integer weights in a form ``MatMulNBits`` takes: fused so that they lower to it."""
+    return weight_op.target is INT_WEIGHT and matmul_nbits_runs(*weight_op.args[3:5])
 
 
 def _half_precision(graph: Graph) -> str | None:

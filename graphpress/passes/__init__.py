@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register the passes)
     qkvo_lock,
     shift_add,
     weight_clustering,
+    weight_quant,
 )
 from .base import LayerReport, Pass, PassReport, PassResult
 from .context import PassContext

@@ -15,8 +15,15 @@ An N:M-sparse linear (``nm_sparsity`` ran first) keeps its sparsity: its kept va
 clustered and ``nm_weight`` reads them through the LUT, so 2:4 + 4-bit stores 3 bits per
 dense weight (4-bit values at half density + 2-bit positions).
 
+With ``error_feedback`` the codes are then assigned by GPTQ's sweep
+(:func:`graphpress.passes.weight_quant.compensated_sweep`): column by column, each to its
+row's nearest centroid after the corrections of the columns before, the error pushed on
+through the inverse Hessian of the calibration inputs (GPTVQ, van Baalen et al. 2024, with
+the codebooks kept from k-means).
+
 Invariants (tested): every rebuilt weight is one of its group's centroids; a group with
-at most 2^bits distinct values is reproduced exactly.
+at most 2^bits distinct values is reproduced exactly; error feedback does not raise the
+calibration objective tr(dW H dW^T).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from .base import LayerReport, Pass, PassReport, stored_call
 from .context import PassContext
 from .low_rank import relative_error
 from .registry import register
+from .weight_quant import compensated_sweep, hessian
 
 LUT = torch.ops.graphpress.lut_weight.default
 
@@ -79,10 +87,19 @@ class WeightClustering(Pass):
             weight = graph.weight(lin.weight)
             energy = self.energy(report, lin, inputs[lin.node.name])
             palette = self.palettize(weight, None if energy is None else energy.expand_as(weight), gen)
+            if self.config.error_feedback and not self.data_free(
+                report, lin, inputs[lin.node.name].reached, "its codes are assigned without error feedback"
+            ):
+                palette = self.compensate(palette, weight, inputs[lin.node.name].gram)
             self.store_weight_as(graph, lin, LUT, palette.tensors, *palette.args)
             layer = self.layer_report(lin.path, weight, palette, inputs[lin.node.name].rows, weight, palette.rebuilt)
             layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
             report.layers.append(layer)
+        if sparse and self.config.error_feedback:
+            report.warnings.append(
+                "error_feedback: N:M-sparse linears are assigned without it (the sweep needs the same columns in "
+                f"every row): {', '.join(lin.path for lin in sparse)}"
+            )
         for lin in track(sparse, f"{ctx.spec_path} weight_clustering: k-means (N:M values)"):
             # an N:M weight: its kept values are clustered, and nm_weight reads them from the LUT
             values_node, positions_node, n, m, in_features = lin.op.args
@@ -120,6 +137,25 @@ class WeightClustering(Pass):
         rebuilt = codebook.reshape(-1)[codes + (torch.arange(out) // rows * codebook.shape[1])[:, None]]
         tensors = {"lut_indices": pack_bits(codes, cfg.bits), "lut_codebook": codebook}
         return Palette(tensors, (cfg.bits, inp, rows), rebuilt)
+
+    def compensate(self, palette: Palette, weight: torch.Tensor, gram: torch.Tensor) -> Palette:
+        """Reassign codes with GPTQ's error feedback (GPTVQ, van Baalen et al. 2024): each column to its rows'
+        nearest centroids after the corrections of the columns before; the codebooks stay."""
+        cfg: WeightClusteringConfig = self.config
+        codebook = palette.tensors["lut_codebook"].double()
+        rows = palette.args[2]
+        codes = torch.zeros(weight.shape, dtype=torch.long)
+
+        def round_column(col: int, values: torch.Tensor, peek) -> torch.Tensor:
+            index = nearest(values.reshape(-1, rows), codebook).reshape(-1)
+            codes[:, col] = index
+            return codebook.repeat_interleave(rows, 0).gather(1, index[:, None])[:, 0]
+
+        order = torch.arange(weight.shape[1])
+        compensated_sweep(weight.detach().double(), hessian(gram), cfg.damping, 128, order, round_column)
+        rebuilt = codebook.to(weight.dtype).repeat_interleave(rows, 0).gather(1, codes)
+        tensors = {**palette.tensors, "lut_indices": pack_bits(codes, cfg.bits)}
+        return Palette(tensors, palette.args, rebuilt)
 
     def layer_report(self, path, stored, palette, x, dense_before, dense_after) -> LayerReport:
         """``stored`` is the tensor clustered; ``dense_*`` the linear's weight before and after."""

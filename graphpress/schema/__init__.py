@@ -18,6 +18,7 @@ from .passes import (
     RopeHandling,
     ShiftAddConfig,
     WeightClusteringConfig,
+    WeightQuantConfig,
 )
 from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
 
@@ -46,6 +47,7 @@ __all__ = [
     "Spec",
     "VerifyConfig",
     "WeightClusteringConfig",
+    "WeightQuantConfig",
     "json_schema",
     "load_spec",
 ]

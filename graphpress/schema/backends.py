@@ -32,6 +32,12 @@ class OnnxBackendConfig(BackendConfig):
         "model.onnx", pattern=r"^[\w.-]+\.onnx$", description="Name of the ONNX file in the output directory."
     )
 
+    ort_contrib_ops: bool = Field(
+        False,
+        description="Lower to onnxruntime's contrib ops where one runs a compressed format natively: integer "
+        "weights (weight_quant, 2/4/8 bits) become com.microsoft::MatMulNBits, which keeps them packed in memory. "
+        "Off: standard ONNX only (any runtime; the weights are dequantized by ordinary ops).",
+    )
     node_metadata: bool = Field(
         False,
         description="Keep the exporter's per-node metadata (source stack traces, module paths; about 1.4 KB a node) "

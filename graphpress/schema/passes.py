@@ -249,6 +249,70 @@ class WeightClusteringConfig(PassConfig):
         le=1000,
         description="At most this many Lloyd iterations after k-means++ (seeded); stops when no code moves.",
     )
+    error_feedback: bool = Field(
+        False,
+        description="Assign codes column by column and push each column's error onto the columns not yet assigned "
+        "through the inverse Hessian of the calibration inputs (GPTQ's sweep, as GPTVQ does); codebooks from "
+        "k-means as before. N:M values are assigned without it (a warning says so).",
+    )
+    damping: float = Field(
+        0.01, gt=0, le=1, description="error_feedback: ridge added to the Hessian, relative to its mean diagonal."
+    )
+
+
+class WeightQuantConfig(PassConfig):
+    """Integer weight-only quantization: b-bit codes with a scale (and zero point) per block of input columns.
+
+    Stored in onnxruntime's MatMulNBits layout (graphpress::int_weight), so the ONNX backend's
+    ort_contrib_ops lowering keeps the weights packed at run time.
+    """
+
+    pass_: Literal["weight_quant"] = Field(alias="pass")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight code (MatMulNBits runs 2, 4 and 8).")
+    group_size: Literal[16, 32, 64, 128, 256, "channel"] = Field(
+        128,
+        description="Input columns per scale (the last block of a row is padded); 'channel': one scale per output "
+        "channel over all its inputs (stored as one block of the next power of two).",
+    )
+    symmetric: bool = Field(
+        False,
+        description="Codes centred on 2^(bits-1), no zero points stored (the signed extreme of a block maps to "
+        "the lowest code exactly). Off: min/max range with a zero point per block.",
+    )
+    method: Literal["rtn", "gptq"] = Field(
+        "gptq",
+        description="rtn: round every weight to the nearest code. gptq (Frantar et al. 2022): quantize column by "
+        "column and push each column's error onto the columns not yet quantized through the inverse Hessian "
+        "of the calibration inputs (H = X^T X + damping).",
+    )
+    clip: Literal["minmax", "mse"] = Field(
+        "minmax",
+        description="Block ranges: the min/max of each block, or the shrunk range (1.0 down to 0.8 of it) with the "
+        "lowest squared error, weighted by the input channels' calibration energy where it reached them.",
+    )
+    awq: bool = Field(
+        False,
+        description="Activation-aware scaling (AWQ, Lin et al. 2023) before rounding: per input channel "
+        "s = mean|x|^alpha, alpha searched on the calibration rows, W multiplied by s and 1/s folded into the op "
+        "producing x (an RMSNorm weight, a previous linear's rows); inputs where it cannot fold are left unscaled.",
+    )
+    awq_grid: int = Field(20, ge=2, le=100, description="awq: alpha values tried, evenly spaced in [0, 1).")
+    act_order: bool = Field(
+        True,
+        description="gptq: quantize columns in order of decreasing Hessian diagonal (largest inputs first); block "
+        "scales are fixed from the unquantized weight first (static groups), so blocks stay contiguous columns and "
+        "it costs nothing at run time. Off: columns left to right, each block's scales fitted when it is reached.",
+    )
+    damping: float = Field(
+        0.01, gt=0, le=1, description="gptq: ridge added to the Hessian, relative to its mean diagonal."
+    )
+    lazy_block: int = Field(
+        128, ge=1, le=4096, description="gptq: columns per lazy batch update (speed only; the result is the same)."
+    )
+
+    @property
+    def block_size(self) -> int | None:
+        return None if self.group_size == "channel" else self.group_size
 
 
 class NmSparsityConfig(PassConfig):
@@ -371,6 +435,7 @@ PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "gqa_to_mla": GqaToMlaConfig,
     "kv_cache_quant": KvCacheQuantConfig,
     "weight_clustering": WeightClusteringConfig,
+    "weight_quant": WeightQuantConfig,
     "nm_sparsity": NmSparsityConfig,
     "qkvo_lock": QkvoLockConfig,
     "shift_add": ShiftAddConfig,

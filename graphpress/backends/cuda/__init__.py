@@ -1,6 +1,6 @@
 """CUDA backend: the final graph with its compressed linears fused, saved as a torch.export program.
 
-Every ``linear(x, <format>_weight(...))`` becomes one fused op (:mod:`.fuse_linear`), and
+Every ``linear(x, <format>_weight(...))`` becomes one fused op (:mod:`graphpress.backends.fuse_linear`), and
 a decode step's attention becomes ``decode_attention`` or, over a KIVI cache,
 ``quantized_decode_attention`` (:mod:`.fuse_attention`). Their CUDA implementations are
 Triton kernels that decode weights and cache tiles in registers (:mod:`.kernels`); on CPU tensors the same program runs the ops' references. Writes
@@ -28,9 +28,9 @@ from ...fileio import publish_all, staging_dir
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
 from ..base import Backend, BackendRecord, Comparison, tensor_leaves
+from ..fuse_linear import fuse_format_linears
 from . import kernels
 from .fuse_attention import fuse_decode_attention
-from .fuse_linear import fuse_format_linears
 
 
 def load(path: str | Path) -> torch.nn.Module:

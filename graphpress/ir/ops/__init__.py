@@ -7,12 +7,24 @@ kernels implement. ``low_rank`` and ``gqa_to_mla`` need
 none: a factored linear is two linears, and latent attention is linears and SDPA.
 """
 
-from . import fused, kv_quant, lut, nm_sparse, shift
+import torch
+
+from . import fused, int_weight, kv_quant, lut, nm_sparse, shift
 
 
-def onnx_translations() -> dict:
-    """custom op overload -> ONNX lowering, for ``torch.onnx.export(custom_translation_table=...)``."""
+def onnx_translations(opset: int = 18) -> dict:
+    """custom op overload -> ONNX lowering, for ``torch.onnx.export(custom_translation_table=...)``.
+
+    ``graphpress::int_linear`` (integer weights fused for onnxruntime, on request) lowers to
+    ``com.microsoft::MatMulNBits``; every other op to standard ONNX of ``opset``.
+    """
+
+    def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_features: int):
+        return int_weight.int_weight_onnx(codes, scales, zeros, bits, block_size, in_features, opset)
+
     return {
+        torch.ops.graphpress.int_weight.default: int_weight_onnx,
+        torch.ops.graphpress.int_linear.default: int_weight.int_linear_onnx,
         **kv_quant.ONNX_TRANSLATIONS,
         **lut.ONNX_TRANSLATIONS,
         **nm_sparse.ONNX_TRANSLATIONS,
@@ -23,6 +35,7 @@ def onnx_translations() -> dict:
 def relax_converters() -> dict:
     """``from_exported_program(custom_convert_map=...)`` keys (the overload's name) -> TVM Relax converter."""
     converters = {
+        **int_weight.RELAX_CONVERTERS,
         **kv_quant.RELAX_CONVERTERS,
         **lut.RELAX_CONVERTERS,
         **nm_sparse.RELAX_CONVERTERS,
@@ -36,6 +49,7 @@ def decompositions() -> dict:
     without graphpress ops, e.g. torch-mlir, see the compressed formats' rebuild as aten ops)."""
     return {
         **fused.DECOMPOSITIONS,
+        **int_weight.DECOMPOSITIONS,
         **kv_quant.DECOMPOSITIONS,
         **lut.DECOMPOSITIONS,
         **nm_sparse.DECOMPOSITIONS,

@@ -7,6 +7,7 @@ registers next to the multiply and never exists densely in memory:
     graphpress::lut_linear(x, indices, codebook, bits, in_features, group_rows, bias)
     graphpress::nm_linear(x, values, positions, n, m, in_features, bias)
     graphpress::shift_linear(x, codes, scale, min_exponent, max_exponent, in_features, bias)
+    graphpress::int_linear(x, codes, scales, zeros, bits, block_size, in_features, bias)
 
 Each reference is the unfused pair (so the fused graph computes exactly what the
 unfused one did); the CUDA backend registers Triton kernels as their CUDA
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .int_weight import int_weight_reference
 from .kv_quant import kv_dequantize_reference
 from .lut import lut_weight_reference
 from .nm_sparse import nm_weight_reference
@@ -81,10 +83,34 @@ def _(x, codes, scale, min_exponent, max_exponent, in_features, bias):
     return _out(x, codes.shape[0])
 
 
+def int_linear_reference(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    block_size: int,
+    in_features: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """x @ int_weight(...)^T + bias."""
+    weight = int_weight_reference(codes, scales, zeros, bits, block_size, in_features)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+int_linear = torch.library.custom_op("graphpress::int_linear", int_linear_reference, mutates_args=())
+
+
+@int_linear.register_fake
+def _(x, codes, scales, zeros, bits, block_size, in_features, bias):
+    return _out(x, codes.shape[0])
+
+
 FUSED = {
     torch.ops.graphpress.lut_weight.default: torch.ops.graphpress.lut_linear.default,
     torch.ops.graphpress.nm_weight.default: torch.ops.graphpress.nm_linear.default,
     torch.ops.graphpress.shift_weight.default: torch.ops.graphpress.shift_linear.default,
+    torch.ops.graphpress.int_weight.default: torch.ops.graphpress.int_linear.default,
 }
 """weight-format op -> the fused linear op taking the same arguments after x (and the bias last)."""
 
@@ -92,6 +118,7 @@ DECOMPOSITIONS = {
     torch.ops.graphpress.lut_linear.default: lut_linear_reference,
     torch.ops.graphpress.nm_linear.default: nm_linear_reference,
     torch.ops.graphpress.shift_linear.default: shift_linear_reference,
+    torch.ops.graphpress.int_linear.default: int_linear_reference,
 }
 
 

@@ -36,6 +36,7 @@ def register() -> bool:
 def implementations() -> dict:
     """fused op name -> its Triton launcher."""
     from .decode_attention import decode_attention, quantized_decode_attention
+    from .int_linear import int_linear
     from .lut_linear import lut_linear
     from .nm_linear import nm_linear
     from .shift_linear import shift_linear
@@ -44,6 +45,7 @@ def implementations() -> dict:
         "lut_linear": lut_linear,
         "nm_linear": nm_linear,
         "shift_linear": shift_linear,
+        "int_linear": int_linear,
         "decode_attention": decode_attention,
         "quantized_decode_attention": quantized_decode_attention,
     }

@@ -1,6 +1,9 @@
 """Rewrite rule: ``linear(x, <format>_weight(*stored), bias)`` -> ``<format>_linear(x, *stored, bias)``.
 
-Pattern: an ``aten.linear`` whose weight is a weight-format op (lut, nm, shift) read by
+Shared by the CUDA backend (every format, for its Triton kernels) and the ONNX backend
+(integer weights, for ``MatMulNBits``).
+
+Pattern: an ``aten.linear`` whose weight is a weight-format op (lut, nm, shift, int) read by
 nothing else. Rewrite: the fused op of :data:`graphpress.ir.ops.fused.FUSED` with the
 format op's arguments. Check: the output keeps its shape and dtype (the fused op's fake
 implementation computes it). An N:M weight whose kept values are themselves palettized
@@ -10,28 +13,36 @@ fuses the outer ``nm_weight``; the small ``lut_weight`` rebuilding its values st
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import fx
 
-from ...ir import Graph, SubgraphBuilder
-from ...ir.ops.fused import FUSED
+from ..ir import Graph, SubgraphBuilder
+from ..ir.ops.fused import FUSED
 
 aten = torch.ops.aten
 
 
-def fusable(node: fx.Node) -> bool:
+def fusable(node: fx.Node, only: Callable[[fx.Node], bool] | None = None) -> bool:
+    """Whether ``node`` is the pattern (and its weight op passes ``only``, when given)."""
     if node.op != "call_function" or node.target is not aten.linear.default:
         return False
     weight = node.args[1]
-    return isinstance(weight, fx.Node) and weight.target in FUSED and len(weight.users) == 1
+    return (
+        isinstance(weight, fx.Node)
+        and weight.target in FUSED
+        and len(weight.users) == 1
+        and (only is None or only(weight))
+    )
 
 
-def fuse_format_linears(graph: Graph) -> tuple[Graph, Counter]:
-    """A copy of ``graph`` with every fusable pair fused; how many of each fused op it holds."""
+def fuse_format_linears(graph: Graph, only: Callable[[fx.Node], bool] | None = None) -> tuple[Graph, Counter]:
+    """A copy of ``graph`` with every fusable pair fused (those whose weight op passes ``only``);
+    how many of each fused op it holds."""
     work = graph.clone()
     fused: Counter[str] = Counter()
-    for node in [n for n in work.nodes if fusable(n)]:
+    for node in [n for n in work.nodes if fusable(n, only)]:
         weight = node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
         op = FUSED[weight.target]
