@@ -2,6 +2,7 @@
 
 from .api import CompressionResult, compress
 from .errors import (
+    ArtifactMismatchError,
     BackendError,
     CaptureError,
     GraphpressError,
@@ -15,6 +16,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactMismatchError",
     "BackendError",
     "CaptureError",
     "CompressionResult",

@@ -46,3 +46,8 @@ class BackendError(GraphpressError):
 
 class OutputError(GraphpressError):
     """The output directory cannot take this run's files (not a directory, not writable, busy, full)."""
+
+
+class ArtifactMismatchError(GraphpressError):
+    """A file of a run's output directory is not the one its manifest.json lists: a run is publishing
+    there, was killed while it did, or the file was changed since."""

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import ArtifactMismatchError, OutputError
 
 
 @contextlib.contextmanager
@@ -183,6 +183,26 @@ def manifest_entries(out_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return listed if isinstance(listed, dict) else {}
+
+
+def verify_published(path: str | Path) -> None:
+    """Refuse a file whose directory's manifest lists it with other bytes (:class:`ArtifactMismatchError`).
+
+    Publication moves a run's files one by one and its manifest last, so while a run
+    publishes, or after one was killed while it did, a new artifact can sit beside an old
+    report. Readers that check here see a consistent run or this error, never a mix. A file
+    no manifest lists (none beside it, a copy taken elsewhere) is not checked.
+    """
+    path = Path(path)
+    entry = manifest_entries(path.parent).get(path.name)
+    if not isinstance(entry, dict) or not path.is_file():
+        return
+    if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        raise ArtifactMismatchError(
+            f"{path}: not the file {path.parent / MANIFEST} lists (other size or SHA-256): a graphpress run is "
+            f"publishing into {path.parent}, was killed while it did, or the file was changed since; run again, "
+            f"or remove {MANIFEST} to trust the files as they are"
+        )
 
 
 def previous_run_files(out_dir: Path) -> set[Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GraphpressError
+from .fileio import verify_published
 
 TOP_TENSORS = 10
 
@@ -30,6 +31,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InspectError(f"{path}: no such file")
+    verify_published(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .fileio import verify_published
 from .ir import Graph
 from .ir.decode import CacheLayout
 
@@ -54,6 +55,7 @@ class OnnxDecoder:
         import onnx
         import onnxruntime as ort
 
+        verify_published(path)
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         if LAYOUT_KEY not in meta:
             raise ValueError(f"{path}: not a graphpress decode graph (no {LAYOUT_KEY!r} metadata)")
@@ -79,6 +81,8 @@ class TvmModule:
         from tvm import relax
 
         self.path = Path(path)
+        verify_published(self.path)
+        verify_published(f"{path}.json")
         self.meta = json.loads(Path(f"{path}.json").read_text())
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
         self._tensor = tvm.runtime.tensor

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,70 @@ def test_sigterm_cleans_up_before_exiting(tmp_path, moment):
     _, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert not out.exists()  # it made the directory; it took it away again, lock and staging included
+
+
+def test_readers_refuse_a_half_published_run(tiny_llama, tmp_path, monkeypatch):
+    """Publication moves files one at a time and the manifest last. A run killed between two moves leaves the new
+    model.onnx beside the old report: inspect, report and the runtime refuse that mix, naming the manifest,
+    and the next run puts a consistent set back."""
+    from graphpress import ArtifactMismatchError
+    from graphpress.cli import main
+    from graphpress.fileio import verify_published
+    from graphpress.inspection import inspect_onnx
+    from graphpress.report import load_report
+
+    out = tmp_path / "out"
+    run(tiny_llama, out)
+    before = {name: (out / name).read_bytes() for name in ("model.onnx", "report.json")}
+    inspect_onnx(out / "model.onnx")  # a consistent run reads
+    load_report(out)
+
+    real_replace, moved = os.replace, []
+
+    def killed_after_first_move(src, dst):
+        if Path(dst).parent == out:  # a move into OUT itself (backends first publish into the run's staging)
+            if moved:
+                raise KeyboardInterrupt  # stands for SIGKILL: nothing after this move happens
+            moved.append(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("graphpress.fileio.os.replace", killed_after_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, out, passes=[{"pass": "low_rank", "targets": "layers.0.mlp.*", "rank": 8}])
+    monkeypatch.setattr("graphpress.fileio.os.replace", real_replace)
+    assert [p.name for p in moved] == ["model.onnx"] and (out / "model.onnx").read_bytes() != before["model.onnx"]
+    assert (out / "report.json").read_bytes() == before["report.json"]  # the old report describes another model
+
+    with pytest.raises(ArtifactMismatchError, match=r"model\.onnx: not the file .*manifest\.json lists"):
+        inspect_onnx(out / "model.onnx")
+    with pytest.raises(ArtifactMismatchError, match="model.onnx"):
+        verify_published(out / "model.onnx")
+    assert main(["inspect", str(out / "model.onnx")]) == 2
+    (out / "report.json").write_text((out / "report.json").read_text().replace('"model"', '"model" ', 1))
+    with pytest.raises(ArtifactMismatchError, match=r"report\.json"):
+        load_report(out)
+
+    run(tiny_llama, out)  # the next run publishes a whole set again
+    inspect_onnx(out / "model.onnx")
+    load_report(out)
+
+
+def test_runtime_loaders_check_the_manifest(tmp_path):
+    """OnnxDecoder, TvmModule and cuda.load verify a file against the manifest beside it before loading it."""
+    from graphpress import ArtifactMismatchError
+    from graphpress.backends import cuda
+    from graphpress.fileio import write_manifest
+    from graphpress.runtime import OnnxDecoder, TvmModule
+
+    out, stage = tmp_path / "out", tmp_path / "stage"
+    stage.mkdir()
+    for name in ("model.onnx", "model.so", "model.so.json", "model.pt2"):
+        (stage / name).write_bytes(b"published")
+    write_manifest(out, stage, [out / n for n in ("model.onnx", "model.so", "model.so.json", "model.pt2")])
+    out.mkdir()
+    os.replace(stage / "manifest.json", out / "manifest.json")
+    for name in ("model.onnx", "model.so", "model.so.json", "model.pt2"):
+        (out / name).write_bytes(b"replaced!")  # same size, other bytes
+    for load, name in [(OnnxDecoder, "model.onnx"), (TvmModule, "model.so"), (cuda.load, "model.pt2")]:
+        with pytest.raises(ArtifactMismatchError, match=name):
+            load(out / name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import GraphpressError, first_line
-from ..fileio import MANIFEST, manifest_entries, publish_all, staging_dir, write_manifest
+from ..fileio import MANIFEST, manifest_entries, publish_all, staging_dir, verify_published, write_manifest
 from .data import CompressionReport
 from .html import render_html
 from .markdown import PLOTS_DIR, render_markdown
@@ -56,6 +56,7 @@ def load_report(path: str | Path) -> tuple[CompressionReport, Path]:
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
         raise ReportError(f"{path}: no report.json here (give the --out directory of a graphpress compress run)")
+    verify_published(file)
     if file.stat().st_size > MAX_REPORT_BYTES:
         raise ReportError(f"{file}: {file.stat().st_size:,} bytes, more than a report ({MAX_REPORT_BYTES:,} at most)")
     try:

@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 
 from ...errors import BackendError, first_line
-from ...fileio import publish_all, staging_dir
+from ...fileio import publish_all, staging_dir, verify_published
 from ...ir import Graph
 from ...schema.backends import CudaBackendConfig
 from ..base import Backend, BackendRecord, Comparison, tensor_leaves
@@ -41,6 +41,7 @@ def load(path: str | Path) -> torch.nn.Module:
     read weights-only and pickled objects are refused (graphpress never writes any), so loading
     cannot run code. The program's ops still run when it is called: load programs you trust.
     """
+    verify_published(path)
     kernels.register()
     try:
         with _weights_only():
