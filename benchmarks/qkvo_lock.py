@@ -11,6 +11,12 @@ model in this one run; "degradation" is the relative loss of mean accuracy of th
 with the locked copy against the plain merge (MergeLock reports > 95%). Last, the attack the
 lock does not stop: the locked copy aligned to the public base by least squares per KV head
 (:func:`align`), then merged: how much of the lock survives, and the merges' accuracy.
+
+Then the one strengthening that stays exact, measured against both attackers: a Haar-random
+rotation of the whole residual stream on top of the lock (:func:`rotated`, SliceGPT/QuaRot:
+norm weights folded into their readers, embeddings and readers times Q, writers by Q^T). A
+per-head aligner no longer finds the lock; one that first solves an orthogonal Procrustes
+problem on the embedding table (:func:`unrotate`) does.
 """
 
 from __future__ import annotations
@@ -90,15 +96,83 @@ def align(locked_model, base, heads: int, kv_heads: int):
     return out.eval()
 
 
+NORMS = {"input_layernorm": ("q_proj", "k_proj", "v_proj"), "post_attention_layernorm": ("gate_proj", "up_proj")}
+
+
+def _readers_writers(state) -> tuple[list[str], list[str]]:
+    """Weights reading the residual stream (q/k/v, gate/up, lm_head) and writing it (o_proj, down_proj)."""
+    readers = [k for k in state if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
+    readers += [k for k in state if k.endswith(("gate_proj.weight", "up_proj.weight"))] + ["lm_head.weight"]
+    writers = [k for k in state if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    return readers, writers
+
+
+def _norm_readers(state):
+    """(norm weight, the weights reading its output) for every RMSNorm of the example LM."""
+    pairs = [("norm.weight", ["lm_head.weight"])]
+    for key in state:
+        for norm, projections in NORMS.items():
+            if key.endswith(f"{norm}.weight"):
+                prefix = key.rsplit(f".{norm}.", 1)[0]
+                part = "self_attn" if norm == "input_layernorm" else "mlp"
+                pairs.append((key, [f"{prefix}.{part}.{p}.weight" for p in projections]))
+    return pairs
+
+
+@torch.no_grad()
+def rotated(model, q: torch.Tensor):
+    """The same function with its residual stream turned by the orthogonal ``q``: every norm weight folded
+    into the columns of its readers (RMSNorm commutes with rotations once it has none), the embedding table and
+    the readers' columns times q, the writers' rows by q^T (x' = x q everywhere between layers)."""
+    out = copy.deepcopy(model)
+    state = {k: v.double() for k, v in out.state_dict().items()}
+    for norm, readers in _norm_readers(state):
+        for r in readers:
+            state[r] = state[r] * state[norm]
+        state[norm] = torch.ones_like(state[norm])
+    readers, writers = _readers_writers(state)
+    state["embed_tokens.weight"] = state["embed_tokens.weight"] @ q
+    for r in readers:
+        state[r] = state[r] @ q
+    for w in writers:
+        state[w] = q.T @ state[w]
+    out.load_state_dict({k: v.float() for k, v in state.items()})
+    return out.eval()
+
+
+def haar(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random n x n orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    x = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(x)
+    return q * torch.sign(torch.diagonal(r))
+
+
+@torch.no_grad()
+def unrotate(model, base):
+    """The attacker's first step against a rotated model: Q from an orthogonal Procrustes solve on the embedding
+    table (argmin |E_base Q - E| over orthogonal Q), rotated back, the base's norm weights divided out again."""
+    e, e0 = model.state_dict()["embed_tokens.weight"].double(), base.state_dict()["embed_tokens.weight"].double()
+    u, _, vt = torch.linalg.svd(e0.T @ e)
+    back = rotated(model, (u @ vt).T)
+    state, ref = back.state_dict(), base.state_dict()
+    for norm, readers in _norm_readers(state):
+        for r in readers:
+            state[r] = state[r] / ref[norm]
+        state[norm] = ref[norm].clone()
+    back.load_state_dict(state)
+    return back
+
+
 def _solve(moved: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """argmin_X |X moved - reference| (Frobenius): reference moved^T (moved moved^T)^-1."""
     return torch.linalg.solve(moved @ moved.T, moved @ reference.T).T
 
 
-def weight_residual(model, target, base) -> float:
-    """|model - target| / |target - base| over the attention weights: 0 when the lock is fully undone."""
+def weight_residual(model, target, base, keys_with: str = "self_attn") -> float:
+    """|model - target| / |target - base| over the weights whose names hold ``keys_with`` (the attention weights
+    by default): 0 when the lock is fully undone."""
     sm, st, s0 = model.state_dict(), target.state_dict(), base.state_dict()
-    keys = [k for k in st if "self_attn" in k]
+    keys = [k for k in st if keys_with in k]
     gap = sum((sm[k].double() - st[k].double()).square().sum() for k in keys)
     change = sum((st[k].double() - s0[k].double()).square().sum() for k in keys)
     return (gap / change).sqrt().item()
@@ -164,6 +238,18 @@ def main() -> None:
                             _relative(base_aligned, base))  # fmt: skip
         models[f"average(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "average")
         models[f"task arithmetic(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "task")
+    bound = 16.0
+    turned = rotated(locked(a, seed=6150391274561339807, max_condition=bound)[0], haar(base.config.hidden_size, 11))
+    probe = heldout[:512].view(2, 256)
+    exactness = (logits_of(turned(probe)) - logits_of(a(probe))).norm() / logits_of(a(probe)).norm()
+    attacks = {
+        "locked and rotated, no attack": turned,
+        "per-head alignment only": align(turned, base, heads, kv_heads),
+        "Procrustes on the embeddings, then per-head alignment": align(unrotate(turned, base), base, heads, kv_heads),
+    }
+    for name, attacked in attacks.items():
+        models[f"average({name}, B)"] = merge(base, attacked, b, "average")
+        models[f"task arithmetic({name}, B)"] = merge(base, attacked, b, "task")
     print(
         f"## merging the example LM ({args.steps} fine-tuning steps per copy, {tuned:.0f} s; "
         f"{len(heldout):,} held-out bytes per domain)"
@@ -197,6 +283,20 @@ def main() -> None:
             f"| {bound:g} | {locked_gap:.3g} x the fine-tune's change | {aligned_gap:.3g} x | {base_gap:.2e} (relative) "
             f"| {cells[0]} | {cells[1]} |"
         )
+
+
+    print(
+        f"\n## strengthening: a residual-stream rotation on top of the lock (c <= {bound:g}; "
+        f"logits of the locked, rotated A vs A: {exactness:.1e} relative)"
+    )
+    print("| attacker | weights vs A (all linears and embeddings), x the fine-tune's change | average | task arithmetic |")
+    print("|---|---:|---:|---:|")
+    for name, attacked in attacks.items():
+        cells = [sum(acc for _, acc in scores[f"{how}({name}, B)"].values()) / len(domains) for how in
+                 ("average", "task arithmetic")]  # fmt: skip
+        print(f"| {name} | {weight_residual(attacked, a, base, 'weight'):.3g} | {cells[0]:.4f} | {cells[1]:.4f} |")
+    plain = [sum(acc for _, acc in scores[f"{how}(A, B)"].values()) / len(domains) for how in ("average", "task arithmetic")]
+    print(f"| (plain merge of A and B) | 0 | {plain[0]:.4f} | {plain[1]:.4f} |")
 
 
 def _relative(model, target) -> float:

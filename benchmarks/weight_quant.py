@@ -8,8 +8,10 @@
    asymmetric) applied to the plain fp32 export of the same linears. Held-out perplexity
    (eager for ours, onnxruntime for the anchor) and the stored bytes of the quantized
    tensors (codes, scales, zero points) against their fp32 weights.
-2. onnxruntime CPU sessions of fp32, the standard lowering (unpack + Sub/Mul) and the
-   ``MatMulNBits`` lowering (``ort_contrib_ops``) of gptq 4-bit g32: resident memory the
+2. onnxruntime CPU sessions of fp32, the standard lowerings (opset 18: unpack + Sub/Mul;
+   opset 21: a blocked ``DequantizeLinear`` of uint4 codes, which onnxruntime fuses into
+   ``MatMulNBits`` at load) and the ``MatMulNBits`` lowering (``ort_contrib_ops``) of gptq 4-bit g32
+   (sessions with ``session.qdq_matmulnbits_accuracy_level=0``, as graphpress runs them): resident memory the
    session adds when it loads (measured in a fresh process each), and the latency of a
    256-token forward and of a one-token forward (the GEMV shape of decoding), interleaved
    call by call.
@@ -90,6 +92,7 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 options = ort.SessionOptions(); options.intra_op_num_threads = 2
+options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
 before = rss()
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 print(rss() - before)
@@ -234,12 +237,15 @@ def main() -> None:
                 )
 
         paths = {}
-        for label, graph, contrib in [
-            ("fp32", results["original (fp32)"][0], False),
-            (f"{SERVED}, standard ops", results[SERVED][0], False),
-            (f"{SERVED}, MatMulNBits", results[SERVED][0], True),
+        for label, graph, contrib, opset in [
+            ("fp32", results["original (fp32)"][0], False, 18),
+            (f"{SERVED}, standard ops (opset 18: unpack + Sub/Mul)", results[SERVED][0], False, 18),
+            (f"{SERVED}, standard ops (opset 21: blocked DequantizeLinear)", results[SERVED][0], False, 21),
+            (f"{SERVED}, MatMulNBits", results[SERVED][0], True, 18),
         ]:
-            cfg = OnnxBackendConfig(target="onnx", filename=f"m{len(paths)}.onnx", ort_contrib_ops=contrib)
+            cfg = OnnxBackendConfig(
+                target="onnx", filename=f"m{len(paths)}.onnx", ort_contrib_ops=contrib, opset=opset
+            )
             record = build_backend(cfg, "onnx").build(graph, calibration[:1], Path(tmp))
             paths[label] = record.artifact
         for block in (32, 128):

@@ -126,7 +126,9 @@ def _report(source, spec, original, result, records, calibration, calibration_so
         },
         timings={k: round(v, 3) for k, v in timings.items()},
         environment={"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
-        warnings=warnings + [w for r in result.report.children for w in r.warnings],
+        warnings=warnings
+        + [w for r in result.report.children for w in r.warnings]
+        + [w for r in records for w in r.get("warnings", [])],
     )
 
 

@@ -233,6 +233,8 @@ def test_onnx_lowerings_match_eager(tmp_path, calibration):
     standard, blocked, contrib = result.report.backends
     assert all(record["errors"]["rel_l2"] < 1e-5 for record in (standard, blocked, contrib))
     assert "DequantizeLinear" not in standard["op_histogram"] and blocked["op_histogram"]["DequantizeLinear"] == 12
+    packed = onnx.load(str(tmp_path / "opset21.onnx")).graph.initializer  # the codes folded into uint4 tensors
+    assert sum(t.data_type == onnx.TensorProto.UINT4 for t in packed) == 24  # codes and zero points
     assert contrib["op_histogram"]["com.microsoft::MatMulNBits"] == 12
     model = onnx.load(str(tmp_path / "nbits.onnx"))
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
@@ -240,10 +242,28 @@ def test_onnx_lowerings_match_eager(tmp_path, calibration):
         2 * 704 * 2 + 256 * 6
     )  # + zero points
     assert not any("mlp" in t.name and t.name.endswith("weight") for t in model.graph.initializer)
+    for name, fused in [("model.onnx", 0), ("opset21.onnx", 12), ("nbits.onnx", 12)]:
+        assert loaded_as(tmp_path / name)["MatMulNBits"] == fused  # what onnxruntime holds after loading
+    assert "unpacks them into dense weights" in " ".join(result.report.warnings)  # the opset-18 file, named
+    assert '"opset": 21' in " ".join(result.report.warnings)
     session = ort.InferenceSession(str(tmp_path / "nbits.onnx"), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(5))
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     np.testing.assert_allclose(got, result.model(ids).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def loaded_as(path) -> Counter:
+    """The op histogram of onnxruntime's optimised graph of ``path`` (what a session runs), and no dense copy of
+    a quantized weight: every float initializer is smaller than one MLP weight (704 x 256)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(options.optimized_model_filepath)
+    counts = Counter(n.op_type for n in model.graph.node)
+    if counts["MatMulNBits"]:
+        floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        assert all(np.prod(t.dims) < 704 * 256 for t in floats), [t.name for t in floats if np.prod(t.dims) >= 704 * 256]
+    return counts
 
 
 def test_three_bit_and_long_two_bit_blocks_stay_standard(tmp_path):

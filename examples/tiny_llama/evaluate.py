@@ -26,9 +26,9 @@ class OnnxLM:
     def __init__(self, path: str, threads: int | None = None, optimize: bool = True):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        from graphpress.runtime import session_options
+
+        options = session_options(threads)
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.path = path

@@ -34,6 +34,8 @@ class BackendRecord:
     details: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     """Run time seen while validating, artifact vs eager side by side (see :class:`Comparison`)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know about the artifact at run time; the run's report lists them."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ import torch
 from ..errors import BackendError, first_line
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
-from ..ir.ops.int_weight import matmul_nbits_runs
+from ..ir.ops.int_weight import PACKED_TYPES, matmul_nbits_runs
 from ..progress import step
 from ..schema import OnnxBackendConfig
 from .base import Backend, BackendRecord, Comparison
@@ -120,14 +120,40 @@ class OnnxBackend(Backend):
                 **({"contrib_ops": dict(sorted(fused.items()))} if cfg.ort_contrib_ops else {}),
             },
             latency=comparison.latency,
+            warnings=self.unpacked_at_load(graph),
         )
+
+    def unpacked_at_load(self, graph: Graph) -> list[str]:
+        """Integer weights (already fused ones aside) that onnxruntime will hold dense: opset 18 has no packed
+        form for them, and 2- and 3-bit codes none that onnxruntime keeps packed without ``ort_contrib_ops``."""
+        cfg: OnnxBackendConfig = self.config
+        dense = [
+            n.args[3]
+            for n in graph.nodes
+            if n.op == "call_function" and n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
+        ]
+        if not dense:
+            return []
+        advice = (
+            '"opset": 21 keeps 4- and 8-bit weights packed (a blocked DequantizeLinear onnxruntime fuses into '
+            'MatMulNBits)' if cfg.opset < 21 and set(dense) & set(PACKED_TYPES) else ""
+        )
+        if set(dense) - set(PACKED_TYPES) and not cfg.ort_contrib_ops:
+            advice += ("; " if advice else "") + '"ort_contrib_ops": true runs 2-bit weights as MatMulNBits'
+        return [
+            f"{self.spec_path}: {len(dense)} integer-weight linear(s) ({', '.join(sorted({f'{b}-bit' for b in dense}))}) "
+            "are stored packed in the file but onnxruntime unpacks them into dense weights when the session loads "
+            f"(more memory than the original at run time){': ' + advice if advice else ''}"
+        ]
 
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> Comparison:
         import onnxruntime as ort
 
-        from ..runtime import OnnxDecoder
+        from ..runtime import OnnxDecoder, session_options
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) if graph.cache is None else None
+        session = None
+        if graph.cache is None:
+            session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
         def run(tensors):
             names = [i.name for i in session.get_inputs()]
@@ -163,7 +189,11 @@ def _optimize(model) -> None:
     """
     import onnxscript.optimizer
 
+    quantized = _dequantize_inputs(model.graph)
+
     def should_fold(node) -> bool | None:
+        if node in quantized:
+            return True
         out_bytes = sum(_nbytes(v) for v in node.outputs)
         in_bytes = sum(_nbytes(v) for v in node.inputs if v is not None)
         if out_bytes is None or in_bytes is None:
@@ -171,6 +201,23 @@ def _optimize(model) -> None:
         return False if out_bytes > max(in_bytes, 1024) else None
 
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def _dequantize_inputs(graph) -> set:
+    """The nodes computing a ``DequantizeLinear``'s integer data or zero points: all constant for an integer
+    weight (the codes' unpacking into uint4/uint8), folded whatever their intermediate sizes, since the result
+    is as small as the stored codes and is what onnxruntime keeps packed."""
+    cone, stack = set(), []
+    for node in graph.all_nodes():
+        if node.op_type == "DequantizeLinear" and node.domain == "":
+            stack += [v.producer() for i, v in enumerate(node.inputs) if v is not None and i != 1]
+    while stack:
+        node = stack.pop()
+        if node is None or node in cone:
+            continue
+        cone.add(node)
+        stack += [v.producer() for v in node.inputs if v is not None]
+    return cone
 
 
 def _strip_node_metadata(model) -> None:

@@ -86,8 +86,16 @@ def _(codes, scales, zeros, bits, block_size, in_features):
     return scales.new_empty((codes.shape[0], in_features))
 
 
+PACKED_TYPES = {4: "UINT4", 8: "UINT8"}
+"""Bits whose codes have an ONNX integer type (opset 21) that onnxruntime keeps packed under DequantizeLinear."""
+
+
 def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_features: int, opset: int = 18):
-    """Standard ONNX: unpack the codes, then DequantizeLinear per block (opset >= 21) or Sub and Mul."""
+    """Standard ONNX. Opset >= 21 with 4 or 8 bits: the transposed weight as a blocked ``DequantizeLinear``
+    (axis 0) of uint4/uint8 codes, transposed back; the codes' unpacking is marked for folding into one packed
+    initializer (:func:`graphpress.backends.onnx._optimize`), and onnxruntime fuses ``DequantizeLinear`` →
+    ``MatMul`` into ``MatMulNBits`` at load, so the weight stays packed in memory. Other bits at opset >= 21:
+    unpack, then a blocked ``DequantizeLinear`` along the rows; before opset 21: unpack, Sub and Mul."""
     from onnxscript import ir, opset21
     from onnxscript import opset18 as op
 
@@ -98,6 +106,15 @@ def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_feature
     else:
         full = op.Pad(zeros, onnx_const([0, 0, 0, packed_width(blocks, bits) - zeros.shape[1]], np.int64))
         z = unpack_bits_onnx(full, bits, n, blocks)
+    if opset >= 21 and bits in PACKED_TYPES:
+        packed = getattr(ir.DataType, PACKED_TYPES[bits])
+        head = op.Slice(q, onnx_const([0], np.int64), onnx_const([in_features], np.int64), onnx_const([1], np.int64))
+        codes_t = op.Cast(op.Transpose(head, perm=[1, 0]), to=packed)  # (K, N): MatMul's B, rows = inputs
+        zeros_t = op.Cast(op.Transpose(z, perm=[1, 0]), to=packed)
+        weight_t = opset21.DequantizeLinear(
+            codes_t, op.Transpose(scales, perm=[1, 0]), zeros_t, axis=0, block_size=block_size
+        )
+        return op.Transpose(weight_t, perm=[1, 0])
     if opset >= 21:
         u8 = ir.DataType.UINT8
         dense = opset21.DequantizeLinear(op.Cast(q, to=u8), scales, op.Cast(z, to=u8), axis=1, block_size=block_size)
