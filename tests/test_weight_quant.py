@@ -234,7 +234,8 @@ def test_onnx_lowerings_match_eager(tmp_path, calibration):
     assert all(record["errors"]["rel_l2"] < 1e-5 for record in (standard, blocked, contrib))
     assert "DequantizeLinear" not in standard["op_histogram"] and blocked["op_histogram"]["DequantizeLinear"] == 12
     packed = onnx.load(str(tmp_path / "opset21.onnx")).graph.initializer  # the codes folded into uint4 tensors
-    assert sum(t.data_type == onnx.TensorProto.UINT4 for t in packed) == 24  # codes and zero points
+    names = sorted(t.name for t in packed if t.data_type == onnx.TensorProto.UINT4)  # codes and zero points
+    assert len(names) == 24 and names[:2] == ["layers.0.mlp.down_proj.q_codes", "layers.0.mlp.down_proj.q_zeros"]
     assert contrib["op_histogram"]["com.microsoft::MatMulNBits"] == 12
     model = onnx.load(str(tmp_path / "nbits.onnx"))
     packed = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]

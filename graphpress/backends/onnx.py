@@ -189,7 +189,7 @@ def _optimize(model) -> None:
     """
     import onnxscript.optimizer
 
-    quantized = _dequantize_inputs(model.graph)
+    quantized, sources = _dequantize_inputs(model.graph)
 
     def should_fold(node) -> bool | None:
         if node in quantized:
@@ -201,23 +201,43 @@ def _optimize(model) -> None:
         return False if out_bytes > max(in_bytes, 1024) else None
 
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+    for (node, i), name in sources.items():  # a folded tensor takes the name of the stored one it replaces
+        value = node.inputs[i]
+        if value is not None and value.is_initializer() and name not in model.graph.initializers:
+            model.graph.initializers.pop(value.name)
+            value.name = name
+            model.graph.register_initializer(value)
 
 
-def _dequantize_inputs(graph) -> set:
+def _dequantize_inputs(graph) -> tuple[set, dict]:
     """The nodes computing a ``DequantizeLinear``'s integer data or zero points: all constant for an integer
     weight (the codes' unpacking into uint4/uint8), folded whatever their intermediate sizes, since the result
-    is as small as the stored codes and is what onnxruntime keeps packed."""
-    cone, stack = set(), []
+    is as small as the stored codes and is what onnxruntime keeps packed. Also, per (node, input), the one stored
+    tensor an input is computed from (``layers.0.mlp.up_proj.q_codes``): the folded tensor's name."""
+    cone, sources = set(), {}
     for node in graph.all_nodes():
-        if node.op_type == "DequantizeLinear" and node.domain == "":
-            stack += [v.producer() for i, v in enumerate(node.inputs) if v is not None and i != 1]
-    while stack:
-        node = stack.pop()
-        if node is None or node in cone:
+        if node.op_type != "DequantizeLinear" or node.domain != "":
             continue
-        cone.add(node)
-        stack += [v.producer() for v in node.inputs if v is not None]
-    return cone
+        for i, value in enumerate(node.inputs):
+            upstream, stored, stack = set(), set(), [value]
+            while stack:
+                v = stack.pop()
+                if v is None:
+                    continue
+                if v.is_initializer():
+                    stored.add(v.name)
+                producer = v.producer()
+                if producer is not None and producer not in upstream:
+                    upstream.add(producer)
+                    stack += producer.inputs
+            if i != 1:
+                cone |= upstream
+            if len(stored) == 1:
+                sources[(node, i)] = stored.pop()
+        codes = sources.get((node, 0), "")
+        if (node, 2) not in sources and codes.endswith(".q_codes") and node.inputs[2] is not None:
+            sources[(node, 2)] = codes.removesuffix("q_codes") + "q_zeros"  # symmetric: constant zero points
+    return cone, sources
 
 
 def _strip_node_metadata(model) -> None:
