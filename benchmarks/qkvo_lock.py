@@ -35,6 +35,7 @@ from graphpress.passes import PassContext, build_pass
 from graphpress.schema import QkvoLockConfig
 
 CONDITIONS = (4.0, 16.0, 100.0)
+ROTATION_BOUND = 16.0
 
 
 def fine_tune(model, text: torch.Tensor, steps: int, seed: int):
@@ -238,8 +239,9 @@ def main() -> None:
                             _relative(base_aligned, base))  # fmt: skip
         models[f"average(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "average")
         models[f"task arithmetic(aligned A locked c <= {bound:g}, B)"] = merge(base, aligned, b, "task")
-    bound = 16.0
-    turned = rotated(locked(a, seed=6150391274561339807, max_condition=bound)[0], haar(base.config.hidden_size, 11))
+    turned = rotated(
+        locked(a, seed=6150391274561339807, max_condition=ROTATION_BOUND)[0], haar(base.config.hidden_size, 11)
+    )
     probe = heldout[:512].view(2, 256)
     exactness = (logits_of(turned(probe)) - logits_of(a(probe))).norm() / logits_of(a(probe)).norm()
     attacks = {
@@ -286,7 +288,7 @@ def main() -> None:
 
 
     print(
-        f"\n## strengthening: a residual-stream rotation on top of the lock (c <= {bound:g}; "
+        f"\n## strengthening: a residual-stream rotation on top of the lock (c <= {ROTATION_BOUND:g}; "
         f"logits of the locked, rotated A vs A: {exactness:.1e} relative)"
     )
     print("| attacker | weights vs A (all linears and embeddings), x the fine-tune's change | average | task arithmetic |")
