@@ -95,7 +95,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": outputs,
         "kv_cache": {
-            "inputs": [v for v in inputs if v["name"].startswith("past.")],
+            "inputs": [v for v in inputs if v["name"].startswith("past_key_values.")],
             "outputs": [v for v in outputs if v["name"].startswith("present.")],
             "layout": metadata.get(LAYOUT_KEY),
         },

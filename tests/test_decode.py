@@ -65,7 +65,7 @@ def test_onnx_decode_loop_matches_eager(trained_llama, tmp_path):
     assert result.report.compressed["kv_cache_bytes_per_token"] == 4 * 2 * 2 * 32 * 4
     assert result.report.backends[0]["errors"]["rel_l2"] < 1e-5
     decoder = OnnxDecoder(result.artifacts["onnx"])
-    assert [i for i in decoder.input_names[:3]] == ["input_ids", "position_ids", "past.layers.0.key"]
+    assert [i for i in decoder.input_names[:3]] == ["input_ids", "position_ids", "past_key_values.0.key"]
     assert decoder.layout == result.graph.cache
     prompt = torch.tensor([list(b"import os\n")])
     assert torch.equal(greedy_generate(decoder, prompt, 32), reference_greedy(trained_llama, prompt, 32))

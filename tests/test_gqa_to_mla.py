@@ -133,8 +133,8 @@ def test_onnx_latent_cache_generation_matches_eager(tmp_path):
     }
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     decoder = OnnxDecoder(result.artifacts["onnx"])
-    assert decoder.input_names[2:4] == ["past.layers.0.latent", "past.layers.0.k_rope"]
-    assert decoder.output_names[1:3] == ["present.layers.0.latent", "present.layers.0.k_rope"]
+    assert decoder.input_names[2:4] == ["past_key_values.0.latent", "past_key_values.0.k_rope"]
+    assert decoder.output_names[1:3] == ["present.0.latent", "present.0.k_rope"]
     assert result.report.compressed["kv_cache_bytes_per_token"] == 4 * 64 * 4
     markdown = result.artifacts["report_md"].read_text()
     assert "| KV-cache bytes / token | 2,048 | 1,024 | 0.500 |" in markdown

@@ -143,9 +143,9 @@ def test_onnx_quantized_cache_generation_matches_eager(tmp_path):
     }
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     decoder = OnnxDecoder(result.artifacts["onnx"])
-    assert decoder.input_names[2:6] == [f"past.layers.0.key.{p}" for p in ("packed", "scale", "zero", "residual")]
+    assert decoder.input_names[2:6] == [f"past_key_values.0.key.{p}" for p in ("packed", "scale", "zero", "residual")]
     inputs = {i.name: i.type for i in decoder.session.get_inputs()}
-    assert inputs["past.layers.0.key.packed"] == "tensor(uint8)"
+    assert inputs["past_key_values.0.key.packed"] == "tensor(uint8)"
     ops = result.report.backends[0]["op_histogram"]
     assert "BitShift" in ops and "BitwiseOr" in ops
     prompt = torch.tensor([list(b"def foo(")])

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from graphpress import BackendError
+from graphpress import BackendError, compress
 from graphpress.backends import OnnxBackend
 from graphpress.backends.base import Comparison
 from graphpress.fileio import staging_dir
@@ -86,3 +86,33 @@ def test_rewritten_graph_captured_at_batch_1_stays_dynamic(tiny_llama, tmp_path)
     assert record.errors["rel_l2"] < 1e-5
     output = onnx.load(tmp_path / "model.onnx").graph.output[0]
     assert all(d.dim_param for d in output.type.tensor_type.shape.dim[:2])
+
+
+def _io(path) -> dict:
+    """{name: [dimension name or size, ...]} of an ONNX file's inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]
+    }
+
+
+@pytest.mark.parametrize("mode", ["forward", "decode"])
+def test_conventional_io_and_dimension_names(tiny_llama, hf_llama, tmp_path, mode):
+    """What onnxruntime-genai-style runtimes expect: input_ids / position_ids / past_key_values.<i>.key in,
+    logits / present.<i>.key out; batch_size, sequence_length, past_ and total_sequence_length, not s72."""
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    spec = {"capture": {"mode": mode}, "verify": {"max": 1.0}, "backends": [{"target": "onnx"}]}
+    compress(hf_llama, spec, (ids,), calibration_data=[(ids,)], out_dir=tmp_path / "hf", progress=False)
+    io = _io(tmp_path / "hf" / "model.onnx")
+    if mode == "forward":
+        assert io == {"input_ids": ["batch_size", "sequence_length"], "logits": ["batch_size", "sequence_length", 128]}
+        compress(tiny_llama, spec, (ids,), calibration_data=[(ids,)], out_dir=tmp_path / "own", progress=False)
+        assert _io(tmp_path / "own" / "model.onnx")["output"] == ["batch_size", "sequence_length", 256]
+    else:
+        names = ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")]
+        names += ["logits"] + [f"present.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")]
+        assert list(io) == names
+        assert io["input_ids"] == io["position_ids"] == ["batch_size", 1]
+        assert io["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+        assert io["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+        assert io["logits"] == ["batch_size", 1, 128]

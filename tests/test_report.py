@@ -214,7 +214,7 @@ def test_compress_composed_example_shows_progress_and_writes_the_html_report(tmp
 
     inspected = _graphpress("inspect", str(out / "model.onnx"))
     assert inspected.returncode == 0, inspected.stderr
-    assert "past.layers.0.latent" in inspected.stdout and "opset" in inspected.stdout
+    assert "past_key_values.0.latent" in inspected.stdout and "opset" in inspected.stdout
 
 
 @pytest.mark.slow

@@ -81,6 +81,8 @@ class OnnxBackend(Backend):
                         _strip_node_metadata(program.model)
                 if graph.cache is not None:
                     _name_decode_io(program.model, graph.cache)
+                else:
+                    _name_forward_io(program.model, graph)
                 program.save(str(staged), external_data=external)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
@@ -260,11 +262,13 @@ def _nbytes(value) -> int | None:
 
 
 def _name_decode_io(model, layout) -> None:
-    """Inputs input_ids, position_ids, past.<entry>...; outputs logits, present.<entry>...; the layout as metadata."""
+    """Inputs input_ids, position_ids, past_key_values.<i>.<entry>...; outputs logits, present.<i>.<entry>...;
+    dimensions batch_size, past_sequence_length, total_sequence_length; the layout as metadata."""
     from ..runtime import LAYOUT_KEY
 
     graph = model.graph
-    names = ["input_ids", "position_ids", *(f"past.{e.name}" for e in layout)]
+    entries = [e.name.removeprefix("layers.") for e in layout]
+    names = ["input_ids", "position_ids", *(f"past_key_values.{e}" for e in entries)]
     if len(graph.inputs) != len(names) or len(graph.outputs) != len(layout) + 1:
         raise BackendError(
             f"decode graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs; "
@@ -272,6 +276,83 @@ def _name_decode_io(model, layout) -> None:
         )
     for value, name in zip(graph.inputs, names):
         value.name = name
-    for value, name in zip(graph.outputs, ["logits", *(f"present.{e.name}" for e in layout)]):
+    for value, name in zip(graph.outputs, ["logits", *(f"present.{e}" for e in entries)]):
         value.name = name
+    dims = {_dim(graph.inputs[0], 0): "batch_size"}
+    for value, entry in zip(graph.inputs[2:], layout):
+        dims[_dim(value, 0)] = "batch_size"
+        dims[_dim(value, entry.seq_axis)] = "past_window_length" if entry.max_len else "past_sequence_length"
+    _rename_dims(graph, dims)
+    for value, entry in zip(graph.outputs[1:], layout):
+        if not entry.max_len:
+            _set_dim(value, entry.seq_axis, "total_sequence_length")
     model.metadata_props[LAYOUT_KEY] = layout.to_json()
+
+
+def _name_forward_io(model, graph: Graph) -> None:
+    """Outputs named after the model's output structure (``logits`` for a transformers model; ``output`` for a
+    lone tensor); the first dimension of every input ``batch_size`` and the second of integer inputs (token ids,
+    masks, positions) ``sequence_length``, where the capture left them free."""
+    from torch.utils import _pytree as pytree
+
+    spec = graph.program.call_spec.out_spec
+    if spec is not None and spec.num_leaves == len(model.graph.outputs):
+        paths = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(range(spec.num_leaves), spec))[0]]
+        names = [".".join(_key_name(k) for k in path) for path in paths]
+        if len(set(names)) == len(names) and all(names):
+            for value, name in zip(model.graph.outputs, names):
+                value.name = name
+        elif names == [""]:
+            model.graph.outputs[0].name = "output"
+    dims = {}
+    for value in model.graph.inputs:
+        dims.setdefault(_dim(value, 0), "batch_size")
+        if value.dtype is not None and value.dtype.is_integer():
+            dims.setdefault(_dim(value, 1), "sequence_length")
+    _rename_dims(model.graph, dims)
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _dim(value, axis: int) -> str | None:
+    """The symbol of ``value``'s dimension ``axis`` (None when it is fixed or absent)."""
+    if value.shape is None or axis >= len(value.shape):
+        return None
+    d = value.shape[axis]
+    return d.value if hasattr(d, "value") and isinstance(d.value, str) else None
+
+
+def _set_dim(value, axis: int, name: str) -> None:
+    from onnxscript import ir
+
+    dims = list(value.shape)
+    dims[axis] = ir.SymbolicDim(name)
+    value.shape = ir.Shape(dims)
+
+
+def _rename_dims(graph, names: dict) -> None:
+    """Rename the exporter's symbols (``s72``) to ``names`` in every shape of the graph, expressions included."""
+    import re
+
+    from onnxscript import ir
+
+    names = {k: v for k, v in names.items() if k is not None and re.fullmatch(r"[A-Za-z_]\w*", k)}
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+    values = [*graph.inputs, *graph.outputs, *(v for node in graph.all_nodes() for v in node.outputs)]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [
+            ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], d.value))
+            if hasattr(d, "value") and isinstance(d.value, str)
+            else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
