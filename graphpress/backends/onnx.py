@@ -22,6 +22,7 @@ import torch
 from ..errors import BackendError, first_line
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
+from ..ir.ops.fused import FUSED
 from ..ir.ops.int_weight import PACKED_TYPES, matmul_nbits_runs
 from ..progress import step
 from ..schema import OnnxBackendConfig
@@ -126,23 +127,36 @@ class OnnxBackend(Backend):
         )
 
     def unpacked_at_load(self, graph: Graph) -> list[str]:
-        """Integer weights (already fused ones aside) that onnxruntime will hold dense: opset 18 has no packed
-        form for them, and 2- and 3-bit codes none that onnxruntime keeps packed without ``ort_contrib_ops``."""
+        """Stored formats onnxruntime will hold dense: LUT, N:M and shift weights always (no op of its runs them);
+        integer weights (already fused ones aside) at opset 18, which has no packed form for them, and 2- and 3-bit
+        codes, which have none that onnxruntime keeps packed without ``ort_contrib_ops``."""
         cfg: OnnxBackendConfig = self.config
         dense = [
             n.args[3]
             for n in graph.nodes
             if n.op == "call_function" and n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
         ]
+        others = Counter(
+            n.target.name().removeprefix("graphpress::")
+            for n in graph.nodes
+            if n.op == "call_function" and n.target in FUSED and n.target is not INT_WEIGHT
+        )
+        warnings = []
+        if others:
+            warnings.append(
+                f"{self.spec_path}: {', '.join(f'{k} x{v}' for k, v in sorted(others.items()))}: onnxruntime has no op "
+                "that runs these formats packed, and its constant folding rebuilds them into dense weights when the "
+                "session loads (the file is smaller, the session is not)"
+            )
         if not dense:
-            return []
+            return warnings
         advice = (
             '"opset": 21 keeps 4- and 8-bit weights packed (a blocked DequantizeLinear onnxruntime fuses into '
             'MatMulNBits)' if cfg.opset < 21 and set(dense) & set(PACKED_TYPES) else ""
         )
         if set(dense) - set(PACKED_TYPES) and not cfg.ort_contrib_ops:
             advice += ("; " if advice else "") + '"ort_contrib_ops": true runs 2-bit weights as MatMulNBits'
-        return [
+        return warnings + [
             f"{self.spec_path}: {len(dense)} integer-weight linear(s) ({', '.join(sorted({f'{b}-bit' for b in dense}))}) "
             "are stored packed in the file but onnxruntime unpacks them into dense weights when the session loads "
             f"(more memory than the original at run time){': ' + advice if advice else ''}"
