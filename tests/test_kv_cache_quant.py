@@ -146,6 +146,11 @@ def test_onnx_quantized_cache_generation_matches_eager(tmp_path):
     assert decoder.input_names[2:6] == [f"past_key_values.0.key.{p}" for p in ("packed", "scale", "zero", "residual")]
     inputs = {i.name: i.type for i in decoder.session.get_inputs()}
     assert inputs["past_key_values.0.key.packed"] == "tensor(uint8)"
+    shapes = {i.name: i.shape for i in decoder.session.get_inputs()}  # a part of a cache is named as such
+    assert shapes["past_key_values.0.key.packed"] == ["batch_size", 2, "8*past_key_groups", 16]
+    assert shapes["past_key_values.0.key.scale"] == ["batch_size", 2, "past_key_groups", 32]
+    assert shapes["past_key_values.0.key.residual"] == ["batch_size", 2, "past_key_window_length", 32]
+    assert shapes["past_key_values.0.value.packed"] == ["batch_size", 2, "past_value_packed_length", 8]
     ops = result.report.backends[0]["op_histogram"]
     assert "BitShift" in ops and "BitwiseOr" in ops
     prompt = torch.tensor([list(b"def foo(")])

@@ -277,7 +277,8 @@ def _nbytes(value) -> int | None:
 
 def _name_decode_io(model, layout) -> None:
     """Inputs input_ids, position_ids, past_key_values.<i>.<entry>...; outputs logits, present.<i>.<entry>...;
-    dimensions batch_size, past_sequence_length, total_sequence_length; the layout as metadata."""
+    dimensions batch_size, past_sequence_length, total_sequence_length (parts of a rewritten cache: see
+    :func:`_seq_name`); the layout as metadata."""
     from ..runtime import LAYOUT_KEY
 
     graph = model.graph
@@ -294,13 +295,26 @@ def _name_decode_io(model, layout) -> None:
         value.name = name
     dims = {_dim(graph.inputs[0], 0): "batch_size"}
     for value, entry in zip(graph.inputs[2:], layout):
-        dims[_dim(value, 0)] = "batch_size"
-        dims[_dim(value, entry.seq_axis)] = "past_window_length" if entry.max_len else "past_sequence_length"
+        dims.setdefault(_dim(value, 0), "batch_size")
+        dims.setdefault(_dim(value, entry.seq_axis), _seq_name(entry))
     _rename_dims(graph, dims)
     for value, entry in zip(graph.outputs[1:], layout):
-        if not entry.max_len:
+        if _seq_name(entry) == "past_sequence_length":
             _set_dim(value, entry.seq_axis, "total_sequence_length")
     model.metadata_props[LAYOUT_KEY] = layout.to_json()
+
+
+def _seq_name(entry) -> str | None:
+    """The name of a cache entry's sequence axis: ``past_sequence_length`` for one that holds every past token
+    (K, V, a latent); a part of a rewritten entry (kind ``key.packed``, ``key.scale``, ...) holds fewer: a bounded
+    window (``past_key_window_length``), one slot per group of tokens (``past_key_groups``) or per packed token
+    (``past_value_packed_length``: the tokens flushed from the window)."""
+    base = entry.kind.split(".")[0]
+    if entry.max_len is not None:
+        return f"past_{base}_window_length"
+    if entry.tokens_per_slot > 1:
+        return f"past_{base}_groups"
+    return "past_sequence_length" if base == entry.kind else f"past_{base}_packed_length"
 
 
 def _name_forward_io(model, graph: Graph) -> None:
