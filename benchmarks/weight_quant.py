@@ -92,7 +92,7 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 options = ort.SessionOptions(); options.intra_op_num_threads = 2
-options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # graphpress.runtime.session_options
 before = rss()
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 print(rss() - before)
@@ -100,7 +100,8 @@ print(rss() - before)
 
 
 def session_memory(path: str) -> int:
-    """Resident bytes an onnxruntime session adds when it loads ``path``, in a fresh process."""
+    """Resident bytes an onnxruntime session adds when it loads ``path``, in a fresh process (which imports
+    onnxruntime only, not torch or graphpress: RSS restates session_options' settings rather than import them)."""
     return int(subprocess.run([sys.executable, "-c", RSS, path], capture_output=True, text=True, check=True).stdout)
 
 

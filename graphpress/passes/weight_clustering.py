@@ -144,16 +144,17 @@ class WeightClustering(Pass):
         cfg: WeightClusteringConfig = self.config
         codebook = palette.tensors["lut_codebook"].double()
         rows = palette.args[2]
+        per_row = codebook.repeat_interleave(rows, 0)  # each row's group codebook
         codes = torch.zeros(weight.shape, dtype=torch.long)
 
         def round_column(col: int, values: torch.Tensor, peek) -> torch.Tensor:
             index = nearest(values.reshape(-1, rows), codebook).reshape(-1)
             codes[:, col] = index
-            return codebook.repeat_interleave(rows, 0).gather(1, index[:, None])[:, 0]
+            return per_row.gather(1, index[:, None])[:, 0]
 
         order = torch.arange(weight.shape[1])
         compensated_sweep(weight.detach().double(), hessian(gram), cfg.damping, 128, order, round_column)
-        rebuilt = codebook.to(weight.dtype).repeat_interleave(rows, 0).gather(1, codes)
+        rebuilt = per_row.to(weight.dtype).gather(1, codes)
         tensors = {**palette.tensors, "lut_indices": pack_bits(codes, cfg.bits)}
         return Palette(tensors, palette.args, rebuilt)
 

@@ -66,17 +66,17 @@ class Grid:
     bits: int
     block: int
 
-    def codes(self, w: Tensor, cols: slice | Tensor) -> Tensor:
+    def codes(self, w: Tensor, cols: slice) -> Tensor:
         """Codes of the weights ``w`` (N, c) at columns ``cols``: nearest on their blocks' grids."""
         scale, zero = self._at(cols)
         return (torch.round(w / scale) + zero).clamp(0, 2**self.bits - 1)
 
-    def values(self, codes: Tensor, cols: slice | Tensor) -> Tensor:
+    def values(self, codes: Tensor, cols: slice) -> Tensor:
         scale, zero = self._at(cols)
         return (codes - zero) * scale
 
-    def _at(self, cols):
-        index = torch.arange(self.scales.shape[1] * self.block)[cols] // self.block
+    def _at(self, cols: slice):
+        index = torch.arange(cols.start, cols.stop) // self.block
         return self.scales[:, index], self.zeros[:, index]
 
 
