@@ -369,3 +369,25 @@ def test_after_qkvo_lock_and_gqa_to_mla(first, trained_llama, calibration):
     # measured 0.025 alone; 0.051 after gqa_to_mla (its up projections read the PCA latent: 2.5-4x the output
     # error of the projections they replace, docs/passes/weight_quant.md), 0.03 after qkvo_lock
     assert rel_err(result.graph.module()(ids), rewritten.module()(ids)) < 0.08
+
+
+@pytest.mark.parametrize(
+    "bits, opset, contrib, advice",
+    [(4, 18, False, ['"opset": 21']), (4, 21, False, None), (3, 21, False, []), (2, 21, False, ['"ort_contrib_ops"'])],
+)
+def test_the_report_says_which_weights_onnxruntime_holds_dense(bits, opset, contrib, advice):
+    """None: no warning. Otherwise one warning naming the bit widths, with only the advice that would help."""
+    from graphpress.backends import OnnxBackend
+    from graphpress.schema import OnnxBackendConfig
+
+    model, x = toy()
+    graph = build_pass(quant(method="rtn", bits=bits, group_size=16)).run(capture(model, (x,)), PassContext([(x,)]))
+    config = OnnxBackendConfig(target="onnx", opset=opset, ort_contrib_ops=contrib)
+    warnings = OnnxBackend(config, "backends[0]").unpacked_at_load(graph.graph)
+    if advice is None:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert f"2 integer-weight linear(s) ({bits}-bit)" in warning
+    given = [a for a in ('"opset": 21', '"ort_contrib_ops"') if a in warning]
+    assert given == advice

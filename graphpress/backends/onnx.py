@@ -131,16 +131,13 @@ class OnnxBackend(Backend):
         integer weights (already fused ones aside) at opset 18, which has no packed form for them, and 2- and 3-bit
         codes, which have none that onnxruntime keeps packed without ``ort_contrib_ops``."""
         cfg: OnnxBackendConfig = self.config
+        formats = [n for n in graph.nodes if n.op == "call_function" and n.target in FUSED]
+        others = Counter(n.target.name().removeprefix("graphpress::") for n in formats if n.target is not INT_WEIGHT)
         dense = [
             n.args[3]
-            for n in graph.nodes
-            if n.op == "call_function" and n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
+            for n in formats
+            if n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
         ]
-        others = Counter(
-            n.target.name().removeprefix("graphpress::")
-            for n in graph.nodes
-            if n.op == "call_function" and n.target in FUSED and n.target is not INT_WEIGHT
-        )
         warnings = []
         if others:
             warnings.append(
@@ -148,19 +145,22 @@ class OnnxBackend(Backend):
                 "that runs these formats packed, and its constant folding rebuilds them into dense weights when the "
                 "session loads (the file is smaller, the session is not)"
             )
-        if not dense:
-            return warnings
-        advice = (
-            '"opset": 21 keeps 4- and 8-bit weights packed (a blocked DequantizeLinear onnxruntime fuses into '
-            'MatMulNBits)' if cfg.opset < 21 and set(dense) & set(PACKED_TYPES) else ""
-        )
-        if set(dense) - set(PACKED_TYPES) and not cfg.ort_contrib_ops:
-            advice += ("; " if advice else "") + '"ort_contrib_ops": true runs 2-bit weights as MatMulNBits'
-        return warnings + [
-            f"{self.spec_path}: {len(dense)} integer-weight linear(s) ({', '.join(sorted({f'{b}-bit' for b in dense}))}) "
-            "are stored packed in the file but onnxruntime unpacks them into dense weights when the session loads "
-            f"(more memory than the original at run time){': ' + advice if advice else ''}"
-        ]
+        if dense:
+            advice = []
+            if cfg.opset < 21 and set(dense) & set(PACKED_TYPES):
+                advice.append(
+                    '"opset": 21 keeps 4- and 8-bit weights packed (a blocked DequantizeLinear onnxruntime fuses '
+                    "into MatMulNBits)"
+                )
+            if 2 in dense and not cfg.ort_contrib_ops:
+                advice.append('"ort_contrib_ops": true runs 2-bit weights as MatMulNBits')
+            warnings.append(
+                f"{self.spec_path}: {len(dense)} integer-weight linear(s) "
+                f"({', '.join(sorted({f'{b}-bit' for b in dense}))}) are stored packed in the file but onnxruntime "
+                "unpacks them into dense weights when the session loads (more memory than the original at run time)"
+                + (": " + "; ".join(advice) if advice else "")
+            )
+        return warnings
 
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> Comparison:
         import onnxruntime as ort
@@ -347,12 +347,16 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def _symbol(d) -> str | None:
+    """A dimension's symbolic name or expression (None for a fixed size)."""
+    return d.value if isinstance(getattr(d, "value", None), str) else None
+
+
 def _dim(value, axis: int) -> str | None:
     """The symbol of ``value``'s dimension ``axis`` (None when it is fixed or absent)."""
     if value.shape is None or axis >= len(value.shape):
         return None
-    d = value.shape[axis]
-    return d.value if hasattr(d, "value") and isinstance(d.value, str) else None
+    return _symbol(value.shape[axis])
 
 
 def _set_dim(value, axis: int, name: str) -> None:
@@ -378,9 +382,7 @@ def _rename_dims(graph, names: dict) -> None:
         if value.shape is None:
             continue
         dims = [
-            ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], d.value))
-            if hasattr(d, "value") and isinstance(d.value, str)
-            else d
+            ir.SymbolicDim(pattern.sub(lambda m: names[m.group(1)], _symbol(d))) if _symbol(d) else d
             for d in value.shape
         ]
         value.shape = ir.Shape(dims)
