@@ -49,6 +49,7 @@ def main() -> None:
     ctx = PassContext(calibration)
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
     step_ids, position = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), args.context)
+    mask = torch.ones(1, args.context + 1, dtype=torch.long)
     with tempfile.TemporaryDirectory() as tmp:
         forward, decode, errors = {}, {}, {}
         for i, (name, passes) in enumerate(VARIANTS.items()):
@@ -75,7 +76,7 @@ def main() -> None:
                             )
                             for e in decoder.layout
                         ]
-                        decode[(name, runtime)] = lambda x, d=decoder, c=cache: d.step(x, position, c)
+                        decode[(name, runtime)] = lambda x, d=decoder, c=cache: d.step(x, mask, position, c)
         fwd = interleaved_median(forward, tokens, args.repeats)
         dec = interleaved_median(decode, step_ids, args.repeats)
     print(f"## onnxruntime vs TVM (llvm, untuned), 2 threads, interleaved medians of {args.repeats}")

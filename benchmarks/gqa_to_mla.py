@@ -97,8 +97,8 @@ def main() -> None:
             for name in graphs:
                 decoder = decoders[name]
                 cache = [_filled(e, context) for e in decoder.layout]
-                position = torch.full((1, 1), context)
-                steps[name] = lambda ids, d=decoder, c=cache, p=position: d.step(ids, p, c)
+                position, mask = torch.full((1, 1), context), torch.ones(1, context + 1, dtype=torch.long)
+                steps[name] = lambda ids, d=decoder, c=cache, p=position, m=mask: d.step(ids, m, p, c)
             lat = interleaved_median(steps, torch.zeros(1, 1, dtype=torch.long), args.repeats)
             row = " | ".join(f"{lat[n] * 1e3:.2f}" for n in graphs)
             print(f"| {context} | {row} | {lat['mla absorbed (32+16)'] / lat['original']:.3f}x |")

@@ -76,8 +76,17 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
     t = time.perf_counter()
     model, example_inputs, calibration = _in_dtype(spec.capture.dtype, source.model, source.example_inputs, calibration)
     with step(f"capturing {source.name} ({spec.capture.mode}) with torch.export"):
-        original = capture(model, example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic)
+        tokens = 1 if spec.capture.step_tokens == 1 else None
+        original = capture(
+            model, example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic, step_tokens=tokens
+        )
     timings["capture"] = time.perf_counter() - t
+    if original.cache is not None and original.cache.step_tokens == 1 and tokens is None:
+        warnings.append(
+            f"capture.step_tokens: {type(model).__name__}'s attention pins the query length under torch.export "
+            "(an eager kernel branching on it), so the decode step takes one token: prompts run token by token. "
+            'Load the model with attn_implementation="sdpa" for one graph that takes a prompt in one call'
+        )
 
     t = time.perf_counter()
     ctx = PassContext(calibration, seed=spec.calibration.seed)
@@ -91,7 +100,9 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
         records = []
         t = time.perf_counter()
         for i, backend_config in enumerate(spec.backends):
-            record = build_backend(backend_config, f"backends[{i}]").build(result.graph, calibration, stage)
+            backend = build_backend(backend_config, f"backends[{i}]")
+            backend.source = source
+            record = backend.build(result.graph, calibration, stage)
             record.artifact = str(out / Path(record.artifact).relative_to(stage))
             artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
             records.append(record.to_dict())

@@ -36,6 +36,8 @@ class ModelSource:
     name: str = "model"
     tokenize: Callable[[str], list[int]] | None = None
     """Text to token ids, for calibration text named in the spec."""
+    directory: Path | None = None
+    """A checkpoint's folder (its tokenizer files travel with artifacts that need them)."""
 
 
 def load_source(source: str | Path) -> ModelSource:
@@ -97,7 +99,7 @@ def load_checkpoint(path: Path) -> ModelSource:
         raise CaptureError(f"--model {path}: no transformers class could load it ({'; '.join(failures)})")
     vocab = getattr(config.get_text_config(), "vocab_size", None) or 2
     example = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    return ModelSource(model.eval(), (example,), name=path.resolve().name, tokenize=_tokenizer(path))
+    return ModelSource(model.eval(), (example,), name=path.resolve().name, tokenize=_tokenizer(path), directory=path)
 
 
 def _tokenizer(path: Path) -> Callable[[str], list[int]] | None:

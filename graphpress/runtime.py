@@ -1,9 +1,11 @@
 """Drive decode graphs: greedy generation and teacher-forced scoring, in eager torch or onnxruntime.
 
 A *decoder* is anything with ``layout`` (a :class:`~graphpress.ir.decode.CacheLayout`) and
-``step(input_ids, position_ids, cache) -> (logits, cache)`` on torch tensors. Prompts go
-through the one-token step graph token by token, so one graph serves prefill and decoding.
-Positions are cache slots: sequences in a batch are assumed unpadded and equally long.
+``step(input_ids, attention_mask, position_ids, cache) -> (logits, cache)`` on torch tensors.
+One step graph serves the prompt (one call: :func:`prefill`) and every generated token; a
+graph captured on one token (``layout.step_tokens == 1``) takes its prompt token by token.
+A batch of prompts of unequal length is left-padded, with ``attention_mask`` 0 on the pads
+and positions counted from each row's first real token, as transformers' ``generate`` does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ class Decoder(Protocol):
     layout: CacheLayout
 
     def step(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: list[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
@@ -53,11 +59,12 @@ class TorchDecoder:
         self.graph, self.layout, self.taps = graph, graph.cache, taps
 
     @torch.no_grad()
-    def step(self, input_ids, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        inputs = (input_ids, attention_mask, position_ids, list(cache))
         if self.taps is not None:
-            flat = self.graph.run_with_taps((input_ids, position_ids, list(cache)), self.taps)
+            flat = self.graph.run_with_taps(inputs, self.taps)
             return flat[0], list(flat[1:])
-        logits, present = self.graph.module()(input_ids, position_ids, list(cache))
+        logits, present = self.graph.module()(*inputs)
         return logits, list(present)
 
 
@@ -79,8 +86,9 @@ class OnnxDecoder:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def step(self, input_ids, position_ids, cache):
-        feeds = dict(zip(self.input_names, [_numpy(input_ids), _numpy(position_ids), *map(_numpy, cache)]))
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        tensors = [input_ids, attention_mask, position_ids, *cache]
+        feeds = dict(zip(self.input_names, map(_numpy, tensors)))
         outs = self.session.run(self.output_names, feeds)
         return torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
 
@@ -114,8 +122,8 @@ class TvmDecoder:
             raise ValueError(f"{path}: not a graphpress decode graph (no cache layout in {path}.json)")
         self.layout = CacheLayout.from_json(self.module.meta["cache_layout"])
 
-    def step(self, input_ids, position_ids, cache):
-        logits, *present = self.module(input_ids, position_ids, *cache)
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        logits, *present = self.module(input_ids, attention_mask, position_ids, *cache)
         return logits, present
 
 
@@ -128,28 +136,66 @@ def positions(batch: int, position: int) -> torch.Tensor:
     return torch.full((batch, 1), position, dtype=torch.long)
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of every slot of ``attention_mask`` (B, T): counted from each row's first
+    real token; pads get 1 (they are masked, any position does)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 @torch.no_grad()
-def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, L, V) of feeding ``input_ids`` (B, L) one token per step: what forward would give."""
+def prefill(
+    decoder: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (B, L, V) of the prompt ``input_ids`` (B, L) and the cache after it: one call,
+    or one per token where the step graph takes one token."""
     batch, length = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    pos = positions_of(mask)
     cache = decoder.layout.empty(batch)
+    if decoder.layout.step_tokens is None:
+        return decoder.step(input_ids, mask, pos, cache)
     logits = []
     for t in range(length):
-        step_logits, cache = decoder.step(input_ids[:, t : t + 1], positions(batch, t), cache)
+        step_logits, cache = decoder.step(input_ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1], cache)
+        logits.append(step_logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@torch.no_grad()
+def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits (B, L, V) of feeding ``input_ids`` (B, L) one token per step: what every generated
+    token sees (a quantized cache read back at each step), where :func:`prefill` would attend
+    the prompt's own keys and values as computed."""
+    batch, length = input_ids.shape
+    cache = decoder.layout.empty(batch)
+    ones = torch.ones(batch, length, dtype=torch.long)
+    logits = []
+    for t in range(length):
+        step_logits, cache = decoder.step(input_ids[:, t : t + 1], ones[:, : t + 1], positions(batch, t), cache)
         logits.append(step_logits)
     return torch.cat(logits, dim=1)
 
 
 @torch.no_grad()
-def greedy_generate(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """``prompt`` (B, P) followed by ``max_new_tokens`` argmax tokens: (B, P + max_new_tokens)."""
+def greedy_generate(
+    decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``prompt`` (B, P) followed by ``max_new_tokens`` argmax tokens: (B, P + max_new_tokens).
+
+    The prompt goes in one call (:func:`prefill`); ``attention_mask`` marks left padding."""
     batch, length = prompt.shape
     if length < 1:
         raise ValueError("greedy_generate needs a prompt of at least one token")
-    cache = decoder.layout.empty(batch)
+    mask = torch.ones_like(prompt) if attention_mask is None else attention_mask.long()
+    logits, cache = prefill(decoder, prompt, mask)
     tokens = prompt
-    for t in range(length + max_new_tokens - 1):
-        logits, cache = decoder.step(tokens[:, t : t + 1], positions(batch, t), cache)
-        if t >= length - 1:
-            tokens = torch.cat([tokens, logits[:, -1:].argmax(-1).to(tokens.dtype)], dim=1)
+    position = positions_of(mask)[:, -1:]
+    for _ in range(max_new_tokens):
+        token = logits[:, -1:].argmax(-1).to(prompt.dtype)
+        tokens = torch.cat([tokens, token], dim=1)
+        if tokens.shape[1] == length + max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        position = position + 1
+        logits, cache = decoder.step(token, mask, position, cache)
     return tokens

@@ -124,7 +124,7 @@ def test_capture_rejects_non_modules_and_bad_inputs(tiny_llama):
     with pytest.raises(CaptureError, match="nn.Module"):
         capture(lambda x: x, (torch.randn(2),))
     with pytest.raises(CaptureError, match="do not fit"):
-        capture(tiny_llama, (torch.zeros(1, 4, dtype=torch.long), None, None, torch.zeros(1)))
+        capture(tiny_llama, (torch.zeros(1, 4, dtype=torch.long), None, None, None, torch.zeros(1)))
     with pytest.raises(CaptureError, match="mode 'prefill'"):
         capture(tiny_llama, (torch.zeros(1, 4, dtype=torch.long),), mode="prefill")
     with pytest.raises(CaptureError, match="decode capture needs a transformers causal LM.*init_kv_cache"):

@@ -130,14 +130,15 @@ DECODE = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(DECODE))
 def test_decode_steps_through_the_kernels(trained_llama, calibration, tmp_path, name):
-    """Attention is fused into the decode-attention ops (the causal mask becomes ``last``);
-    14 teacher-forced steps cross the KIVI window's flushes (values every token, keys every 8)."""
+    """A one-token step graph's attention is fused into the decode-attention ops (its mask becomes ``keep``);
+    14 teacher-forced steps cross the KIVI window's flushes (values every token, keys every 8). A step
+    graph that takes any number of tokens keeps its SDPA (the kernels take one query token)."""
     from graphpress.backends.cuda import kernels
     from graphpress.backends.cuda.fuse_attention import fuse_decode_attention
     from graphpress.runtime import TorchDecoder, teacher_forced_logits
 
     passes, attention = DECODE[name]
-    graph = rewritten(capture(trained_llama, calibration[0], mode="decode"), calibration, *passes)
+    graph = rewritten(capture(trained_llama, calibration[0], mode="decode", step_tokens=1), calibration, *passes)
     record = build_backend(CudaBackendConfig(target="cuda"), "backends[0]").build(graph, calibration, tmp_path)
     assert record.details["fused"][attention] == 4 and record.errors["rel_l2"] < 1e-5
     fused, _ = fuse_decode_attention(fuse_format_linears(graph)[0])
@@ -147,6 +148,8 @@ def test_decode_steps_through_the_kernels(trained_llama, calibration, tmp_path, 
         ours = teacher_forced_logits(TorchDecoder(fused), ids)
     assert ran[attention.split("::")[1]] == 4 * 14
     torch.testing.assert_close(ours, teacher_forced_logits(TorchDecoder(graph), ids), rtol=1e-4, atol=1e-4)
+    any_length = rewritten(capture(trained_llama, calibration[0], mode="decode"), calibration, *passes)
+    assert not fuse_decode_attention(any_length)[1]
 
 
 @pytest.mark.slow

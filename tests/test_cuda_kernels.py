@@ -133,8 +133,16 @@ def test_decode_attention(batch, heads, kv_heads, tokens, dk, dv):
         torch.randn(batch, kv_heads, tokens, dv, generator=gen),
     )
     close(decode_attention(*on_device(q, k, v), 0.3), decode_attention_reference(q, k, v, 0.3, None))
-    last = torch.randint(0, tokens, (batch,), generator=gen)  # batch b attends tokens 0 .. last[b]
-    close(decode_attention(*on_device(q, k, v), 0.3, *on_device(last)), decode_attention_reference(q, k, v, 0.3, last))
+    keep = key_mask(batch, tokens, gen)
+    close(decode_attention(*on_device(q, k, v), 0.3, *on_device(keep)), decode_attention_reference(q, k, v, 0.3, keep))
+
+
+def key_mask(batch: int, tokens: int, gen) -> torch.Tensor:
+    """(batch, tokens) bool: row 0 a causal prefix, the others left padding and random holes; never empty."""
+    keep = torch.rand(batch, tokens, generator=gen) < 0.7
+    keep[0] = torch.arange(tokens) <= tokens // 2
+    keep[:, -1] = True
+    return keep
 
 
 @pytest.mark.parametrize(
@@ -158,9 +166,9 @@ def test_quantized_decode_attention(k_bits, v_bits, k_group, v_group, quantized,
     sizes = (k_bits, k_group, v_bits, v_group, 0.2)
     ours = quantized_decode_attention(*on_device(q, *args), *sizes)
     close(ours, quantized_decode_attention_reference(q, *args, *sizes, None))
-    last = torch.tensor([quantized + recent - 1, max(0, quantized - 3)])  # all, and some quantized ones only
-    ours = quantized_decode_attention(*on_device(q, *args), *sizes, *on_device(last))
-    close(ours, quantized_decode_attention_reference(q, *args, *sizes, last))
+    keep = key_mask(batch, quantized + recent, gen)
+    ours = quantized_decode_attention(*on_device(q, *args), *sizes, *on_device(keep))
+    close(ours, quantized_decode_attention_reference(q, *args, *sizes, keep))
 
 
 def test_decode_attention_refuses_more_than_one_query_token():

@@ -78,8 +78,8 @@ def test_decode_cache_becomes_the_latent(trained_llama, calibration):
     assert [e.name for e in decoupled.cache][:2] == ["layers.0.latent", "layers.0.k_rope"]
     assert decoupled.cache.bytes_per_token == 4 * (48 + 16) * 4
     assert graph.cache.bytes_per_token == 4 * 2 * 2 * 32 * 4  # the input graph is untouched
-    assert graph.program.call_spec.in_spec.num_leaves == 2 + 8
-    assert after_up.program.call_spec.in_spec.num_leaves == 2 + 4
+    assert graph.program.call_spec.in_spec.num_leaves == 3 + 8
+    assert after_up.program.call_spec.in_spec.num_leaves == 3 + 4
     assert (
         rel_err(teacher_forced_logits(TorchDecoder(graph), calibration[0][0]), trained_llama(calibration[0][0])) < 1e-5
     )
@@ -133,7 +133,7 @@ def test_onnx_latent_cache_generation_matches_eager(tmp_path):
     }
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     decoder = OnnxDecoder(result.artifacts["onnx"])
-    assert decoder.input_names[2:4] == ["past_key_values.0.latent", "past_key_values.0.k_rope"]
+    assert decoder.input_names[3:5] == ["past_key_values.0.latent", "past_key_values.0.k_rope"]
     assert decoder.output_names[1:3] == ["present.0.latent", "present.0.k_rope"]
     assert result.report.compressed["kv_cache_bytes_per_token"] == 4 * 64 * 4
     markdown = result.artifacts["report_md"].read_text()

@@ -73,7 +73,9 @@ def test_the_window_and_the_packed_part_grow_as_kivi_says(decode_graph, calibrat
     key = [graph.cache.index(f"layers.0.key.{part}") for part in ("packed", "scale", "residual")]
     value = [graph.cache.index(f"layers.0.value.{part}") for part in ("packed", "residual")]
     for t in range(30):
-        _, cache = decoder.step(torch.tensor([[t % 256]]), torch.tensor([[t]]), cache)
+        _, cache = decoder.step(
+            torch.tensor([[t % 256]]), torch.ones(1, t + 1, dtype=torch.long), torch.tensor([[t]]), cache
+        )
         n = t + 1
         quantized = 8 * (max(n - 4, 0) // 8)  # keys leave the window in whole groups of 8, keeping >= 4
         assert [cache[i].shape[2] for i in key] == [quantized, quantized // 8, n - quantized]
@@ -143,7 +145,7 @@ def test_onnx_quantized_cache_generation_matches_eager(tmp_path):
     }
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     decoder = OnnxDecoder(result.artifacts["onnx"])
-    assert decoder.input_names[2:6] == [f"past_key_values.0.key.{p}" for p in ("packed", "scale", "zero", "residual")]
+    assert decoder.input_names[3:7] == [f"past_key_values.0.key.{p}" for p in ("packed", "scale", "zero", "residual")]
     inputs = {i.name: i.type for i in decoder.session.get_inputs()}
     assert inputs["past_key_values.0.key.packed"] == "tensor(uint8)"
     shapes = {i.name: i.shape for i in decoder.session.get_inputs()}  # a part of a cache is named as such

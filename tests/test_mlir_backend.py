@@ -84,10 +84,10 @@ def test_decode_step(trained_llama, calibration, tmp_path, dialect):
     record = mlir_backend(dialect=dialect).build(graph, calibration, tmp_path)
     text = (tmp_path / f"model.{dialect}.mlir").read_text()
     signature = next(line for line in text.splitlines() if "func.func @main" in line)
-    assert signature.count("%arg") == 2 + len(graph.cache)  # ids, positions, the cache tensors
+    assert signature.count("%arg") == 3 + len(graph.cache)  # ids, mask, positions, the cache tensors
     assert record.errors["rel_l2"] < 1e-6
     if dialect == "tosa":  # one step after 8 cached tokens, cache (B, kv_heads, 8, head_dim)
-        assert record.details["static_shapes"][2] == [2, 2, 8, 32]
+        assert record.details["static_shapes"][1:4] == [[2, 9], [2, 1], [2, 2, 8, 32]]
 
 
 def test_kv_cache_quant_decode_steps_are_refused_clearly(trained_llama, calibration, tmp_path):

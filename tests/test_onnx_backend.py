@@ -98,7 +98,8 @@ def _io(path) -> dict:
 
 @pytest.mark.parametrize("mode", ["forward", "decode"])
 def test_conventional_io_and_dimension_names(tiny_llama, hf_llama, tmp_path, mode):
-    """What onnxruntime-genai-style runtimes expect: input_ids / position_ids / past_key_values.<i>.key in,
+    """What onnxruntime-genai-style runtimes expect: input_ids / attention_mask / position_ids /
+    past_key_values.<i>.key in,
     logits / present.<i>.key out; batch_size, sequence_length, past_ and total_sequence_length, not s72."""
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     spec = {"capture": {"mode": mode}, "verify": {"max": 1.0}, "backends": [{"target": "onnx"}]}
@@ -109,10 +110,12 @@ def test_conventional_io_and_dimension_names(tiny_llama, hf_llama, tmp_path, mod
         compress(tiny_llama, spec, (ids,), calibration_data=[(ids,)], out_dir=tmp_path / "own", progress=False)
         assert _io(tmp_path / "own" / "model.onnx")["output"] == ["batch_size", "sequence_length", 256]
     else:
-        names = ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")]
+        names = ["input_ids", "attention_mask", "position_ids"]
+        names += [f"past_key_values.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")]
         names += ["logits"] + [f"present.{i}.{kv}" for i in (0, 1) for kv in ("key", "value")]
         assert list(io) == names
-        assert io["input_ids"] == io["position_ids"] == ["batch_size", 1]
+        assert io["input_ids"] == io["position_ids"] == ["batch_size", "sequence_length"]
+        assert io["attention_mask"] == ["batch_size", "total_sequence_length"]
         assert io["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
         assert io["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
-        assert io["logits"] == ["batch_size", 1, 128]
+        assert io["logits"] == ["batch_size", "sequence_length", 128]

@@ -71,7 +71,7 @@ def test_decode_library_generates_like_eager(trained_llama, calibration, tmp_pat
     record = tvm_backend().build(graph, calibration, tmp_path)
     assert record.errors["rel_l2"] < 1e-5
     meta = json.loads((tmp_path / "model.so.json").read_text())
-    assert meta["inputs"][:2] == ["input_ids", "position_ids"] and meta["cache_layout"]
+    assert meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and meta["cache_layout"]
     prompt = torch.tensor([list(b"def main"), list(b"import o")])
     ours = greedy_generate(TvmDecoder(tmp_path / "model.so"), prompt, 12)
     assert torch.equal(ours, greedy_generate(TorchDecoder(graph), prompt, 12))

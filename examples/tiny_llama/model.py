@@ -9,9 +9,10 @@ Module paths follow Hugging Face Llama (``layers.N.self_attn.q_proj``,
 ``layers.N.mlp.down_proj``) so one spec targets both.
 
 With ``past_key_values`` (a list of per-layer ``(key, value)`` tensors, each
-``(batch, kv_heads, past_len, head_dim)``, keys after RoPE) and ``position_ids``,
-``forward`` runs a cached decoding step and returns ``(logits, present)``: the
-protocol ``graphpress`` decode-mode capture drives (with ``init_kv_cache``).
+``(batch, kv_heads, past_len, head_dim)``, keys after RoPE), ``position_ids`` and an
+``attention_mask`` over past and new tokens (0: padding), ``forward`` runs a cached step
+over any number of new tokens and returns ``(logits, present)``: the protocol
+``graphpress`` decode-mode capture drives (with ``init_kv_cache``).
 
 This directory is a *model directory* for ``graphpress compress --model``:
 it provides ``load_model()``, ``example_inputs()`` and ``calibration_batches()``.
@@ -71,8 +72,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, KV, S, D) -> (B, KV * n_rep, S, D): each KV head serves n_rep query heads."""
     if n_rep == 1:
         return x
-    b, kv, s, d = x.shape
-    return x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+    return x.repeat_interleave(n_rep, 1)  # not expand + reshape: its view check pins lengths of 1 under export
 
 
 class Attention(nn.Module):
@@ -161,7 +161,7 @@ class TinyLlama(nn.Module):
         dtype = self.lm_head.weight.dtype
         return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None):
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, position_ids=None, attention_mask=None):
         x = self.embed_tokens(input_ids)
         if past_key_values is None:
             cos, sin = self.rope_tables(input_ids.shape[1])
@@ -172,8 +172,13 @@ class TinyLlama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + input_ids.shape[1])[None].expand(input_ids.shape[0], -1)
         cos, sin = self.rope_at(position_ids)
-        key_positions = torch.arange(past_len + input_ids.shape[1], device=input_ids.device)
-        mask = key_positions[None, None, None, :] <= position_ids[:, None, :, None]
+        # Causal by cache slot (a left-padded row's positions start after its pads), minus the pads.
+        slots = torch.arange(past_len + input_ids.shape[1], device=input_ids.device)
+        mask = slots[None, :] <= torch.arange(input_ids.shape[1], device=input_ids.device)[:, None] + past_len
+        if attention_mask is not None:  # gathered, so the mask's length stays a size of its own under export
+            mask = mask[None] & attention_mask.index_select(1, slots)[:, None, :].bool()
+        mask = mask[:, None] if mask.dim() == 3 else mask[None, None]
+        mask = mask | ~mask.any(-1, keepdim=True)  # a pad's own query sees no key: no NaN from an empty softmax
         present = []
         for layer, past in zip(self.layers, past_key_values, strict=True):
             x, kv = layer(x, cos, sin, past, mask)

@@ -63,6 +63,9 @@ class Backend(ABC):
         self.config = config
         self.spec_path = spec_path
         """Where this backend's config sits in the spec (e.g. 'backends[0]'), for error messages."""
+        self.source = None
+        """The ModelSource compressed (set by ``compress``): its config and tokenizer files, for artifacts
+        that carry them; None when a backend is built on a bare graph."""
 
     def require(self, module: str, extra: str) -> None:
         """Fail clearly, naming the spec entry, when an optional dependency is missing."""

@@ -117,9 +117,10 @@ class MlirBackend(Backend):
         ids = inputs[0][0]
         prefix = max(1, min(STATIC_PREFIX, ids.shape[1] - 1))
         decoder, cache = TorchDecoder(graph), graph.cache.empty(ids.shape[0])
+        ones = torch.ones(ids.shape[0], prefix + 1, dtype=torch.long)
         for t in range(prefix):
-            _, cache = decoder.step(ids[:, t : t + 1], positions(ids.shape[0], t), cache)
-        return ids[:, prefix : prefix + 1], positions(ids.shape[0], prefix), cache
+            _, cache = decoder.step(ids[:, t : t + 1], ones[:, : t + 1], positions(ids.shape[0], t), cache)
+        return ids[:, prefix : prefix + 1], ones, positions(ids.shape[0], prefix), cache
 
     def validate(self, program: ExportedProgram, graph: Graph, inputs: list[tuple], example) -> Comparison:
         """The decomposed program against the graph: on the calibration inputs (decode graphs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,16 +23,19 @@ import torch
 from ..errors import BackendError, first_line
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph, ops
+from ..ir.decode import STEP_INPUTS
 from ..ir.ops.fused import FUSED
 from ..ir.ops.int_weight import PACKED_TYPES, matmul_nbits_runs
 from ..progress import step
 from ..schema import OnnxBackendConfig
+from . import onnx_genai
 from .base import Backend, BackendRecord, Comparison
 from .fuse_linear import fuse_format_linears
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
 PROTOBUF_LIMIT = 2 * 1024**3
+GENAI_TOKENS = 16  # greedy tokens onnxruntime-genai must agree on
 
 
 @contextlib.contextmanager
@@ -58,6 +62,9 @@ class OnnxBackend(Backend):
         external = cfg.external_data == "always" or (
             cfg.external_data == "auto" and graph.summary().bytes >= PROTOBUF_LIMIT
         )
+        genai = cfg.runtime == "onnxruntime-genai"
+        if genai:
+            onnx_genai.check(graph, self.spec_path)
         fused: Counter[str] = Counter()
         if cfg.ort_contrib_ops:
             graph, fused = fuse_format_linears(graph, _runs_packed)
@@ -103,6 +110,12 @@ class OnnxBackend(Backend):
                     f"{self.spec_path}: onnxruntime output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
                     f"> max_error = {cfg.max_error:g}"
                 )
+            agreement, notes = None, []
+            if genai:
+                notes = onnx_genai.write(tmp, graph, cfg.filename, self.source)
+                agreement = self.run_in_genai(tmp, staged, inputs)
+                if agreement is None:
+                    notes.append("onnxruntime-genai is not installed: the folder was written, not run")
             model = onnx.load(str(staged), load_external_data=False)
             histogram = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in model.graph.node)
             files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
@@ -121,10 +134,26 @@ class OnnxBackend(Backend):
                 "opset": cfg.opset,
                 "external_data": external,
                 **({"contrib_ops": dict(sorted(fused.items()))} if cfg.ort_contrib_ops else {}),
+                **({"runtime": cfg.runtime, "onnxruntime_genai": agreement} if genai else {}),
             },
             latency=comparison.latency,
-            warnings=self.unpacked_at_load(graph),
+            warnings=self.unpacked_at_load(graph) + notes,
         )
+
+    def run_in_genai(self, folder: Path, staged: Path, inputs: list[tuple]) -> dict | None:
+        """onnxruntime-genai's greedy tokens on the folder equal graphpress's decode loop's, or the build fails."""
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            return None
+        prompt = inputs[0][0][:1, :8]
+        agreement = onnx_genai.greedy_agreement(folder, staged, prompt, GENAI_TOKENS)
+        if agreement["agree"] < agreement["generated"]:
+            raise BackendError(
+                f"{self.spec_path}: onnxruntime-genai's greedy tokens differ from graphpress's decode loop at "
+                f"generated token {agreement['agree']} of {agreement['generated']}"
+            )
+        return agreement
 
     def unpacked_at_load(self, graph: Graph) -> list[str]:
         """Stored formats onnxruntime will hold dense: LUT, N:M and shift weights always (no op of its runs them);
@@ -134,9 +163,7 @@ class OnnxBackend(Backend):
         formats = [n for n in graph.nodes if n.op == "call_function" and n.target in FUSED]
         others = Counter(n.target.name().removeprefix("graphpress::") for n in formats if n.target is not INT_WEIGHT)
         dense = [
-            n.args[3]
-            for n in formats
-            if n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
+            n.args[3] for n in formats if n.target is INT_WEIGHT and not (cfg.opset >= 21 and n.args[3] in PACKED_TYPES)
         ]
         warnings = []
         if others:
@@ -216,13 +243,44 @@ def _optimize(model) -> None:
             return None
         return False if out_bytes > max(in_bytes, 1024) else None
 
+    derived = _stored_sources(model.graph)
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
     for (node, i), name in sources.items():  # a folded tensor takes the name of the stored one it replaces
         value = node.inputs[i]
         if value is not None and value.is_initializer() and name not in model.graph.initializers:
-            model.graph.initializers.pop(value.name)
-            value.name = name
-            model.graph.register_initializer(value)
+            _rename_initializer(model.graph, value, name)
+    for value in list(model.graph.initializers.values()):  # a transposed weight: the weight's name
+        name = derived.get(value.name)
+        if name is not None and name not in model.graph.initializers:
+            _rename_initializer(model.graph, value, name)
+
+
+def _rename_initializer(graph, value, name: str) -> None:
+    graph.initializers.pop(value.name)
+    value.name = name
+    graph.register_initializer(value)
+
+
+def _stored_sources(graph) -> dict[str, str]:
+    """Per value computed from constants only, the one stored tensor it derives from (a weight's transpose:
+    ``layers.0.mlp.up_proj.weight``), where there is exactly one; the exporter's own constants (``val_3``)
+    do not count. A folded value keeps its name, so this names the initializer folding makes of it."""
+    sources: dict[str, set[str]] = {}
+    for node in graph:
+        found: set[str] = set()
+        for value in node.inputs:
+            if value is None:
+                continue
+            if value.is_initializer():
+                found |= set() if re.fullmatch(r"val_\d+", value.name) else {value.name}
+            elif value.name in sources:
+                found |= sources[value.name]
+            else:
+                break
+        else:
+            for value in node.outputs:
+                sources[value.name] = found
+    return {name: next(iter(found)) for name, found in sources.items() if len(found) == 1}
 
 
 def _dequantize_inputs(graph) -> tuple[set, dict]:
@@ -276,14 +334,14 @@ def _nbytes(value) -> int | None:
 
 
 def _name_decode_io(model, layout) -> None:
-    """Inputs input_ids, position_ids, past_key_values.<i>.<entry>...; outputs logits, present.<i>.<entry>...;
-    dimensions batch_size, past_sequence_length, total_sequence_length (parts of a rewritten cache: see
-    :func:`_seq_name`); the layout as metadata."""
+    """Inputs input_ids, attention_mask, position_ids, past_key_values.<i>.<entry>...; outputs logits,
+    present.<i>.<entry>...; dimensions batch_size, sequence_length, past_sequence_length, total_sequence_length
+    (parts of a rewritten cache: see :func:`_seq_name`); the layout as metadata."""
     from ..runtime import LAYOUT_KEY
 
     graph = model.graph
     entries = [e.name.removeprefix("layers.") for e in layout]
-    names = ["input_ids", "position_ids", *(f"past_key_values.{e}" for e in entries)]
+    names = [*STEP_INPUTS, *(f"past_key_values.{e}" for e in entries)]
     if len(graph.inputs) != len(names) or len(graph.outputs) != len(layout) + 1:
         raise BackendError(
             f"decode graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs; "
@@ -293,11 +351,16 @@ def _name_decode_io(model, layout) -> None:
         value.name = name
     for value, name in zip(graph.outputs, ["logits", *(f"present.{e}" for e in entries)]):
         value.name = name
-    dims = {_dim(graph.inputs[0], 0): "batch_size"}
-    for value, entry in zip(graph.inputs[2:], layout):
+    dims = {_dim(graph.inputs[0], 0): "batch_size", _dim(graph.inputs[1], 1): "total_sequence_length"}
+    for value in graph.inputs[1 : len(STEP_INPUTS)]:
+        dims.setdefault(_dim(value, 0), "batch_size")
+    if layout.step_tokens is None:
+        dims[_dim(graph.inputs[0], 1)] = "sequence_length"
+    for value, entry in zip(graph.inputs[len(STEP_INPUTS) :], layout):
         dims.setdefault(_dim(value, 0), "batch_size")
         dims.setdefault(_dim(value, entry.seq_axis), _seq_name(entry))
     _rename_dims(graph, dims)
+    _set_dim(graph.inputs[1], 1, "total_sequence_length")  # past + new, however the exporter wrote it
     for value, entry in zip(graph.outputs[1:], layout):
         if _seq_name(entry) == "past_sequence_length":
             _set_dim(value, entry.seq_axis, "total_sequence_length")
@@ -325,7 +388,9 @@ def _name_forward_io(model, graph: Graph) -> None:
 
     spec = graph.program.call_spec.out_spec
     if spec is not None and spec.num_leaves == len(model.graph.outputs):
-        paths = [path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(range(spec.num_leaves), spec))[0]]
+        paths = [
+            path for path, _ in pytree.tree_flatten_with_path(pytree.tree_unflatten(range(spec.num_leaves), spec))[0]
+        ]
         names = [".".join(_key_name(k) for k in path) for path in paths]
         if len(set(names)) == len(names) and all(names):
             for value, name in zip(model.graph.outputs, names):
@@ -369,7 +434,6 @@ def _set_dim(value, axis: int, name: str) -> None:
 
 def _rename_dims(graph, names: dict) -> None:
     """Rename the exporter's symbols (``s72``) to ``names`` in every shape of the graph, expressions included."""
-    import re
 
     from onnxscript import ir
 

@@ -82,7 +82,7 @@ class TvmBackend(Backend):
 
         return from_exported_program(
             prepare(graph).program,
-            custom_convert_map=ops.relax_converters(),
+            custom_convert_map={**ops.relax_converters(), "repeat_interleave.self_int": _repeat_interleave},
             run_ep_decomposition=False,
         )
 
@@ -200,3 +200,22 @@ def _relax_ops(mod) -> list[str]:
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return names
+
+
+def _repeat_interleave(node, importer):
+    """``aten.repeat_interleave.self_int`` (repeat_kv written so that export keeps lengths of 1 free), which
+    the importer lacks: each slice along ``dim`` broadcast ``repeats`` times beside itself, then merged
+    (Relax's ``repeat`` loses the symbolic shape)."""
+    from tvm.relax import op
+
+    bb, x = importer.block_builder, importer.env[node.args[0]]
+    repeats = node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None:
+        raise NotImplementedError(f"{node.name}: repeat_interleave over the flattened tensor")
+    shape = list(importer.shape_of(x))
+    dim %= len(shape)
+    wide = bb.emit(
+        op.broadcast_to(bb.emit(op.expand_dims(x, dim + 1)), [*shape[: dim + 1], repeats, *shape[dim + 1 :]])
+    )
+    return bb.emit(op.reshape(wide, [*shape[:dim], shape[dim] * repeats, *shape[dim + 1 :]]))

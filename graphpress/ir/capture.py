@@ -12,7 +12,11 @@ graph returns logits / hidden states, never the cache, and the user's model and 
 config stay as they are.
 
 ``mode="decode"`` captures one decoding step with the KV cache as explicit inputs
-and outputs instead (see :mod:`graphpress.ir.decode`).
+and outputs instead (see :mod:`graphpress.ir.decode`), taking any number of new tokens.
+Where the model's attention pins that number under export (an eager kernel that branches
+on the query length), the capture is checked on a one-token prompt and, if the graph
+refuses it, redone on one token (``CacheLayout.step_tokens == 1``; ``step_tokens=1``
+asks for that form).
 
 When export fails, the error names the innermost module that was running
 (tracked with forward hooks) and the op torch.export complained about.
@@ -34,7 +38,7 @@ from torch.export import Dim
 
 from ..errors import CaptureError, first_line
 from .canonical import canonicalize
-from .decode import CacheLayout, DecodeStep, decode_example
+from .decode import CacheLayout, DecodeStep, any_length_attention, decode_example
 from .graph import Graph
 
 MODES = ("forward", "decode")
@@ -46,6 +50,7 @@ def capture(
     mode: str = "forward",
     example_kwargs: dict[str, Any] | None = None,
     dynamic: bool = True,
+    step_tokens: int | None = None,
 ) -> Graph:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -57,9 +62,13 @@ def capture(
     layout = None
     if mode == "decode":
         traced = DecodeStep(model)
-        layout = traced.layout
-        example_inputs, kwargs = decode_example(layout, _batch_size(example_inputs)), {}
-        dynamic_shapes = _decode_dynamic(layout) if dynamic else None
+        batch = _batch_size(example_inputs)
+        tokens = step_tokens if step_tokens is not None else (None if dynamic else 1)
+        program = _export(model, traced, *_decode_inputs(traced.layout, batch, tokens, dynamic), dynamic)
+        if tokens is None and not _takes_one_token(program, traced.layout):
+            tokens = 1
+            program = _export(model, traced, *_decode_inputs(traced.layout, batch, tokens, dynamic), dynamic)
+        layout = CacheLayout(traced.layout.entries, tokens)
     else:
         bound = _bind(model, example_inputs, kwargs)
         traced = model
@@ -67,18 +76,7 @@ def capture(
             traced = ForwardOutputs(model, list(bound))
             example_inputs, kwargs = tuple(bound.values()), {}
         dynamic_shapes = _auto_dynamic(bound) if dynamic else None
-
-    tracker = _ModuleTracker(model)
-    try:
-        with tracker, _eval_mode(model), fx_config.patch(backed_size_oblivious=dynamic):
-            program = torch.export.export(traced, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch.export raises many types; all become one clear error
-        where = f" in module '{tracker.failed_in}'" if tracker.failed_in is not None else ""
-        op = _failing_op(exc)
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}{where}"
-            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {first_line(exc, '(no message)')}. {_hint(exc, dynamic)}"
-        ) from exc
+        program = _export(model, traced, example_inputs, kwargs, dynamic_shapes, dynamic)
 
     for name, tensor in list(program.state_dict.items()):
         copy = tensor.detach().clone()
@@ -91,6 +89,48 @@ def capture(
     if traced is not model:
         _strip_prefix(program, "model.")
     return canonicalize(Graph(program, cache=layout))
+
+
+def _export(model, traced, example_inputs, kwargs, dynamic_shapes, dynamic: bool):
+    tracker = _ModuleTracker(model)
+    try:
+        with tracker, _eval_mode(model), any_length_attention(model), fx_config.patch(backed_size_oblivious=dynamic):
+            return torch.export.export(traced, example_inputs, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many types; all become one clear error
+        where = f" in module '{tracker.failed_in}'" if tracker.failed_in is not None else ""
+        op = _failing_op(exc)
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}{where}"
+            f"{f' at op {op}' if op else ''}: {type(exc).__name__}: {first_line(exc, '(no message)')}. {_hint(exc, dynamic)}"
+        ) from exc
+
+
+def _decode_inputs(layout: CacheLayout, batch: int, tokens: int | None, dynamic: bool) -> tuple:
+    """(example inputs, kwargs, dynamic shapes) of a decode step taking ``tokens`` (None: any number)."""
+    example = decode_example(layout, batch, new_tokens=tokens or 2)
+    if not dynamic:
+        return example, {}, None
+    new = {0: Dim.AUTO} if tokens is not None else {0: Dim.AUTO, 1: Dim.AUTO}
+    shapes = {
+        "input_ids": new,
+        "attention_mask": {0: Dim.AUTO, 1: Dim.AUTO},
+        "position_ids": new,
+        "cache": [{0: Dim.AUTO, e.seq_axis: Dim.AUTO} for e in layout],
+    }
+    return example, {}, shapes
+
+
+def _takes_one_token(program, layout: CacheLayout) -> bool:
+    """Whether the captured step runs a one-token prompt (the shape an eager kernel's guards refuse)."""
+    ids, mask, positions, cache = decode_example(layout, 1, past_len=0, new_tokens=1)
+    try:
+        with torch.no_grad():
+            program.module()(ids, mask, positions, cache)
+    except AssertionError as exc:  # the exported module checks its shape guards with assertions
+        if "Guard failed" in str(exc):
+            return False
+        raise
+    return True
 
 
 class ForwardOutputs(nn.Module):
@@ -136,15 +176,6 @@ def _takes(model: nn.Module, name: str) -> bool:
 def _batch_size(example_inputs: tuple) -> int:
     first = example_inputs[0] if example_inputs else None
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() >= 1 else 1
-
-
-def _decode_dynamic(layout: CacheLayout) -> dict[str, Any]:
-    """Batch and cache length symbolic; the step stays one token."""
-    return {
-        "input_ids": {0: Dim.AUTO},
-        "position_ids": {0: Dim.AUTO},
-        "cache": [{0: Dim.AUTO, e.seq_axis: Dim.AUTO} for e in layout],
-    }
 
 
 def _strip_prefix(program, prefix: str) -> None:

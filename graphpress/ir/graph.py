@@ -36,7 +36,7 @@ from torch.export.graph_signature import (
 )
 from torch.utils._sympy.numbers import int_oo
 
-from .decode import CacheEntry, CacheLayout
+from .decode import STEP_INPUTS, CacheEntry, CacheLayout
 
 aten = torch.ops.aten
 
@@ -345,9 +345,13 @@ class Graph:
         return node
 
     # ------------------------------------------------------------------ the decode cache
+    def step_input(self, name: str) -> fx.Node:
+        """The placeholder of a decode step's ``input_ids``, ``attention_mask`` or ``position_ids``."""
+        return self.user_inputs()[STEP_INPUTS.index(name)]
+
     def cache_input(self, name: str) -> fx.Node:
         """The placeholder of cache entry ``name`` (decode graphs)."""
-        return self.user_inputs()[2 + self._cache_layout().index(name)]
+        return self.user_inputs()[len(STEP_INPUTS) + self._cache_layout().index(name)]
 
     def cache_output(self, name: str) -> fx.Node:
         return self.user_outputs()[1 + self._cache_layout().index(name)]
@@ -357,7 +361,8 @@ class Graph:
         if self.cache is None or node.op != "placeholder":
             return None
         inputs = self.user_inputs()
-        return self.cache.entries[inputs.index(node) - 2] if node in inputs[2:] else None
+        first = len(STEP_INPUTS)
+        return self.cache.entries[inputs.index(node) - first] if node in inputs[first:] else None
 
     def cache_append(self, name: str) -> tuple[fx.Node, fx.Node]:
         """(the node that grows cache entry ``name``, the value it appends): its output is
@@ -406,8 +411,10 @@ class Graph:
         The layout still relates them: entries that are not bounded windows hold the same
         tokens, so they share one symbol, each scaled by how many of its slots one slot of
         the coarsest covers (codes ``32 * n``, their scales ``n``); a window has a symbol
-        of its own. Downstream shape reasoning (a reshape into groups; TVM, torch-mlir)
-        then sees that codes and scales agree.
+        of its own. Entries like ones an earlier call made (same kinds, slots and windows: the
+        same rewrite of another layer) reuse that call's symbols, as they hold as many tokens.
+        Downstream shape reasoning (a reshape into groups; TVM, torch-mlir) then sees that
+        codes and scales agree, and that every layer's attention spans one length.
         """
         layout = self._cache_layout()
         old = sorted(old, key=layout.index)
@@ -419,13 +426,16 @@ class Graph:
         placeholders = []
         coarsest = max(e.tokens_per_slot for e in new)
         shared = None  # the slots of the coarsest unbounded entry
-        for entry in new:
+        like = None if same_length else self._lengths_like(new, set(old))
+        for i, entry in enumerate(new):
             with self.fx.inserting_before(old_inputs[0]):
                 node = self.fx.placeholder(_fresh_name(self.fx, "cache_" + entry.name.replace(".", "_")))
             shape = [batch if d is None else d for d in entry.shape]
             scale = coarsest // entry.tokens_per_slot
             if same_length:
                 shape[entry.seq_axis] = length
+            elif like is not None:
+                shape[entry.seq_axis] = like[i]
             elif entry.max_len is not None:
                 shape[entry.seq_axis] = self._new_length(node.name)
             else:
@@ -441,7 +451,7 @@ class Graph:
         user_outs[1 + first : 1 + first] = outputs
         self._set_user_outputs(user_outs)
         kept = [e for e in layout.entries if e.name not in old]
-        self.cache = CacheLayout(tuple(kept[:first] + list(new) + kept[first:]))
+        self.cache = layout.with_entries(kept[:first] + list(new) + kept[first:])
 
         top = SubgraphBuilder(self, "", placeholders[0])
         with self.fx.inserting_before(next(n for n in self.fx.nodes if n.op != "placeholder")):
@@ -450,6 +460,7 @@ class Graph:
                 sizes[old_entry.seq_axis] = top.call(aten.sym_size.int, placeholders[0], new[0].seq_axis)
             else:
                 sizes[old_entry.seq_axis] = past_length(top, placeholders)
+        self._restate_length(length, sizes[old_entry.seq_axis].meta["val"], keep=placeholders)
         for old_node in old_inputs:
             for user in list(old_node.users):
                 if user.op == "call_function" and user.target is aten.sym_size.int:
@@ -467,7 +478,8 @@ class Graph:
         for node in old_inputs:
             self.fx.erase_node(node)
         user_positions = [i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT]
-        anchor = user_positions[2 + first] if 2 + first < len(user_positions) else len(specs)
+        at = len(STEP_INPUTS) + first
+        anchor = user_positions[at] if at < len(user_positions) else len(specs)
         specs[anchor:anchor] = [
             InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), target=None) for n in placeholders
         ]
@@ -482,6 +494,48 @@ class Graph:
         inference) would otherwise keep a whole replaced attention alive."""
         self.fx.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         self._changed()
+
+    def _lengths_like(self, new: Sequence[CacheEntry], old: set[str]) -> list | None:
+        """The sequence lengths of existing cache inputs like ``new`` (entry by entry: same kind, shape, slots
+        and window), or None if some entry has no such twin."""
+        twins = []
+        for entry in new:
+            twin = next(
+                (
+                    e
+                    for e in self.cache
+                    if e.name not in old
+                    and (e.kind, e.shape, e.tokens_per_slot, e.max_len)
+                    == (entry.kind, entry.shape, entry.tokens_per_slot, entry.max_len)
+                ),
+                None,
+            )
+            if twin is None:
+                return None
+            twins.append(self.cache_input(twin.name).meta["val"].shape[twin.seq_axis])
+        return twins
+
+    def _restate_length(self, old, new, keep: list[fx.Node]) -> None:
+        """Restate the other inputs' shapes (the attention mask's past + new tokens, the cache entries not
+        replaced yet) with the new entries' past length: every entry holds the same tokens, and fake-tensor
+        retracing (ONNX, TVM) must see one length where the graph relates them."""
+        if not isinstance(old, torch.SymInt) or not isinstance(new, torch.SymInt) or old.node.expr == new.node.expr:
+            return
+        shape_env = self._fake_mode().shape_env
+        before, after = old.node.expr, new.node.expr
+        for node in self.user_inputs():
+            val = node.meta.get("val")
+            if node in keep or not isinstance(val, torch.Tensor):
+                continue
+            dims = [d.node.expr.subs(before, after) if isinstance(d, torch.SymInt) else d for d in val.shape]
+            if all(not isinstance(d, torch.SymInt) or d.node.expr == e for d, e in zip(val.shape, dims)):
+                continue
+            shape = [
+                shape_env.create_symintnode(e, hint=int(shape_env.size_hint(e))) if isinstance(d, torch.SymInt) else d
+                for d, e in zip(val.shape, dims)
+            ]
+            with self._fake_mode():
+                node.meta["val"] = torch.empty(shape, dtype=val.dtype)
 
     def _new_length(self, name: str) -> torch.SymInt:
         """A fresh symbolic size >= 0 for a new input's sequence axis."""
@@ -523,12 +577,13 @@ class Graph:
         ]
 
     def _sync_call_signature(self) -> None:
-        """The pytree specs of a decode step: ((input_ids, position_ids, [cache...]), {}) -> (logits, [cache...])."""
+        """The pytree specs of a decode step: ((input_ids, attention_mask, position_ids, [cache...]), {}) ->
+        (logits, [cache...])."""
         n = len(self._cache_layout())
         entries = self._program._module_call_graph
         signature = dataclasses.replace(
             entries[0].signature,
-            in_spec=pytree.tree_flatten(((0, 0, [0] * n), {}))[1],
+            in_spec=pytree.tree_flatten(((*[0] * len(STEP_INPUTS), [0] * n), {}))[1],
             out_spec=pytree.tree_flatten((0, [0] * n))[1],
         )
         entries[0] = dataclasses.replace(entries[0], signature=signature)  # a new entry: clones share the old one

@@ -510,7 +510,7 @@ def _key_tables(graph: Graph, b: _Builder, site: Site, latent: fx.Node) -> tuple
     rope = site.k_rope
     if graph.cache is None:
         return rope.cos, rope.sin
-    positions = graph.user_inputs()[1]
+    positions = graph.step_input("position_ids")
     length = b.size(latent, 1)
     slots = b.call(aten.arange.start_step, 0, length, 1, dtype=positions.meta["val"].dtype)
     slots = b.call(aten.expand.default, b.call(aten.unsqueeze.default, slots, 0), [b.size(positions, 0), -1])

@@ -9,10 +9,13 @@ becomes four (three when symmetric):
     E.residual  the newest tokens in full precision       (..., Tr, C),  R <= Tr < R + block
 
 Each step attends over ``cat(dequantize(packed), residual, new)`` (what E used to hold)
-and then flushes, by shape arithmetic alone, ``block * (len(residual + new) // (R + block))``
-oldest tokens (0 or one block) into the packed part, so the step stays one static graph
-with no data-dependent control flow. ``block`` is the group size for per-channel
-quantization (a scale covers G tokens, so tokens leave in groups of G) and 1 per-token.
+and then flushes the oldest whole blocks of ``recent = residual + new`` beyond its R newest
+tokens into the packed part, none while ``recent`` holds fewer than R + block: a decode step
+flushes 0 or one block, a prompt as many as it fills (KIVI: the prompt attends its own
+keys and values in full precision, then they are quantized). ``block`` is the group size for
+per-channel quantization (a scale covers G tokens, so tokens leave in groups of G) and 1
+per-token. The count is shape arithmetic alone (:func:`flushed`), so the step stays one
+graph with no data-dependent control flow.
 
 With ``rotate: "hadamard"`` the codes hold x H (H orthonormal, symmetric), spreading
 outlier channels before the min/max; the dequantized tokens are multiplied by H again.
@@ -191,8 +194,7 @@ def quantize_entry(graph: Graph, entry: CacheEntry, side: KvQuantSide, residual:
                 past = b.call(aten._to_copy.default, past, dtype=getattr(torch, entry.dtype))
             recent = b.call(aten.cat.default, [window, new], axis)
             full = b.call(aten.cat.default, [past, recent], axis)
-            length = b.call(aten.sym_size.int, recent, axis)
-            flush = b.call(operator.mul, b.call(operator.floordiv, length, residual + block), block)
+            flush = flushed(b, b.call(aten.sym_size.int, recent, axis), residual, block)
             leaving = b.call(aten.slice.Tensor, recent, axis, 0, flush)
             staying = b.call(aten.slice.Tensor, recent, axis, flush, END)
             if rotation is not None:
@@ -214,6 +216,18 @@ def quantize_entry(graph: Graph, entry: CacheEntry, side: KvQuantSide, residual:
 
     graph.replace_cache_entries([entry.name], new_entries, build, same_length=False, past_length=past_length)
     return new_entries
+
+
+NO_LENGTH = 2**40  # above any cache length
+
+
+def flushed(b: SubgraphBuilder, n, residual: int, block: int):
+    """``block * ((n - R) // block)`` if ``n >= R + block`` else 0, in operations on sizes every
+    backend lowers (+, *, //; no max or select): ``(n + N) // (N + R + block)`` is 1 exactly
+    when ``n >= R + block`` (for n < N + R + block), and it gates the count."""
+    full = b.call(operator.floordiv, b.call(operator.add, n, NO_LENGTH), NO_LENGTH + residual + block)
+    blocks = b.call(operator.floordiv, b.call(operator.sub, n, residual), block)
+    return b.call(operator.mul, b.call(operator.mul, full, blocks), block)
 
 
 def hadamard(n: int) -> torch.Tensor:

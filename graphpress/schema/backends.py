@@ -38,6 +38,14 @@ class OnnxBackendConfig(BackendConfig):
         "weights (weight_quant, 2/4/8 bits) become com.microsoft::MatMulNBits, which keeps them packed in memory. "
         "Off: standard ONNX only (any runtime; the weights are dequantized by ordinary ops).",
     )
+    runtime: Literal["onnxruntime", "onnxruntime-genai"] = Field(
+        "onnxruntime",
+        description="'onnxruntime-genai' also writes genai_config.json (and the checkpoint's tokenizer files) "
+        "beside the file, so onnxruntime_genai.Model(out_dir) runs it with a Generator; it needs a decode graph "
+        "whose step takes a prompt in one call and whose cache is a key and a value per layer (the cache layouts "
+        "of gqa_to_mla and kv_cache_quant need GroupQueryAttention lowering, not built yet). Validated by greedy "
+        "generation through onnxruntime-genai where it is installed (pip install 'graphpress[genai]').",
+    )
     node_metadata: bool = Field(
         False,
         description="Keep the exporter's per-node metadata (source stack traces, module paths; about 1.4 KB a node) "

@@ -15,10 +15,18 @@ class CaptureConfig(StrictModel):
     mode: Literal["forward", "decode"] = Field(
         "forward",
         description="'forward' captures the model's forward as called with the example inputs. 'decode' captures "
-        "one decoding step of a causal LM, the KV cache an explicit graph input and output "
-        "(step(input_ids (B, 1), position_ids (B, 1), cache) -> (logits, cache)).",
+        "one step of a causal LM over S new tokens, the KV cache an explicit graph input and output "
+        "(step(input_ids (B, S), attention_mask (B, past + S), position_ids (B, S), cache) -> (logits, cache)): "
+        "one graph for the prompt and for every generated token.",
     )
     dynamic: bool = Field(True, description="Keep every input dimension symbolic (batch, sequence, ...).")
+    step_tokens: Literal["any", 1] = Field(
+        "any",
+        description="Decode mode: how many new tokens one step takes. 'any' (prompt in one call) where the "
+        "model's attention allows it; attention that branches on the query length under torch.export "
+        "(transformers' eager kernels) falls back to 1, and the report says so. 1 asks for a one-token step: "
+        "the form the CUDA backend's decode-attention kernels fuse.",
+    )
     dtype: Literal["model", "float32", "float16", "bfloat16"] = Field(
         "model",
         description="The dtype of the captured graph and of what the passes store. 'model' keeps the model's own "

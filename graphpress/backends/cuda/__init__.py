@@ -147,8 +147,7 @@ class _DeviceDecoder:
         self.module = _module_on(graph, device)
 
     @torch.no_grad()
-    def step(self, input_ids, position_ids, cache):
-        logits, present = self.module(
-            input_ids.to(self.device), position_ids.to(self.device), [t.to(self.device) for t in cache]
-        )
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        inputs = (input_ids, attention_mask, position_ids)
+        logits, present = self.module(*(t.to(self.device) for t in inputs), [t.to(self.device) for t in cache])
         return logits.cpu(), [t.cpu() for t in present]

@@ -1,12 +1,12 @@
 """Rewrite rule: a decode step's attention -> ``decode_attention`` / ``quantized_decode_attention``.
 
-Pattern: ``scaled_dot_product_attention(q, k, v, mask)`` with one query token, no dropout
-or is_causal, where
+Pattern: ``scaled_dot_product_attention(q, k, v, mask)`` with one query token (a step graph
+captured on one token: ``capture.step_tokens: 1``), no dropout or is_causal, where
   * k and v are the cache tensors, possibly repeated over query-head groups
-    (``reshape(expand(unsqueeze(x, 2)))``, repeat_kv): the rule reads x, and the kernel maps
-    query heads to KV heads instead of reading copies;
-  * the mask is absent, or ``arange(T) <= position_ids`` (the decode step's causal mask
-    over the T cached tokens): it becomes the op's ``last`` argument.
+    (``repeat_interleave(x, g, 1)`` or ``reshape(expand(unsqueeze(x, 2)))``, repeat_kv): the
+    rule reads x, and the kernel maps query heads to KV heads instead of reading copies;
+  * the mask is absent, or a boolean (B or 1, 1, 1, T) over the T cached tokens (causal,
+    padding, window: whatever the model built): it becomes the op's ``keep`` (B, T).
 If k is ``cat([kv_dequantize(per channel), recent])`` and v ``cat([kv_dequantize(per
 token), recent])`` (kv_cache_quant, asymmetric, no rotation), the quantized op reads the
 packed codes directly. Check: same output shape and dtype. Anything else is left alone.
@@ -24,7 +24,6 @@ from ...ir import Graph, SubgraphBuilder
 
 aten = torch.ops.aten
 END = 2**63 - 1
-_VIEWS = (aten.unsqueeze.default, aten.slice.Tensor)
 
 
 def _is_noop_slice(node: fx.Node) -> bool:
@@ -32,17 +31,11 @@ def _is_noop_slice(node: fx.Node) -> bool:
     return node.target is aten.slice.Tensor and args[2] in (0, None) and args[3] in (END, None) and args[4] in (1, None)
 
 
-def _root(node, allowed) -> fx.Node | None:
-    """Follow ``allowed`` views (unsqueeze, no-op slices) back to the first other node."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in allowed:
-        if node.target is aten.slice.Tensor and not _is_noop_slice(node):
-            return None
-        node = node.args[0]
-    return node if isinstance(node, fx.Node) else None
-
-
 def unrepeated(x: fx.Node) -> fx.Node:
-    """x before repeat_kv (reshape(expand(unsqueeze(y, 2)))), no-op slices skipped; x itself otherwise."""
+    """x before repeat_kv (repeat_interleave(y, g, 1), or reshape(expand(unsqueeze(y, 2)))), no-op slices
+    skipped; x itself otherwise."""
+    if x.op == "call_function" and x.target is aten.repeat_interleave.self_int and x.args[2:3] == (1,):
+        return x.args[0]
     if x.op == "call_function" and x.target in (aten.reshape.default, aten.view.default):
         expand = x.args[0]
         if isinstance(expand, fx.Node) and expand.target is aten.expand.default:
@@ -55,18 +48,12 @@ def unrepeated(x: fx.Node) -> fx.Node:
     return x
 
 
-def last_attended(mask, length) -> fx.Node | None:
-    """``p`` (B, 1) when mask is ``arange(length) <= p`` broadcast to (B, 1, 1, length); else None."""
-    if not isinstance(mask, fx.Node) or mask.target is not aten.le.Tensor:
-        return None
-    positions, span = _root(mask.args[1], _VIEWS), _root(mask.args[0], _VIEWS)
-    if positions is None or span is None or span.target not in (aten.arange.default, aten.arange.start):
-        return None
-    start, end = (0, span.args[0]) if span.target is aten.arange.default else span.args[:2]
-    val = positions.meta.get("val")
-    if start != 0 or str(span.meta["val"].shape[0]) != str(length) or val is None or tuple(val.shape[1:]) != (1,):
-        return None
-    return positions
+def key_mask(mask, length) -> bool:
+    """Whether ``mask`` is a boolean (B or 1, 1, 1, length): one query's mask over the cached tokens."""
+    val = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+    if val is None or val.dtype != torch.bool or val.dim() != 4:
+        return False
+    return str(val.shape[1]) == "1" and str(val.shape[2]) == "1" and str(val.shape[3]) == str(length)
 
 
 def _kivi(x: fx.Node, per_channel: bool) -> tuple | None:
@@ -96,8 +83,7 @@ def fuse_decode_attention(graph: Graph) -> tuple[Graph, Counter]:
         if options.get("dropout_p", 0.0) or options.get("is_causal") or len(q_shape) != 4 or str(q_shape[2]) != "1":
             continue
         mask = options.get("attn_mask")
-        last = last_attended(mask, k.meta["val"].shape[2]) if mask is not None else None
-        if mask is not None and last is None:
+        if mask is not None and not key_mask(mask, k.meta["val"].shape[2]):
             continue
         keys, values = unrepeated(k), unrepeated(v)
         kv_heads = keys.meta["val"].shape[1]
@@ -107,14 +93,15 @@ def fuse_decode_attention(graph: Graph) -> tuple[Graph, Counter]:
         b = SubgraphBuilder(work, "", sdpa)
         quantized_k, quantized_v = _kivi(keys, True), _kivi(values, False)
         with work.fx.inserting_before(sdpa):
+            keep = b.call(aten.squeeze.dims, mask, [1, 2]) if mask is not None else None
             if quantized_k and quantized_v:
                 kp, ks, kz, k_bits, k_group, k_recent = quantized_k
                 vp, vs, vz, v_bits, v_group, v_recent = quantized_v
                 op = torch.ops.graphpress.quantized_decode_attention.default
-                args = (q, kp, ks, kz, vp, vs, vz, k_recent, v_recent, k_bits, k_group, v_bits, v_group, scale, last)
+                args = (q, kp, ks, kz, vp, vs, vz, k_recent, v_recent, k_bits, k_group, v_bits, v_group, scale, keep)
             else:
                 op = torch.ops.graphpress.decode_attention.default
-                args = (q, keys, values, scale, last)
+                args = (q, keys, values, scale, keep)
             out = b.call(op, *args)
         if out.meta["val"].shape != sdpa.meta["val"].shape or out.meta["val"].dtype != sdpa.meta["val"].dtype:
             work.fx.erase_node(out)

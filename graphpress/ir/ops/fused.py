@@ -128,15 +128,14 @@ def _grouped_heads(x: Tensor, heads: int) -> Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, last: Tensor | None) -> Tensor:
+def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, keep: Tensor | None) -> Tensor:
     """One decoding step's attention: q (B, H, 1, Dk) over the cached tokens of k (B, Hkv, T, Dk),
     v (B, Hkv, T, Dv); H a multiple of Hkv (GQA; Hkv = 1 is MLA's absorbed form, Dv may differ).
-    With ``last`` (B,), batch b attends tokens 0 .. last[b] (a decode step's causal mask)."""
+    With ``keep`` (B or 1, T) bool, batch b attends token t where keep[b, t] (the step's mask)."""
     heads = q.shape[1]
     scores = (q.float() @ _grouped_heads(k, heads).float().transpose(-1, -2)) * scale
-    if last is not None:
-        attended = torch.arange(k.shape[2], device=k.device) <= last.reshape(-1, 1, 1, 1)
-        scores = scores.masked_fill(~attended, float("-inf"))
+    if keep is not None:
+        scores = scores.masked_fill(~keep.bool().reshape(keep.shape[0], 1, 1, -1), float("-inf"))
     return (torch.softmax(scores, dim=-1) @ _grouped_heads(v, heads).float()).to(q.dtype)
 
 
@@ -144,7 +143,7 @@ decode_attention = torch.library.custom_op("graphpress::decode_attention", decod
 
 
 @decode_attention.register_fake
-def _(q, k, v, scale, last):
+def _(q, k, v, scale, keep):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -163,16 +162,16 @@ def quantized_decode_attention_reference(
     v_bits: int,
     v_group: int,
     scale: float,
-    last: Tensor | None,
+    keep: Tensor | None,
 ) -> Tensor:
     """Decode attention over a KIVI cache: keys quantized per channel (groups of k_group tokens),
     values per token (groups of v_group channels), then the full-precision recent tokens
-    (token indices run on from the quantized ones, for ``last``)."""
+    (token indices run on from the quantized ones, for ``keep``)."""
     keys = torch.cat([kv_dequantize_reference(k_packed, k_scale, k_zero, k_bits, k_group, True), k_recent.float()], 2)
     values = torch.cat(
         [kv_dequantize_reference(v_packed, v_scale, v_zero, v_bits, v_group, False), v_recent.float()], 2
     )
-    return decode_attention_reference(q, keys, values, scale, last)
+    return decode_attention_reference(q, keys, values, scale, keep)
 
 
 quantized_decode_attention = torch.library.custom_op(
@@ -196,7 +195,7 @@ def _(
     v_bits,
     v_group,
     scale,
-    last,
+    keep,
 ):
     return q.new_empty((*q.shape[:-1], v_recent.shape[-1]))
 

@@ -6,8 +6,9 @@ MLA's absorbed form (Hkv = 1, Dv != Dk) is the same kernel. ``quantized_decode_a
 first streams a KIVI cache: keys' codes per channel with a scale and zero per group of
 ``k_group`` tokens, values' codes per token with one per group of ``v_group`` channels,
 ``8 // bits`` codes a byte; each tile is dequantized in registers and never written
-back. The full-precision recent tokens follow in the same online softmax. ``last`` (B,)
-is the decode step's causal mask: batch b attends tokens 0 .. last[b].
+back. The full-precision recent tokens follow in the same online softmax. ``keep`` (B, T)
+is the step's attention mask over the cached tokens (padding, a window): batch b attends
+token t where keep[b, t].
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def _configs() -> list[triton.Config]:
 @triton.autotune(configs=_configs(), key=["DK", "DV", "QUANTIZED"])
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, last_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, keep_ptr,
     kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr,
     heads, kv_heads, TK, TV, TQK, TQV, DK, DV, scale,
     k_width, v_width, k_stats, v_stats,
-    HAS_LAST: tl.constexpr, QUANTIZED: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+    HAS_KEEP: tl.constexpr, QUANTIZED: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
     V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
@@ -70,13 +71,11 @@ def _decode_attention_kernel(
     l_i = tl.sum(tl.zeros((BLOCK_T,), tl.float32), axis=0)
     acc = tl.zeros((BLOCK_DV,), tl.float32)
     total = TQK + TK
-    if HAS_LAST:  # noqa: SIM108 (a constexpr branch: only one side is compiled) attend tokens 0 .. last
-        last = tl.load(last_ptr + b)
-    else:
-        last = total
     for t0 in range(0, total, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        valid = (t < total) & (t <= last)
+        valid = t < total
+        if HAS_KEEP:  # a constexpr branch: only one side is compiled
+            valid = valid & (tl.load(keep_ptr + b * total + t, mask=valid, other=0) != 0)
         recent_k, recent_v = valid & (t >= TQK), valid & (t >= TQV)
         k_at = k_ptr + (kv * TK + (t - TQK)[:, None]) * DK + dk[None, :]
         v_at = v_ptr + (kv * TV + (t - TQV)[:, None]) * DV + dv[None, :]
@@ -95,7 +94,7 @@ def _decode_attention_kernel(
     tl.store(out_ptr + bh * DV + dv, acc / l_i, mask=dv < DV)
 
 
-def _launch(q, k, v, scale, last, quantized=None, **meta) -> torch.Tensor:
+def _launch(q, k, v, scale, keep, quantized=None, **meta) -> torch.Tensor:
     if q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query token, got q of shape {tuple(q.shape)}")
     batch, heads, _, dk = q.shape
@@ -105,27 +104,28 @@ def _launch(q, k, v, scale, last, quantized=None, **meta) -> torch.Tensor:
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = torch.empty((batch, heads, 1, dv), dtype=torch.float32, device=q.device)
     quantized = quantized or dict.fromkeys(("kp", "ks", "kz", "vp", "vs", "vz"), q)
-    has_last = last is not None
-    last = last.reshape(-1).to(torch.int64).contiguous() if has_last else q
+    has_keep = keep is not None
+    total = meta.get("TQK", 0) + k.shape[2]
+    keep = keep.reshape(-1, total).expand(batch, total).to(torch.int8).contiguous() if has_keep else q
     _decode_attention_kernel[(batch * heads,)](
-        q, k, v, out, last,
+        q, k, v, out, keep,
         *(quantized[name] for name in ("kp", "ks", "kz", "vp", "vs", "vz")),
         heads, kv_heads, k.shape[2], v.shape[2], meta.pop("TQK", 0), meta.pop("TQV", 0), dk, dv, scale,
-        HAS_LAST=has_last, **meta,
+        HAS_KEEP=has_keep, **meta,
         BLOCK_DK=_block(dk), BLOCK_DV=_block(dv),
     )  # fmt: skip
     return out.to(q.dtype)
 
 
-def decode_attention(q, k, v, scale: float, last=None) -> torch.Tensor:
+def decode_attention(q, k, v, scale: float, keep=None) -> torch.Tensor:
     """The Triton implementation of ``graphpress::decode_attention``."""
-    return _launch(q, k, v, scale, last, k_width=0, v_width=0, k_stats=0, v_stats=0, QUANTIZED=False,
+    return _launch(q, k, v, scale, keep, k_width=0, v_width=0, k_stats=0, v_stats=0, QUANTIZED=False,
                    K_BITS=8, K_GROUP=1, V_BITS=8, V_GROUP=1)  # fmt: skip
 
 
 def quantized_decode_attention(
     q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_recent, v_recent,
-    k_bits: int, k_group: int, v_bits: int, v_group: int, scale: float, last=None,
+    k_bits: int, k_group: int, v_bits: int, v_group: int, scale: float, keep=None,
 ) -> torch.Tensor:  # fmt: skip
     """The Triton implementation of ``graphpress::quantized_decode_attention``."""
     quantized = {
@@ -134,7 +134,7 @@ def quantized_decode_attention(
     }  # fmt: skip
     quantized = {name: t.contiguous() for name, t in quantized.items()}
     return _launch(
-        q, k_recent, v_recent, scale, last, quantized,
+        q, k_recent, v_recent, scale, keep, quantized,
         TQK=k_packed.shape[2], TQV=v_packed.shape[2], k_width=k_packed.shape[3], v_width=v_packed.shape[3],
         k_stats=k_scale.shape[2], v_stats=v_scale.shape[3],
         QUANTIZED=True, K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group,

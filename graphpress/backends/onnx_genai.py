@@ -1,0 +1,164 @@
+"""The onnx target's onnxruntime-genai form: a folder that ``onnxruntime_genai.Model(dir)`` runs.
+
+onnxruntime-genai drives a decoder through named inputs and outputs described in a
+``genai_config.json``. graphpress's decode step already follows its conventions (``input_ids``,
+``attention_mask``, ``position_ids``, ``past_key_values.%d.key`` / ``.value`` in; ``logits``,
+``present.%d.key`` / ``.value`` out; one graph for the prompt and every token), so the folder
+is the ONNX file, that config and the checkpoint's tokenizer files. The graph concatenates the
+cache itself, so the runtime keeps past and present apart (``past_present_share_buffer: false``).
+
+What it cannot carry yet: caches other than a key and a value per layer (gqa_to_mla's latent,
+kv_cache_quant's packed parts), which the runtime would need as ``GroupQueryAttention``
+(issue 21); those graphs are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import BackendError
+from ..ir import Graph
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+CONFIG = "genai_config.json"
+
+
+def check(graph: Graph, spec_path: str) -> None:
+    """Refuse, with the reason, a graph onnxruntime-genai cannot drive."""
+    where = f"{spec_path}.runtime: onnxruntime-genai"
+    if graph.cache is None:
+        raise BackendError(f'{where} runs decode graphs; set "capture": {{"mode": "decode"}}')
+    if graph.cache.step_tokens is not None:
+        raise BackendError(
+            f"{where} feeds a prompt in one call, and this step graph takes one token (its attention pins the "
+            "query length under export); load the model with attn_implementation='sdpa'"
+        )
+    entries = list(graph.cache)
+    plain = len(entries) % 2 == 0 and all(
+        e.name == f"layers.{i // 2}.{'key' if i % 2 == 0 else 'value'}" and e.kind in ("key", "value")
+        for i, e in enumerate(entries)
+    )
+    if not plain:
+        names = ", ".join(e.name for e in entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise BackendError(
+            f"{where} keeps a key and a value per layer; this graph caches {names} (gqa_to_mla / kv_cache_quant "
+            "layouts, which need GroupQueryAttention lowering: not built yet). Use the plain onnx runtime for it"
+        )
+
+
+def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
+    """``genai_config.json`` for ``folder/filename``, and the checkpoint's tokenizer files beside it; warnings."""
+    model = getattr(source, "model", None)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    key = graph.cache.entries[0]
+    context = _first(text, "max_position_embeddings", "max_seq_len", "n_positions") or 4096
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": filename,
+        "head_size": key.shape[3],
+        "num_key_value_heads": key.shape[1],
+        "num_hidden_layers": len(graph.cache) // 2,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+    for name, keys in (("hidden_size", ("hidden_size", "n_embd")), ("num_attention_heads", ("num_attention_heads",))):
+        value = _first(text, *keys)
+        if value is not None:
+            decoder[name] = value
+    tokens = {name: _token_id(model, text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    eos = tokens["eos_token_id"] if tokens["eos_token_id"] is not None else 0
+    body = {
+        "model": {
+            "type": "decoder",
+            "context_length": int(context),
+            "vocab_size": int(graph.user_outputs()[0].meta["val"].shape[-1]),
+            "decoder": decoder,
+            "bos_token_id": tokens["bos_token_id"] if tokens["bos_token_id"] is not None else eos,
+            "eos_token_id": eos,
+            "pad_token_id": tokens["pad_token_id"] if tokens["pad_token_id"] is not None else eos,
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": int(context),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+        },
+    }
+    (folder / CONFIG).write_text(json.dumps(body, indent=2) + "\n")
+    directory = getattr(source, "directory", None)
+    copied = [name for name in TOKENIZER_FILES if directory is not None and (Path(directory) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(directory) / name, folder / name)
+    warnings = []
+    if tokens["eos_token_id"] is None:
+        warnings.append(f"{CONFIG}: the model names no eos_token_id; generation stops at token 0 (edit eos_token_id)")
+    if not copied:
+        warnings.append(f"{CONFIG}: no tokenizer files (the model is not a checkpoint that has them): feed token ids")
+    return warnings
+
+
+def greedy_agreement(folder: Path, onnx_path: Path, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy tokens of onnxruntime-genai on ``folder`` against graphpress's decode loop on the same file."""
+    import onnxruntime_genai as og
+
+    from ..runtime import OnnxDecoder, greedy_generate
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.to(torch.int32).numpy())
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = list(generator.get_sequence(0))[prompt.shape[1] :]  # shorter where it stopped at eos_token_id
+    ours = greedy_generate(OnnxDecoder(onnx_path), prompt, new_tokens)[0, prompt.shape[1] :].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(theirs))
+    return {"prompt_tokens": prompt.shape[1], "generated": len(theirs), "agree": agree}
+
+
+def _first(config, *names):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _token_id(model, text_config, name: str) -> int | None:
+    """A special token id from the generation config, else the model config (the first of a list)."""
+    for config in (getattr(model, "generation_config", None), text_config):
+        value = getattr(config, name, None)
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return None

@@ -1,0 +1,88 @@
+"""The onnx target's onnxruntime-genai form: a folder onnxruntime-genai (from PyPI) runs as is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from graphpress import compress
+from graphpress.errors import BackendError
+
+og = pytest.importorskip("onnxruntime_genai")
+
+GENAI = {"target": "onnx", "runtime": "onnxruntime-genai"}
+DECODE = {"capture": {"mode": "decode"}, "calibration": {"samples": 1, "seq_len": 24}}
+
+
+def genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(torch.tensor([prompt], dtype=torch.int32).numpy())
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "passes, opset",
+    [([], 18), ([{"pass": "weight_quant", "targets": "layers.*", "bits": 4, "group_size": 32}], 21)],
+    ids=["no passes", "4-bit weights"],
+)
+def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passes, opset):
+    """onnxruntime-genai generates, 32 greedy tokens, what graphpress's eager decode loop does (the 4-bit
+    weights as blocked DequantizeLinear, which onnxruntime fuses into MatMulNBits)."""
+    from graphpress.runtime import TorchDecoder, greedy_generate
+
+    spec = {**DECODE, "passes": passes, "backends": [{**GENAI, "opset": opset}]}
+    result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
+    record = result.report.backends[0]
+    assert record["details"]["onnxruntime_genai"] == {"prompt_tokens": 8, "generated": 16, "agree": 16}
+    config = json.loads((tmp_path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
+    assert config["search"]["past_present_share_buffer"] is False
+    assert any("no eos_token_id" in w for w in record["warnings"])
+    prompt = list(b"def greet(name):\n    ")
+    expected = greedy_generate(TorchDecoder(result.graph), torch.tensor([prompt]), 32)[0].tolist()
+    assert genai_greedy(tmp_path, prompt, 32) == expected
+
+
+def test_a_checkpoints_tokenizer_and_special_tokens_travel(hf_llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models
+
+    checkpoint = tmp_path / "ckpt"
+    hf_llama.save_pretrained(checkpoint)
+    table = {f"<{i}>": i for i in range(hf_llama.config.vocab_size)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(table, "<0>")), unk_token="<0>", eos_token="<2>"
+    )
+    tokenizer.save_pretrained(checkpoint)
+    spec = {**DECODE, "backends": [GENAI]}
+    result = compress(str(checkpoint), spec, out_dir=tmp_path / "out")
+    assert result.report.backends[0]["details"]["onnxruntime_genai"]["agree"] == 16
+    config = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert config["model"]["eos_token_id"] == hf_llama.config.eos_token_id
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (checkpoint / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"capture": {"mode": "forward"}}, r"runs decode graphs"),
+        (
+            {**DECODE, "passes": [{"pass": "kv_cache_quant", "residual": 4, "key": {"axis": "channel", "group_size": 8}}]},
+            r"keeps a key and a value per layer; this graph caches layers\.0\.key\.packed.*GroupQueryAttention",
+        ),
+    ],
+    ids=["forward graph", "quantized cache"],
+)
+def test_graphs_the_runtime_cannot_drive_are_refused_with_the_reason(tmp_path, spec, match):
+    with pytest.raises(BackendError, match=r"backends\[0\]\.runtime: onnxruntime-genai " + match):
+        compress("examples/tiny_llama", {**spec, "backends": [GENAI]}, out_dir=tmp_path)
+    assert not (tmp_path / "genai_config.json").exists()
