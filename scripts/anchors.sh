@@ -10,3 +10,6 @@ if [ ! -x .venv-anchors/bin/python ]; then
 fi
 .venv-anchors/bin/python -m pip install -q "torch==2.13.0"
 .venv-anchors/bin/python -m pip install -q "llmcompressor==0.14.0.1"
+# onnxruntime-genai: its model builder (python -m onnxruntime_genai.models.builder) and its runtime,
+# the deployment anchor of benchmarks/deploy.py.
+.venv-anchors/bin/python -m pip install -q "onnxruntime-genai==0.18.*" onnx onnx_ir

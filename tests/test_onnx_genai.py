@@ -35,7 +35,7 @@ def genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
 )
 def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passes, opset):
     """onnxruntime-genai generates, 32 greedy tokens, what graphpress's eager decode loop does (the 4-bit
-    weights as blocked DequantizeLinear, which onnxruntime fuses into MatMulNBits)."""
+    weights stored as MatMulNBits, as the runtime runs them)."""
     from graphpress.runtime import TorchDecoder, greedy_generate
 
     spec = {**DECODE, "passes": passes, "backends": [{**GENAI, "opset": opset}]}
@@ -45,6 +45,7 @@ def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passe
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
     assert config["search"]["past_present_share_buffer"] is False
+    assert record["details"]["contrib_ops"] == ({"graphpress::int_linear": 28} if passes else {})
     assert any("no eos_token_id" in w for w in record["warnings"])
     prompt = list(b"def greet(name):\n    ")
     expected = greedy_generate(TorchDecoder(result.graph), torch.tensor([prompt]), 32)[0].tolist()
