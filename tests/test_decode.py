@@ -194,6 +194,25 @@ def test_padded_prompts_generate_as_transformers_generate_does(hf_llama):
     assert torch.equal(greedy_generate(TorchDecoder(graph), prompt, 12, attention_mask=mask), expected)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gemma3", "gpt2", "gptneox"])
+def test_families_generate_left_padded_prompts_as_transformers_does(name):
+    """Default configs; the step takes the prompt in one call, or token by token where the family's attention
+    pins the query length (the generated tokens are the same either way)."""
+    from .families import build, token_ids
+
+    model = build(name)
+    graph = capture(model, (token_ids(2, 8),), mode="decode")
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    prompt[1, :2], mask[1, :2] = 0, 0
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    expected = model.generate(
+        prompt, attention_mask=mask, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=pad
+    )
+    assert torch.equal(greedy_generate(TorchDecoder(graph), prompt, 12, attention_mask=mask), expected)
+
+
 def test_attention_that_pins_the_query_length_gets_a_one_token_step():
     """transformers' eager attention branches on the query length under export: the capture notices (a
     one-token prompt is refused) and captures one token per step; prefill then loops."""
