@@ -148,14 +148,19 @@ def prefill(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits (B, L, V) of the prompt ``input_ids`` (B, L) and the cache after it: one call,
     or one per token where the step graph takes one token."""
-    batch, length = input_ids.shape
+    batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     pos = positions_of(mask)
-    cache = decoder.layout.empty(batch)
     if decoder.layout.step_tokens is None:
-        return decoder.step(input_ids, mask, pos, cache)
+        return decoder.step(input_ids, mask, pos, decoder.layout.empty(batch))
+    return _token_by_token(decoder, input_ids, mask, pos)
+
+
+def _token_by_token(decoder: Decoder, input_ids, mask, pos) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of ``input_ids`` fed one token per step from an empty cache, and the cache after them."""
+    cache = decoder.layout.empty(input_ids.shape[0])
     logits = []
-    for t in range(length):
+    for t in range(input_ids.shape[1]):
         step_logits, cache = decoder.step(input_ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1], cache)
         logits.append(step_logits)
     return torch.cat(logits, dim=1), cache
@@ -166,14 +171,8 @@ def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Te
     """Logits (B, L, V) of feeding ``input_ids`` (B, L) one token per step: what every generated
     token sees (a quantized cache read back at each step), where :func:`prefill` would attend
     the prompt's own keys and values as computed."""
-    batch, length = input_ids.shape
-    cache = decoder.layout.empty(batch)
-    ones = torch.ones(batch, length, dtype=torch.long)
-    logits = []
-    for t in range(length):
-        step_logits, cache = decoder.step(input_ids[:, t : t + 1], ones[:, : t + 1], positions(batch, t), cache)
-        logits.append(step_logits)
-    return torch.cat(logits, dim=1)
+    slots = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    return _token_by_token(decoder, input_ids, torch.ones_like(input_ids), slots)[0]
 
 
 @torch.no_grad()
