@@ -16,7 +16,9 @@ transformers checkpoint directory with a word-level tokenizer, then deployed two
 Columns: file MB, resident MB a session adds when it loads (fresh process), seconds for a prompt of
 ``--prompt`` tokens (graphpress also token by token, as its step graph took prompts before), and
 milliseconds per generated token after each context length. Two intra-op threads everywhere.
-Not yet measured here (issue 21, open): graphpress's compressed artifacts through onnxruntime-genai,
+graphpress's onnxruntime-genai target (attention as GroupQueryAttention, 4-bit weights as
+MatMulNBits) is timed by onnxruntime-genai itself, as the builder's folders are.
+Not yet measured here (issue 21, open): the cache-rewriting passes through onnxruntime-genai,
 perplexity, and memory after a long context.
 """
 
@@ -73,6 +75,8 @@ OURS = "graphpress plain ONNX (fp32, weights in the .onnx)"
 OURS_EXTERNAL = "graphpress plain ONNX (fp32, external data)"
 OURS_INT4 = "graphpress 4-bit weights (RTN g32, MatMulNBits)"
 OURS_INT4_QDQ = "graphpress 4-bit weights (RTN g32, opset-21 DequantizeLinear)"
+OURS_GENAI = "graphpress onnxruntime-genai target (fp32, GroupQueryAttention), in onnxruntime-genai"
+OURS_GENAI_INT4 = "graphpress onnxruntime-genai target (4-bit RTN g32), in onnxruntime-genai"
 INT4 = [{"pass": "weight_quant", "bits": 4, "group_size": 32}]  # every linear, lm_head too, as the builder's int4
 
 
@@ -120,21 +124,33 @@ def graphpress_rows(hf_dir: Path, out: Path, args, passes=(), token_loop: bool =
     }
 
 
-def genai_rows(hf_dir: Path, tmp: Path, args) -> dict[str, dict]:
+def in_genai(source: str, folder: Path, args, precision: str = "fp32") -> dict | None:
+    """A folder timed by onnxruntime-genai (in the anchors' environment): the builder's output from the
+    checkpoint ``source``, or with ``source`` "-" a folder graphpress wrote; None (said) where it cannot run."""
     if not ANCHOR_ENV.exists():
         print(f"(onnxruntime-genai rows skipped: {ANCHOR_ENV} missing; run bash scripts/anchors.sh)")
-        return {}
-    rows = {}
-    for precision in ("fp32", "int4"):
-        cmd = [str(ANCHOR_ENV), str(ANCHOR), str(hf_dir), str(tmp / f"genai-{precision}"), "--precision", precision]
-        cmd += ["--prompt", str(args.prompt), "--steps", str(args.steps), "--threads", str(args.threads)]
-        cmd += ["--contexts", *map(str, args.contexts)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            print(f"(onnxruntime-genai builder {precision} failed: {done.stderr.strip().splitlines()[-1]})")
-            continue
-        rows[f"onnxruntime-genai builder {precision}"] = json.loads(done.stdout.strip().splitlines()[-1])
-    return rows
+        return None
+    cmd = [str(ANCHOR_ENV), str(ANCHOR), source, str(folder), "--precision", precision]
+    cmd += ["--prompt", str(args.prompt), "--steps", str(args.steps), "--threads", str(args.threads)]
+    cmd += ["--contexts", *map(str, args.contexts)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(f"(onnxruntime-genai on {folder.name} failed: {done.stderr.strip().splitlines()[-1]})")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def genai_target_row(hf_dir: Path, out: Path, args, passes=()) -> dict | None:
+    """graphpress's onnxruntime-genai target (GroupQueryAttention, MatMulNBits), run by onnxruntime-genai."""
+    spec = {
+        "capture": {"mode": "decode"},
+        "calibration": {"samples": 1, "seq_len": 16},
+        "passes": list(passes),
+        "verify": {"max": 1.0},
+        "backends": [{"target": "onnx", "opset": 21, "runtime": "onnxruntime-genai"}],
+    }
+    compress(str(hf_dir), spec, out_dir=out)
+    return in_genai("-", out, args)
 
 
 def main() -> None:
@@ -156,7 +172,13 @@ def main() -> None:
         rows[OURS_EXTERNAL] = graphpress_rows(hf_dir, tmp / "graphpress-external", args)  # auto: external here
         rows[OURS_INT4] = graphpress_rows(hf_dir, tmp / "graphpress-int4", args, INT4, opset=21, ort_contrib_ops=True)
         rows[OURS_INT4_QDQ] = graphpress_rows(hf_dir, tmp / "graphpress-int4-qdq", args, INT4, opset=21)
-        rows.update(genai_rows(hf_dir, tmp, args))
+        rows[OURS_GENAI] = genai_target_row(hf_dir, tmp / "graphpress-genai", args)
+        rows[OURS_GENAI_INT4] = genai_target_row(hf_dir, tmp / "graphpress-genai-int4", args, INT4)
+        for precision in ("fp32", "int4"):
+            rows[f"onnxruntime-genai builder {precision}"] = in_genai(
+                str(hf_dir), tmp / f"builder-{precision}", args, precision
+            )
+        rows = {name: row for name, row in rows.items() if row is not None}
     shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}"
     print(f"\nLlama shape: {shape}; prompt {args.prompt} tokens; {args.threads} threads\n")
     contexts = " | ".join(f"decode ms @{c}" for c in args.contexts)
@@ -180,9 +202,12 @@ def main() -> None:
     for mine, theirs in (
         (OURS_EXTERNAL, "onnxruntime-genai builder fp32"),
         (OURS_INT4, "onnxruntime-genai builder int4"),
+        (OURS_GENAI, "onnxruntime-genai builder fp32"),
+        (OURS_GENAI_INT4, "onnxruntime-genai builder int4"),
+        (OURS_GENAI, OURS_EXTERNAL),
     ):
-        a, b = rows[mine], rows.get(theirs)
-        if b:
+        a, b = rows.get(mine), rows.get(theirs)
+        if a and b:
             ratios = ", ".join(
                 f"decode @{c} {a['decode_ms'][str(c)] / b['decode_ms'][str(c)]:.2f}x" for c in args.contexts
             )

@@ -8,7 +8,8 @@
    Hadamard-rotated and a per-token-key variant, and after gqa_to_mla (after_up_projection:
    its latent is pre-RoPE, so quantizing it is pre-RoPE quantization).
 2. onnxruntime CPU latency of one decode step (batch 1) at one context length, the fp32
-   cache vs quantized caches, interleaved in one run.
+   cache vs quantized caches, interleaved in one run; also the onnxruntime-genai target's files
+   (attention and the static-scale caches as GroupQueryAttention) on the same weights.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def kivi(bits: int, residual: int, key_axis: str = "channel", rotate: str = "non
     }
 
 
+def static(bits: int) -> dict:
+    """onnxruntime's quantized GroupQueryAttention cache: fixed per-channel scales, every token quantized."""
+    side = {"bits": bits, "axis": "channel"}
+    return {"pass": "kv_cache_quant", "scales": "static", "key": side, "value": side, "residual": 0}
+
+
 def mla(rank: int) -> dict:
     return {"pass": "gqa_to_mla", "kv_rank": rank, "rope": {"mode": "after_up_projection"}}
 
@@ -58,8 +65,13 @@ CONFIGS = {
     "pre-RoPE: MLA full rank + 2-bit, R=32": [mla(128), kivi(2, 32)],
     "MLA rank 64 + 4-bit, R=32": [mla(64), kivi(4, 32)],
     "MLA rank 64 + 2-bit, R=32": [mla(64), kivi(2, 32)],
+    "8-bit, static scales": [static(8)],
+    "4-bit, static scales": [static(4)],
 }
 TIMED = ["fp32 cache", "8-bit, R=0", "4-bit, R=32", "2-bit, R=32 (KIVI-2)", "MLA rank 64 + 2-bit, R=32"]
+GQA_TIMED = ["fp32 cache", "8-bit, static scales", "4-bit, static scales"]
+"""Also timed as the onnxruntime-genai target writes them: attention (and the static-scale cache) in
+GroupQueryAttention."""
 CONFIG_TYPES = {"kv_cache_quant": KvCacheQuantConfig, "gqa_to_mla": GqaToMlaConfig}
 
 
@@ -87,8 +99,9 @@ def filled_cache(layout, context: int) -> list[torch.Tensor]:
         length = context - held if entry.max_len is not None else held // entry.tokens_per_slot
         shape = [1 if d is None else d for d in entry.shape]
         shape[entry.seq_axis] = length
-        if entry.dtype == "uint8":
-            out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
+        if entry.dtype in ("uint8", "int8"):
+            low = -128 if entry.dtype == "int8" else 0
+            out.append(torch.randint(low, low + 256, shape, generator=gen, dtype=getattr(torch, entry.dtype)))
         else:
             out.append(torch.rand(shape, generator=gen).to(getattr(torch, entry.dtype)))
     return out
@@ -100,6 +113,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--only", nargs="*", help="score only the caches whose names contain one of these")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -109,11 +123,9 @@ def main() -> None:
     decode = capture(model, calibration[0], mode="decode")
     ctx = PassContext(calibration)  # one context: calibration statistics are collected once
     graphs = {name: build(decode, ctx, passes) for name, passes in CONFIGS.items()}
-    if args.skip_perplexity:
-        graphs = {name: graphs[name] for name in TIMED}
-
     if not args.skip_perplexity:
-        score(model, decode, graphs, heldout, args.tokens)
+        chosen = {n: g for n, g in graphs.items() if not args.only or any(o in n for o in args.only)}
+        score(model, decode, chosen, heldout, args.tokens)
     time_steps(graphs, calibration, args)
 
 
@@ -137,18 +149,20 @@ def time_steps(graphs, calibration, args) -> None:
     print(f"\n## onnxruntime CPU, one decode step at context {args.context}, batch 1 (interleaved medians)")
     with tempfile.TemporaryDirectory() as tmp:
         steps = {}
-        for i, name in enumerate(TIMED):
-            cfg = OnnxBackendConfig(target="onnx", filename=f"m{i}.onnx", max_error=1e-3)
-            path = Path(build_backend(cfg, "onnx").build(graphs[name], calibration[:1], Path(tmp)).artifact)
+        runs = [(name, "onnxruntime") for name in TIMED] + [(name, "onnxruntime-genai") for name in GQA_TIMED]
+        for i, (name, runtime) in enumerate(runs):
+            cfg = OnnxBackendConfig(target="onnx", filename=f"m{i}.onnx", max_error=1e-3, runtime=runtime)
+            path = Path(build_backend(cfg, "onnx").build(graphs[name], calibration[:1], Path(tmp) / str(i)).artifact)
             decoder = OnnxDecoder(path, threads=2)
             cache = filled_cache(decoder.layout, args.context)
             position, mask = torch.full((1, 1), args.context), torch.ones(1, args.context + 1, dtype=torch.long)
-            steps[name] = lambda ids, d=decoder, c=cache, p=position, m=mask: d.step(ids, m, p, c)
+            label = name if runtime == "onnxruntime" else f"{name}, GroupQueryAttention"
+            steps[label] = lambda ids, d=decoder, c=cache, p=position, m=mask: d.step(ids, m, p, c)
         lat = interleaved_median(steps, torch.zeros(1, 1, dtype=torch.long), args.repeats)
         print("| cache | ms / step | vs fp32 |")
         print("|---|---:|---:|")
-        for name in TIMED:
-            print(f"| {name} | {lat[name] * 1e3:.2f} | {lat[name] / lat['fp32 cache']:.3f}x |")
+        for label in steps:
+            print(f"| {label} | {lat[label] * 1e3:.2f} | {lat[label] / lat['fp32 cache']:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -200,3 +200,58 @@ def test_hadamard_rotation_is_exact_to_rounding_and_checks_its_shape(trained_lla
         build_pass(quant(latent={**side, "group_size": 16, "rotate": "hadamard"})).run(
             mla.graph, PassContext(calibration)
         )
+
+
+def static(bits: int, **fields) -> KvCacheQuantConfig:
+    """onnxruntime's quantized cache: fixed per-channel scales, every token quantized."""
+    side = {"bits": bits, "axis": "channel"}
+    return quant(key=side, value=side, residual=0, scales="static", **fields)
+
+
+@pytest.mark.parametrize("bits, dtype, width", [(8, torch.int8, 32), (4, torch.uint8, 16)])
+def test_static_scales_map_each_channels_calibration_peak_to_the_top_code(
+    decode_graph, calibration, bits, dtype, width
+):
+    """One entry of codes per key and value (int8, or 4-bit pairs in uint8), one slot per token; a channel's
+    largest |x| over the calibration tokens is exactly the largest code, so nothing seen there clips."""
+    from graphpress.ir.ops.kv_quant import unpack
+
+    graph = build_pass(static(bits)).run(decode_graph, PassContext(calibration)).graph
+    assert [(e.name, e.dtype, e.shape[-1]) for e in graph.cache][:2] == [
+        ("layers.0.key.codes", str(dtype).removeprefix("torch."), width),
+        ("layers.0.value.codes", str(dtype).removeprefix("torch."), width),
+    ]
+    assert graph.cache.bytes_per_token == 4 * 2 * 2 * width  # 4 layers x (K, V) x 2 heads x bytes
+    ids, decoder, cache = calibration[0][0], TorchDecoder(graph), graph.cache.empty(1)
+    for t in range(ids.shape[1]):  # token by token, as calibration ran
+        _, cache = decoder.step(ids[:, t : t + 1], torch.ones(1, t + 1, dtype=torch.long), torch.tensor([[t]]), cache)
+    for codes in cache[:2]:  # layer 0's: later layers see the quantization of earlier ones, calibration did not
+        signed = codes.long() if bits == 8 else unpack(codes, 4).long() - 8
+        assert signed.abs().amax(dim=(0, 2)).eq(2 ** (bits - 1) - 1).all()
+
+
+def test_static_scales_cost_little_at_eight_bits_and_more_at_four(trained_llama, decode_graph, calibration):
+    ids = calibration[0][0]
+    reference = trained_llama(ids)
+    errors = {}
+    for bits in (8, 4):
+        graph = build_pass(static(bits)).run(decode_graph, PassContext(calibration)).graph
+        errors[bits] = rel_err(teacher_forced_logits(TorchDecoder(graph), ids), reference)
+    assert 0 < errors[8] < 0.01 < errors[4] < 0.2
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"residual": 32}, r"set residual to 0 \(got 32\)"),
+        ({"value": {"bits": 8, "axis": "token"}}, r"value has axis 'token'"),
+        ({"key": {"bits": 2, "axis": "channel"}}, r"4 or 8 bits.*key has axis 'channel', bits 2"),
+        ({"value": {"bits": 4, "axis": "channel"}}, r"one bit width for the cache: key 8, value 4"),
+        ({"key": {"bits": 8, "axis": "channel", "group_size": 16}}, r"drop key.group_size"),
+        ({"key": {"bits": 8, "axis": "channel", "symmetric": False}}, r"key.symmetric false contradicts it"),
+    ],
+)
+def test_static_scales_refuse_settings_they_do_not_have(fields, match):
+    side = {"bits": 8, "axis": "channel"}
+    with pytest.raises(pydantic.ValidationError, match=match):
+        quant(**{"key": side, "value": side, "residual": 0, "scales": "static", **fields})

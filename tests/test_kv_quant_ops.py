@@ -1,4 +1,5 @@
-"""graphpress::kv_quantize / kv_dequantize: packing round trips, error bounds, fake shapes, ONNX lowering parity."""
+"""graphpress::kv_quantize / kv_dequantize (KIVI) and their static-scale forms: packing round trips, error bounds,
+fake shapes, ONNX (and TVM) lowering parity."""
 
 from __future__ import annotations
 
@@ -103,3 +104,51 @@ def test_onnx_lowering_matches_the_reference(tmp_path, bits, per_channel, symmet
         np.testing.assert_array_equal(got[1], want[1].numpy())
         np.testing.assert_allclose(got[0], want[0].numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(got[2], want[2].numpy(), rtol=1e-6)
+
+
+class StaticRoundTrip(torch.nn.Module):
+    """kv_quantize_static then kv_dequantize_static under one (1, heads, 1, channels) scale."""
+
+    def __init__(self, bits):
+        super().__init__()
+        self.bits = bits
+        self.scale = torch.nn.Buffer(torch.linspace(0.01, 0.05, 3 * 32).reshape(1, 3, 1, 32))
+
+    def forward(self, x):
+        codes = torch.ops.graphpress.kv_quantize_static(x, self.scale, self.bits)
+        return torch.ops.graphpress.kv_dequantize_static(codes, self.scale, self.bits), codes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_static_codes_are_onnxruntimes_and_every_lowering_equals_the_reference(tmp_path, bits):
+    """Codes: clip(round(x / s)) signed (int8), or + 8 in nibbles, the even channel low (uint8); values within
+    half a step where nothing clips. The ONNX and TVM forms equal the reference bit for bit (codes)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    model = StaticRoundTrip(bits)
+    x = torch.randn(2, 3, 16, 32, generator=torch.Generator().manual_seed(bits)) * 0.2
+    y, codes = model(x)
+    levels = torch.clamp(torch.round(x / model.scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    if bits == 8:
+        assert codes.dtype == torch.int8 and torch.equal(codes.long(), levels.long())
+    else:
+        pairs = (levels.long() + 8).unflatten(-1, (16, 2))
+        assert codes.dtype == torch.uint8 and torch.equal(codes.long(), pairs[..., 0] + 16 * pairs[..., 1])
+    inside = levels.abs() < 2 ** (bits - 1) - 1
+    assert ((y - x).abs() <= model.scale / 2 + 1e-7)[inside].all()
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: Dim.AUTO, 2: Dim.AUTO}})
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translations())
+    onnx_program.save(str(tmp_path / "q.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    mod = from_exported_program(program, custom_convert_map=ops.relax_converters())
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    for shape in ((2, 3, 16, 32), (1, 3, 40, 32)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 0.2
+        want = model(x)
+        onnx = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        compiled = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x.numpy()))]
+        for got in (onnx, compiled):
+            np.testing.assert_array_equal(got[1], want[1].numpy())
+            np.testing.assert_allclose(got[0], want[0].numpy(), rtol=0, atol=1e-6)

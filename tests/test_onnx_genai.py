@@ -45,7 +45,10 @@ def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passe
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
     assert config["search"]["past_present_share_buffer"] is False
-    assert record["details"]["contrib_ops"] == ({"graphpress::int_linear": 28} if passes else {})
+    lowered = {"graphpress::group_query_attention": 4, **({"graphpress::int_linear": 28} if passes else {})}
+    assert record["details"]["contrib_ops"] == lowered
+    assert record["op_histogram"]["com.microsoft::GroupQueryAttention"] == 4
+    assert "Softmax" not in record["op_histogram"]  # no attention left in standard ops
     assert any("no eos_token_id" in w for w in record["warnings"])
     prompt = list(b"def greet(name):\n    ")
     expected = greedy_generate(TorchDecoder(result.graph), torch.tensor([prompt]), 32)[0].tolist()
@@ -77,13 +80,58 @@ def test_a_checkpoints_tokenizer_and_special_tokens_travel(hf_llama, tmp_path):
     [
         ({"capture": {"mode": "forward"}}, r"runs decode graphs"),
         (
-            {**DECODE, "passes": [{"pass": "kv_cache_quant", "residual": 4, "key": {"axis": "channel", "group_size": 8}}]},
-            r"keeps a key and a value per layer; this graph caches layers\.0\.key\.packed.*GroupQueryAttention",
+            {
+                **DECODE,
+                "passes": [{"pass": "kv_cache_quant", "residual": 4, "key": {"axis": "channel", "group_size": 8}}],
+            },
+            r"keeps a key and a value per layer.*this graph caches layers\.0\.key\.packed.*dynamic KIVI layouts",
         ),
     ],
-    ids=["forward graph", "quantized cache"],
+    ids=["forward graph", "KIVI cache"],
 )
 def test_graphs_the_runtime_cannot_drive_are_refused_with_the_reason(tmp_path, spec, match):
     with pytest.raises(BackendError, match=r"backends\[0\]\.runtime: onnxruntime-genai " + match):
         compress("examples/tiny_llama", {**spec, "backends": [GENAI]}, out_dir=tmp_path)
     assert not (tmp_path / "genai_config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gpt2"], ids=["sliding window", "fused qkv, biases, MHA"])
+def test_transformers_families_generate_through_group_query_attention(tmp_path, family):
+    """Default configs: onnxruntime-genai runs every layer's attention as GroupQueryAttention (Mistral's window
+    of 8 tokens in the op) and greedily generates, prompt in one call, what the eager graph does."""
+    from .families import build, token_ids
+
+    ids = token_ids(1, 24)
+    result = compress(
+        build(family), {**DECODE, "backends": [GENAI]}, (ids,), calibration_data=[(ids,)], out_dir=tmp_path
+    )
+    record = result.report.backends[0]
+    assert record["details"]["onnxruntime_genai"] == {"prompt_tokens": 8, "generated": 16, "agree": 16}
+    assert record["op_histogram"]["com.microsoft::GroupQueryAttention"] == len(result.graph.cache) // 2
+    assert not any("not lowered" in w for w in record["warnings"])
+    # tiny GPT-2 configs keep GPT-2's eos_token_id 50256 beyond their 128 tokens: left out, said
+    assert any("eos_token_id 50256 is outside its vocabulary of 128" in w for w in record["warnings"]) == (
+        family == "gpt2"
+    )
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, "tensor(int8)"), (4, "tensor(uint8)")])
+def test_a_static_scale_cache_runs_as_the_ops_quantized_kv_cache(tmp_path, bits, dtype):
+    """kv_cache_quant with static scales lowers into GroupQueryAttention's kv_cache_bit_width: the folder's past
+    inputs are the codes, and onnxruntime-genai generates what the eager graph does (prompt in one call)."""
+    import onnxruntime as ort
+
+    side = {"bits": bits, "axis": "channel"}
+    quant = {"pass": "kv_cache_quant", "scales": "static", "residual": 0, "key": side, "value": side}
+    result = compress("examples/tiny_llama", {**DECODE, "passes": [quant], "backends": [GENAI]}, out_dir=tmp_path)
+    record = result.report.backends[0]
+    assert record["details"]["onnxruntime_genai"] == {"prompt_tokens": 8, "generated": 16, "agree": 16}
+    assert record["op_histogram"]["com.microsoft::GroupQueryAttention"] == 4
+    assert "BitShift" not in record["op_histogram"] and "Round" not in record["op_histogram"]  # all in the op
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = {i.name: (i.type, i.shape[-1]) for i in session.get_inputs() if i.name.startswith("past")}
+    assert past["past_key_values.0.key.codes"] == past["past_key_values.3.value.codes"] == (dtype, 32 * bits // 8)
+    decoder = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key.codes"
+    assert decoder["outputs"]["present_value_names"] == "present.%d.value.codes"
+    assert decoder["head_size"] == 32

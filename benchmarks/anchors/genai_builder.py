@@ -5,10 +5,12 @@ never in graphpress's: it imports no graphpress code. Prints one JSON object.
 
     .venv-anchors/bin/python benchmarks/anchors/genai_builder.py HF_DIR OUT_DIR --precision int4 \
         [--prompt 512] [--contexts 512 2048] [--steps 16] [--threads 2]
+    .venv-anchors/bin/python benchmarks/anchors/genai_builder.py - FOLDER [--prompt ...]
 
 Builds ``OUT_DIR`` with ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT_DIR -p P -e cpu``
-(the checkpoint must carry a tokenizer), sets the session's threads in its genai_config.json, and
-measures what a user of the runtime sees: resident memory the model adds when it loads, the time of
+(the checkpoint must carry a tokenizer), or with ``-`` for HF_DIR takes FOLDER as it is (graphpress's
+onnxruntime-genai target, timed by the same runtime), sets the session's threads in its
+genai_config.json, and measures what a user of the runtime sees: resident memory the model adds when it loads, the time of
 appending a prompt of ``--prompt`` tokens (one call), and milliseconds per generated token after a
 context of each ``--contexts`` length (median of ``--steps`` greedy steps). Token ids are random.
 """
@@ -31,9 +33,12 @@ def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def build(hf_dir: str, out: Path, precision: str, threads: int) -> None:
+def build(hf_dir: str, out: Path, precision: str) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", str(out)]
     subprocess.run([*cmd, "-p", precision, "-e", "cpu"], check=True, capture_output=True)
+
+
+def set_threads(out: Path, threads: int) -> None:
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
     config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
@@ -51,14 +56,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out_dir)
-    build(args.hf_dir, out, args.precision, args.threads)
+    if args.hf_dir != "-":
+        build(args.hf_dir, out, args.precision)
+    set_threads(out, args.threads)
 
     import onnxruntime_genai as og
 
     before = rss()
     model = og.Model(str(out))
     loaded = rss() - before
-    vocab = json.loads((Path(args.hf_dir) / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((out / "genai_config.json").read_text())["model"]["vocab_size"]
     rng = np.random.default_rng(0)
 
     def generator(length: int):

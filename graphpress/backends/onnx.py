@@ -30,6 +30,7 @@ from ..progress import step
 from ..schema import OnnxBackendConfig
 from . import onnx_genai
 from .base import Backend, BackendRecord, Comparison
+from .fuse_gqa import fuse_group_query_attention
 from .fuse_linear import fuse_format_linears
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
@@ -67,8 +68,12 @@ class OnnxBackend(Backend):
             onnx_genai.check(graph, self.spec_path)
         fused: Counter[str] = Counter()
         contrib = cfg.ort_contrib_ops or genai  # onnxruntime-genai is onnxruntime: MatMulNBits as stored
+        reference, not_lowered = graph, []
         if contrib:
             graph, fused = fuse_format_linears(graph, _runs_packed)
+        if genai:
+            graph, attention, not_lowered = fuse_group_query_attention(graph)
+            fused.update(attention)
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
@@ -96,7 +101,7 @@ class OnnxBackend(Backend):
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
             try:
-                comparison = self.validate(staged, graph, inputs)
+                comparison = self.validate(staged, reference, inputs)
             except Exception as exc:
                 half = _half_precision(graph)
                 if "NOT_IMPLEMENTED" in str(exc) and half:
@@ -114,7 +119,8 @@ class OnnxBackend(Backend):
             agreement, notes = None, []
             if genai:
                 notes = onnx_genai.write(tmp, graph, cfg.filename, self.source)
-                agreement = self.run_in_genai(tmp, staged, inputs)
+                notes += [f"{self.spec_path}: not lowered to GroupQueryAttention: {why}" for why in not_lowered]
+                agreement = self.run_in_genai(tmp, reference, inputs)
                 if agreement is None:
                     notes.append("onnxruntime-genai is not installed: the folder was written, not run")
             model = onnx.load(str(staged), load_external_data=False)
@@ -141,14 +147,15 @@ class OnnxBackend(Backend):
             warnings=self.unpacked_at_load(graph) + notes,
         )
 
-    def run_in_genai(self, folder: Path, staged: Path, inputs: list[tuple]) -> dict | None:
-        """onnxruntime-genai's greedy tokens on the folder equal graphpress's decode loop's, or the build fails."""
+    def run_in_genai(self, folder: Path, graph: Graph, inputs: list[tuple]) -> dict | None:
+        """onnxruntime-genai's greedy tokens on the folder equal those of ``graph``'s eager decode loop, or the
+        build fails."""
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime_genai") is None:
             return None
         prompt = inputs[0][0][:1, :8]
-        agreement = onnx_genai.greedy_agreement(folder, staged, prompt, GENAI_TOKENS)
+        agreement = onnx_genai.greedy_agreement(folder, graph, prompt, GENAI_TOKENS)
         if agreement["agree"] < agreement["generated"]:
             raise BackendError(
                 f"{self.spec_path}: onnxruntime-genai's greedy tokens differ from graphpress's decode loop at "

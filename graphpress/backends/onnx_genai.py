@@ -45,17 +45,26 @@ def check(graph: Graph, spec_path: str) -> None:
             f"{where} feeds a prompt in one call, and this step graph takes one token (its attention pins the "
             "query length under export); load the model with attn_implementation='sdpa'"
         )
-    entries = list(graph.cache)
-    plain = len(entries) % 2 == 0 and all(
-        e.name == f"layers.{i // 2}.{'key' if i % 2 == 0 else 'value'}" and e.kind in ("key", "value")
-        for i, e in enumerate(entries)
-    )
-    if not plain:
+    if _suffix(graph) is None:
+        entries = list(graph.cache)
         names = ", ".join(e.name for e in entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise BackendError(
-            f"{where} keeps a key and a value per layer; this graph caches {names} (gqa_to_mla / kv_cache_quant "
-            "layouts, which need GroupQueryAttention lowering: not built yet). Use the plain onnx runtime for it"
+            f"{where} keeps a key and a value per layer (floats, or kv_cache_quant's static-scale codes); this "
+            f"graph caches {names} (gqa_to_mla's latent and kv_cache_quant's dynamic KIVI layouts are not lowered "
+            "to GroupQueryAttention yet). Use the plain onnx runtime for it"
         )
+
+
+def _suffix(graph: Graph) -> str | None:
+    """'' for a cache of float keys and values per layer, '.codes' for static-scale codes; None otherwise."""
+    entries = list(graph.cache)
+    for suffix in ("", ".codes"):
+        if len(entries) % 2 == 0 and all(
+            e.name == f"layers.{i // 2}.{part}{suffix}" and e.kind == f"{part}{suffix}"
+            for i, (e, part) in enumerate(zip(entries, ["key", "value"] * len(entries)))
+        ):
+            return suffix
+    return None
 
 
 def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
@@ -63,38 +72,42 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     model = getattr(source, "model", None)
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    key = graph.cache.entries[0]
+    key, suffix = graph.cache.entries[0], _suffix(graph)
+    packed = 2 if key.dtype == "uint8" else 1  # two 4-bit codes a byte
     context = _first(text, "max_position_embeddings", "max_seq_len", "n_positions") or 4096
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": filename,
-        "head_size": key.shape[3],
+        "head_size": key.shape[3] * packed,
         "num_key_value_heads": key.shape[1],
         "num_hidden_layers": len(graph.cache) // 2,
         "inputs": {
             "input_ids": "input_ids",
             "attention_mask": "attention_mask",
             "position_ids": "position_ids",
-            "past_key_names": "past_key_values.%d.key",
-            "past_value_names": "past_key_values.%d.value",
+            "past_key_names": f"past_key_values.%d.key{suffix}",
+            "past_value_names": f"past_key_values.%d.value{suffix}",
         },
         "outputs": {
             "logits": "logits",
-            "present_key_names": "present.%d.key",
-            "present_value_names": "present.%d.value",
+            "present_key_names": f"present.%d.key{suffix}",
+            "present_value_names": f"present.%d.value{suffix}",
         },
     }
     for name, keys in (("hidden_size", ("hidden_size", "n_embd")), ("num_attention_heads", ("num_attention_heads",))):
         value = _first(text, *keys)
         if value is not None:
             decoder[name] = value
+    vocab = int(graph.user_outputs()[0].meta["val"].shape[-1])
     tokens = {name: _token_id(model, text, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    outside = {name: t for name, t in tokens.items() if t is not None and not 0 <= t < vocab}
+    tokens.update(dict.fromkeys(outside))  # onnxruntime-genai refuses ids outside the vocabulary
     eos = tokens["eos_token_id"] if tokens["eos_token_id"] is not None else 0
     body = {
         "model": {
             "type": "decoder",
             "context_length": int(context),
-            "vocab_size": int(graph.user_outputs()[0].meta["val"].shape[-1]),
+            "vocab_size": vocab,
             "decoder": decoder,
             "bos_token_id": tokens["bos_token_id"] if tokens["bos_token_id"] is not None else eos,
             "eos_token_id": eos,
@@ -118,7 +131,10 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     copied = [name for name in TOKENIZER_FILES if directory is not None and (Path(directory) / name).is_file()]
     for name in copied:
         shutil.copyfile(Path(directory) / name, folder / name)
-    warnings = []
+    warnings = [
+        f"{CONFIG}: the model's {name} {t} is outside its vocabulary of {vocab}: left out"
+        for name, t in outside.items()
+    ]
     if tokens["eos_token_id"] is None:
         warnings.append(f"{CONFIG}: the model names no eos_token_id; generation stops at token 0 (edit eos_token_id)")
     if not copied:
@@ -126,11 +142,11 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     return warnings
 
 
-def greedy_agreement(folder: Path, onnx_path: Path, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy tokens of onnxruntime-genai on ``folder`` against graphpress's decode loop on the same file."""
+def greedy_agreement(folder: Path, graph: Graph, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy tokens of onnxruntime-genai on ``folder`` against ``graph``'s eager decode loop (prompt in one call)."""
     import onnxruntime_genai as og
 
-    from ..runtime import OnnxDecoder, greedy_generate
+    from ..runtime import TorchDecoder, greedy_generate
 
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
@@ -140,7 +156,7 @@ def greedy_agreement(folder: Path, onnx_path: Path, prompt: torch.Tensor, new_to
     while not generator.is_done():
         generator.generate_next_token()
     theirs = list(generator.get_sequence(0))[prompt.shape[1] :]  # shorter where it stopped at eos_token_id
-    ours = greedy_generate(OnnxDecoder(onnx_path), prompt, new_tokens)[0, prompt.shape[1] :].tolist()
+    ours = greedy_generate(TorchDecoder(graph), prompt, new_tokens)[0, prompt.shape[1] :].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(theirs))
     return {"prompt_tokens": prompt.shape[1], "generated": len(theirs), "agree": agree}
 

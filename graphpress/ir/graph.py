@@ -252,6 +252,25 @@ class Graph:
         Interprets the lifted graph directly, so taps see the nodes passes select. Returns the
         graph's flat outputs.
         """
+        return tuple(_TapInterpreter(self._program.graph_module, taps).run(*self._feeds(args, kwargs)))
+
+    @torch.no_grad()
+    def evaluate(self, nodes: Sequence[fx.Node], args: tuple) -> list[Any]:
+        """The values of ``nodes`` on one input, computing only what they depend on (a mask, a length:
+        cheap even where the whole step would not be, e.g. at a long context)."""
+        needed: set[fx.Node] = set()
+        todo = list(nodes)
+        while todo:
+            node = todo.pop()
+            if node not in needed:
+                needed.add(node)
+                todo.extend(node.all_input_nodes)
+        values: dict[fx.Node, Any] = {}
+        _PartialInterpreter(self._program.graph_module, needed, values).run(*self._feeds(args, None))
+        return [values[n] for n in nodes]
+
+    def _feeds(self, args: tuple, kwargs: dict | None) -> list:
+        """The lifted graph's placeholders' values: the user's inputs, then parameters, buffers, constants."""
         ep = self._program
         user_inputs = iter(pytree.tree_leaves((args, kwargs or {})))
         feeds = []
@@ -262,7 +281,7 @@ class Graph:
                 feeds.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
             else:
                 feeds.append(ep.constants[spec.target])
-        return tuple(_TapInterpreter(ep.graph_module, taps).run(*feeds))
+        return feeds
 
     # ------------------------------------------------------------------ copying
     def clone(self) -> Graph:
@@ -630,6 +649,12 @@ class Graph:
         self.fx.erase_node(node)
         self._changed()
 
+    def substitute_output(self, node: fx.Node, out: fx.Node) -> None:
+        """Let ``out`` stand for ``node`` as a graph output; ``node``'s other readers keep reading it."""
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user.op == "output")
+        self._rename_outputs(node.name, out.name)
+        self._changed()
+
     def _rename_outputs(self, old: str, new: str) -> None:
         """Keep the output signature naming the node that now produces a graph output."""
         specs = self._program.graph_signature.output_specs
@@ -707,6 +732,20 @@ class _TapInterpreter(fx.Interpreter):
         value = super().run_node(node)
         if node.name in self.taps:
             self.taps[node.name](value)
+        return value
+
+
+class _PartialInterpreter(fx.Interpreter):
+    """Runs only the ``needed`` nodes, storing their values."""
+
+    def __init__(self, module: fx.GraphModule, needed: set[fx.Node], values: dict[fx.Node, Any]):
+        super().__init__(module)
+        self.needed, self.values = needed, values
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op == "output" or (node.op != "placeholder" and node not in self.needed):
+            return None
+        value = self.values[node] = super().run_node(node)
         return value
 
 

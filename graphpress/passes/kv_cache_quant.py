@@ -33,7 +33,8 @@ import torch
 from ..errors import PassPostconditionError, PassPreconditionError
 from ..ir import Graph, SubgraphBuilder, matches
 from ..ir.decode import CacheEntry
-from ..ir.ops.kv_quant import codes_per_byte
+from ..ir.ops.kv_quant import EPS, codes_per_byte
+from ..progress import track
 from ..schema import KvCacheQuantConfig, KvQuantSide
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext
@@ -115,25 +116,27 @@ class KvCacheQuant(Pass):
         report = self.new_report()
         before = graph.cache.bytes_per_token
         first_packed = 0  # the first token a cache entry holds packed: before it, nothing is saved
-        for entry in self.selected(graph):
+        static = cfg.scales == "static"
+        entries = self.selected(graph)
+        scales = static_scales(graph, entries, [self.side(e)[1].bits for e in entries], ctx) if static else {}
+        for entry in entries:
             _, side = self.side(entry)
-            first_packed = max(first_packed, cfg.residual + (side.group_size if side.axis == "channel" else 1))
-            quantized = quantize_entry(graph, entry, side, cfg.residual)
+            if static:
+                quantized = quantize_entry_static(graph, entry, side.bits, scales[entry.name])
+                settings = {"bits": side.bits, "axis": "channel", "scales": "static", "symmetric": True}
+            else:
+                first_packed = max(first_packed, cfg.residual + (side.group_size if side.axis == "channel" else 1))
+                quantized = quantize_entry(graph, entry, side, cfg.residual)
+                settings = {
+                    "bits": side.bits,
+                    "axis": side.axis,
+                    "group_size": side.group_size,
+                    "symmetric": side.symmetric,
+                    "rotate": side.rotate,
+                }
+            bytes_per_token = (entry.bytes_per_token, sum(e.bytes_per_token for e in quantized))
             report.layers.append(
-                LayerReport(
-                    entry.name,
-                    "quantized",
-                    0,
-                    0,
-                    {
-                        "bits": side.bits,
-                        "axis": side.axis,
-                        "group_size": side.group_size,
-                        "symmetric": side.symmetric,
-                        "rotate": side.rotate,
-                        "bytes_per_token": (entry.bytes_per_token, sum(e.bytes_per_token for e in quantized)),
-                    },
-                )
+                LayerReport(entry.name, "quantized", 0, 0, {**settings, "bytes_per_token": bytes_per_token})
             )
         report.details = {
             "residual": cfg.residual,
@@ -216,6 +219,62 @@ def quantize_entry(graph: Graph, entry: CacheEntry, side: KvQuantSide, residual:
 
     graph.replace_cache_entries([entry.name], new_entries, build, same_length=False, past_length=past_length)
     return new_entries
+
+
+def static_scales(
+    graph: Graph, entries: list[CacheEntry], bits: list[int], ctx: PassContext
+) -> dict[str, torch.Tensor]:
+    """Per entry, absmax / (2^(bits-1) - 1) of each channel of each head over the calibration data (every token the
+    step appends, the prompt's included): onnxruntime's static per-channel cache scale, shaped to broadcast over
+    the entry (1 on its batch and sequence axes)."""
+    from .context import run_calibration_sample
+
+    appended = {graph.cache_append(e.name)[1].name: e for e in entries}
+    peaks: dict[str, torch.Tensor] = {}
+
+    def tap(entry: CacheEntry):
+        axes = (0, entry.seq_axis)
+
+        def record(value):
+            peak = value.detach().float().abs().amax(dim=axes, keepdim=True)
+            peaks[entry.name] = torch.maximum(peaks[entry.name], peak) if entry.name in peaks else peak
+
+        return record
+
+    for args in track(ctx.calibration_inputs, f"{ctx.spec_path}: calibrating cache scales"):
+        run_calibration_sample(graph, args, {node: tap(entry) for node, entry in appended.items()})
+    return {e.name: (peaks[e.name] / (2 ** (b - 1) - 1)).clamp_min(EPS) for e, b in zip(entries, bits)}
+
+
+def quantize_entry_static(graph: Graph, entry: CacheEntry, bits: int, scale: torch.Tensor) -> list[CacheEntry]:
+    """Replace ``entry`` by its codes under a fixed per-channel ``scale``: ``E.codes`` (int8, or two 4-bit codes
+    per uint8), one slot per token. The step quantizes its new tokens, appends them, and attends over the
+    dequantized whole, as onnxruntime's GroupQueryAttention does with ``kv_cache_bit_width``."""
+    channels = entry.shape[-1] if bits == 8 else entry.shape[-1] // 2
+    codes_entry = CacheEntry(
+        f"{entry.name}.codes",
+        f"{entry.kind}.codes",
+        (*entry.shape[:-1], channels),
+        entry.seq_axis,
+        "int8" if bits == 8 else "uint8",
+    )
+    grown, new = graph.cache_append(entry.name)
+    with graph.fx.inserting_before(grown):
+        scale_node = graph.add_buffer(f"kv_cache_quant.{entry.name}.scale", scale)
+
+    def build(inputs):
+        b = SubgraphBuilder(graph, "", grown)
+        with graph.fx.inserting_before(grown):
+            codes = b.call(gp.kv_quantize_static.default, new, scale_node, bits)
+            present = b.call(aten.cat.default, [inputs[0], codes], entry.seq_axis)
+            full = b.call(gp.kv_dequantize_static.default, present, scale_node, bits)
+            if entry.dtype != "float32":
+                full = b.call(aten._to_copy.default, full, dtype=getattr(torch, entry.dtype))
+        grown.replace_all_uses_with(full, delete_user_cb=lambda user: user.op != "output")
+        return [present]
+
+    graph.replace_cache_entries([entry.name], [codes_entry], build)
+    return [codes_entry]
 
 
 NO_LENGTH = 2**40  # above any cache length

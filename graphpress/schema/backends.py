@@ -43,11 +43,12 @@ class OnnxBackendConfig(BackendConfig):
     )
     runtime: Literal["onnxruntime", "onnxruntime-genai"] = Field(
         "onnxruntime",
-        description="'onnxruntime-genai' also writes genai_config.json (and the checkpoint's tokenizer files) "
-        "beside the file, so onnxruntime_genai.Model(out_dir) runs it with a Generator; it needs a decode graph "
-        "whose step takes a prompt in one call and whose cache is a key and a value per layer (the cache layouts "
-        "of gqa_to_mla and kv_cache_quant need GroupQueryAttention lowering, not built yet). Validated by greedy "
-        "generation through onnxruntime-genai where it is installed (pip install 'graphpress[genai]').",
+        description="'onnxruntime-genai' lowers attention to com.microsoft::GroupQueryAttention (and integer "
+        "weights to MatMulNBits) and also writes genai_config.json (and the checkpoint's tokenizer files) beside "
+        "the file, so onnxruntime_genai.Model(out_dir) runs it with a Generator; it needs a decode graph whose step "
+        "takes a prompt in one call and whose cache is a key and a value per layer (gqa_to_mla's latent and "
+        "kv_cache_quant's packed layouts are refused). Validated by greedy generation through onnxruntime-genai "
+        "where it is installed (pip install 'graphpress[genai]').",
     )
     node_metadata: bool = Field(
         False,

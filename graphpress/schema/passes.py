@@ -226,6 +226,39 @@ class KvCacheQuantConfig(PassConfig):
         description="Newest tokens kept in full precision (KIVI's residual length; KIVI uses 32-128). Nothing is "
         "quantized before residual + key group size tokens: the report says from which token the saving starts.",
     )
+    scales: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic (KIVI): each group's scale (and zero point) computed from its tokens as they are "
+        "quantized. static: onnxruntime's quantized GroupQueryAttention cache (kv_cache_bit_width): one fixed "
+        "scale per channel of each KV head, absmax / (2^(bits-1) - 1) over the calibration data, symmetric, every "
+        "token quantized as it enters (the step attends its own tokens quantized too); needs key and value "
+        "axis 'channel', equal bits of 4 or 8, residual 0, no rotation. The onnxruntime-genai target lowers it "
+        "into the op.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> KvCacheQuantConfig:
+        if self.scales == "static":
+            sides = {"key": self.key, "value": self.value, **({"latent": self.latent} if self.latent else {})}
+            for name, side in sides.items():
+                if side.axis != "channel" or side.rotate != "none" or side.bits not in (4, 8):
+                    raise ValueError(
+                        f"scales 'static' is per channel, 4 or 8 bits, unrotated: {name} has axis {side.axis!r}, "
+                        f"bits {side.bits}, rotate {side.rotate!r}"
+                    )
+                if "symmetric" in side.model_fields_set and not side.symmetric:
+                    raise ValueError(f"scales 'static' is symmetric: {name}.symmetric false contradicts it")
+                if "group_size" in side.model_fields_set:
+                    raise ValueError(
+                        f"scales 'static' has one scale per channel for all tokens: drop {name}.group_size"
+                    )
+            if self.key.bits != self.value.bits:
+                raise ValueError(
+                    f"scales 'static' has one bit width for the cache: key {self.key.bits}, value {self.value.bits}"
+                )
+            if self.residual:
+                raise ValueError(f"scales 'static' quantizes every token: set residual to 0 (got {self.residual})")
+        return self
 
 
 class WeightClusteringConfig(PassConfig):

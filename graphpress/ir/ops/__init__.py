@@ -9,7 +9,7 @@ none: a factored linear is two linears, and latent attention is linears and SDPA
 
 import torch
 
-from . import fused, int_weight, kv_quant, lut, nm_sparse, shift
+from . import fused, gqa, int_weight, kv_quant, lut, nm_sparse, shift
 
 
 def onnx_translations(opset: int = 18) -> dict:
@@ -25,6 +25,7 @@ def onnx_translations(opset: int = 18) -> dict:
     return {
         torch.ops.graphpress.int_weight.default: int_weight_onnx,
         torch.ops.graphpress.int_linear.default: int_weight.int_linear_onnx,
+        **gqa.ONNX_TRANSLATIONS,
         **kv_quant.ONNX_TRANSLATIONS,
         **lut.ONNX_TRANSLATIONS,
         **nm_sparse.ONNX_TRANSLATIONS,
@@ -49,6 +50,7 @@ def decompositions() -> dict:
     without graphpress ops, e.g. torch-mlir, see the compressed formats' rebuild as aten ops)."""
     return {
         **fused.DECOMPOSITIONS,
+        **gqa.DECOMPOSITIONS,
         **int_weight.DECOMPOSITIONS,
         **kv_quant.DECOMPOSITIONS,
         **lut.DECOMPOSITIONS,

@@ -35,6 +35,7 @@ from .bitstream import (
     unpack_bits_onnx,
     unpack_bits_relax,
 )
+from .contrib import contrib_op
 
 
 def matmul_nbits_runs(bits: int, block_size: int) -> bool:
@@ -127,45 +128,9 @@ def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_feature
     return op.Slice(dense, onnx_const([0], np.int64), onnx_const([in_features], np.int64), onnx_const([1], np.int64))
 
 
-def _matmul_nbits():
-    """``com.microsoft::MatMulNBits`` for the exporter: onnx knows no contrib schemas, so this states its
-    signature (onnxruntime's ``get_all_operator_schema()`` documents it)."""
-    import onnx
-    from onnxscript import values
-
-    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
-    inputs = [
-        onnx.defs.OpSchema.FormalParameter("A", "T1"),
-        onnx.defs.OpSchema.FormalParameter("B", "T2"),
-        onnx.defs.OpSchema.FormalParameter("scales", "T1"),
-        onnx.defs.OpSchema.FormalParameter("zero_points", "T3", param_option=optional),
-        onnx.defs.OpSchema.FormalParameter("g_idx", "T4", param_option=optional),
-        onnx.defs.OpSchema.FormalParameter("bias", "T1", param_option=optional),
-    ]
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-    schema = onnx.defs.OpSchema(
-        "MatMulNBits",
-        "com.microsoft",
-        1,
-        inputs=inputs,
-        outputs=[onnx.defs.OpSchema.FormalParameter("Y", "T1")],
-        type_constraints=[
-            ("T1", floats, ""),
-            ("T2", ["tensor(uint8)"], ""),
-            ("T3", ["tensor(uint8)", *floats], ""),
-            ("T4", ["tensor(int32)"], ""),
-        ],
-        attributes=[
-            onnx.defs.OpSchema.Attribute(name, onnx.defs.OpSchema.AttrType.INT, "")
-            for name in ("K", "N", "bits", "block_size")
-        ],
-    )
-    return values.Op(values.Opset("com.microsoft", 1), "MatMulNBits", schema)
-
-
 def int_linear_onnx(x, codes, scales, zeros, bits: int, block_size: int, in_features: int, bias):
     """``com.microsoft::MatMulNBits``: onnxruntime keeps the codes packed and decodes them in its kernel."""
-    return _matmul_nbits()(
+    return contrib_op("MatMulNBits")(
         x, codes, scales, zeros, None, bias, K=in_features, N=codes.shape[0], bits=bits, block_size=block_size
     )
 

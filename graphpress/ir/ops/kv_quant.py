@@ -112,6 +112,47 @@ def _(packed, scale, zero, bits, group_size, per_channel):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * codes_per_byte(bits)), dtype=torch.float32)
 
 
+# ------------------------------------------------- static scales (onnxruntime's quantized cache)
+def kv_quantize_static_reference(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """x (..., T, C) with fixed per-channel ``scale`` (broadcast over T): ``clip(round(x / scale))`` to the signed
+    range, int8 (bits 8) or, offset by 8, two 4-bit codes per uint8, the even channel low (bits 4)."""
+    top = 2 ** (bits - 1) - 1
+    codes = torch.clamp(torch.round(x.float() / scale), -top - 1, top)
+    if bits == 8:
+        return codes.to(torch.int8)
+    return pack((codes + 8).to(torch.uint8), bits)
+
+
+kv_quantize_static = torch.library.custom_op(
+    "graphpress::kv_quantize_static", kv_quantize_static_reference, mutates_args=()
+)
+
+
+@kv_quantize_static.register_fake
+def _(x, scale, bits):
+    if bits == 8:
+        return x.new_empty(x.shape, dtype=torch.int8)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
+
+
+def kv_dequantize_static_reference(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Float32 (..., T, C) from :func:`kv_quantize_static_reference`'s codes."""
+    if bits == 8:
+        return codes.float() * scale
+    return (unpack(codes, bits).float() - 8) * scale
+
+
+kv_dequantize_static = torch.library.custom_op(
+    "graphpress::kv_dequantize_static", kv_dequantize_static_reference, mutates_args=()
+)
+
+
+@kv_dequantize_static.register_fake
+def _(codes, scale, bits):
+    channels = codes.shape[-1] * (1 if bits == 8 else 2)
+    return codes.new_empty((*codes.shape[:-1], channels), dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------- ONNX
 def _onnx_ops():
     from onnxscript import ir
@@ -137,7 +178,6 @@ def _grouped_onnx(t, shape_of, group_size: int, per_channel: bool, channels: int
 def kv_quantize_onnx(x, bits: int, group_size: int, per_channel: bool, symmetric: bool):
     ir, op = _onnx_ops()
     channels = x.shape[-1]
-    per = codes_per_byte(bits)
     x = op.Cast(x, to=ir.DataType.FLOAT)
     g, axis = _grouped_onnx(x, x, group_size, per_channel, channels)
     axes = onnx_const([axis], np.int64)
@@ -153,20 +193,27 @@ def kv_quantize_onnx(x, bits: int, group_size: int, per_channel: bool, symmetric
     codes = op.Clip(
         op.Round(op.Div(op.Sub(g, zero), scale)), onnx_const(0, np.float32), onnx_const(2**bits - 1, np.float32)
     )
-    codes = op.Reshape(op.Cast(codes, to=ir.DataType.UINT8), _shape_with(x, -1, [channels // per, per]))
+    packed = _pack_onnx(op.Cast(codes, to=ir.DataType.UINT8), x, bits, channels)
+    return packed, op.Squeeze(scale, axes), op.Squeeze(zero, axes)
+
+
+def _pack_onnx(codes, shape_of, bits: int, channels: int):
+    """ONNX for :func:`pack`: uint8 codes (..., C) -> (..., C * bits / 8) bytes."""
+    _, op = _onnx_ops()
+    per = codes_per_byte(bits)
+    codes = op.Reshape(codes, _shape_with(shape_of, -1, [channels // per, per]))
     shifted = op.BitShift(codes, onnx_const(np.arange(per) * bits, np.uint8), direction="LEFT")
     parts = op.Split(shifted, axis=-1, num_outputs=per) if per > 1 else [shifted]
     packed = parts[0]
     for part in parts[1:]:
         packed = op.BitwiseOr(packed, part)
-    packed = op.Squeeze(packed, onnx_const([-1], np.int64))
-    return packed, op.Squeeze(scale, axes), op.Squeeze(zero, axes)
+    return op.Squeeze(packed, onnx_const([-1], np.int64))
 
 
-def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_channel: bool):
+def _unpack_onnx(packed, bits: int):
+    """ONNX for :func:`unpack`, as float32 codes (..., Cp * 8 / bits)."""
     ir, op = _onnx_ops()
     per = codes_per_byte(bits)
-    channels = packed.shape[-1] * per
     codes = op.BitwiseAnd(
         op.BitShift(
             op.Unsqueeze(packed, onnx_const([-1], np.int64)),
@@ -176,11 +223,35 @@ def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_chan
         onnx_const(2**bits - 1, np.uint8),
     )
     codes = op.Cast(codes, to=ir.DataType.FLOAT)
-    g, axis = _grouped_onnx(codes, packed, group_size, per_channel, channels)
+    return op.Reshape(codes, _shape_with(packed, -1, [packed.shape[-1] * per]))
+
+
+def kv_dequantize_onnx(packed, scale, zero, bits: int, group_size: int, per_channel: bool):
+    _, op = _onnx_ops()
+    channels = packed.shape[-1] * codes_per_byte(bits)
+    g, axis = _grouped_onnx(_unpack_onnx(packed, bits), packed, group_size, per_channel, channels)
     axes = onnx_const([axis], np.int64)
     scale = op.Unsqueeze(scale, axes)
     zero = op.Mul(scale, onnx_const(-(2 ** (bits - 1)), np.float32)) if zero is None else op.Unsqueeze(zero, axes)
     return op.Reshape(op.Add(op.Mul(g, scale), zero), _shape_with(packed, -1, [channels]))
+
+
+def kv_quantize_static_onnx(x, scale, bits: int):
+    ir, op = _onnx_ops()
+    top = 2 ** (bits - 1) - 1
+    levels = op.Round(op.Div(op.Cast(x, to=ir.DataType.FLOAT), scale))
+    codes = op.Clip(levels, onnx_const(-top - 1, np.float32), onnx_const(top, np.float32))
+    if bits == 8:
+        return op.Cast(codes, to=ir.DataType.INT8)
+    unsigned = op.Cast(op.Add(codes, onnx_const(8, np.float32)), to=ir.DataType.UINT8)
+    return _pack_onnx(unsigned, x, bits, x.shape[-1])
+
+
+def kv_dequantize_static_onnx(codes, scale, bits: int):
+    ir, op = _onnx_ops()
+    if bits == 8:
+        return op.Mul(op.Cast(codes, to=ir.DataType.FLOAT), scale)
+    return op.Mul(op.Sub(_unpack_onnx(codes, bits), onnx_const(8, np.float32)), scale)
 
 
 # ---------------------------------------------------------------------- TVM Relax
@@ -198,7 +269,6 @@ def kv_quantize_relax(node, importer):
 
     bb, x = importer.block_builder, importer.env[node.args[0]]
     bits, group_size, per_channel, symmetric = node.args[1:]
-    per = codes_per_byte(bits)
     shape = list(importer.shape_of(x))
     grouped, axis = _grouped_shape(shape, group_size, per_channel)
     g = bb.emit(op.reshape(bb.emit(op.astype(x, "float32")), grouped))
@@ -215,12 +285,29 @@ def kv_quantize_relax(node, importer):
         )
         zero = lo
     levels = bb.emit(op.round(bb.emit(op.divide(bb.emit(op.subtract(g, zero)), scale))))
-    codes = bb.emit(op.astype(bb.emit(op.clip(levels, 0, 2**bits - 1)), "int32"))
-    codes = bb.emit(op.reshape(codes, [*shape[:-1], shape[-1] // per, per]))
-    shifted = bb.emit(op.left_shift(codes, relax_const(np.arange(per) * bits, "int32")))
-    packed = bb.emit(op.astype(bb.emit(op.sum(shifted, axis=[-1])), "uint8"))  # disjoint bits: sum == or
+    packed = _pack_relax(bb, bb.emit(op.clip(levels, 0, 2**bits - 1)), shape, bits)
     stats = [bb.emit(op.squeeze(t, axis=[axis])) for t in (scale, zero)]
     return bb.emit(relax.Tuple([packed, *stats]))
+
+
+def _pack_relax(bb, codes, shape: list, bits: int):
+    """Relax for :func:`pack`: float codes in [0, 2^bits) of ``shape`` (..., C) -> uint8 bytes."""
+    from tvm.relax import op
+
+    per = codes_per_byte(bits)
+    codes = bb.emit(op.reshape(bb.emit(op.astype(codes, "int32")), [*shape[:-1], shape[-1] // per, per]))
+    shifted = bb.emit(op.left_shift(codes, relax_const(np.arange(per) * bits, "int32")))
+    return bb.emit(op.astype(bb.emit(op.sum(shifted, axis=[-1])), "uint8"))  # disjoint bits: sum == or
+
+
+def _unpack_relax(bb, packed, shape: list, bits: int):
+    """Relax for :func:`unpack`: uint8 bytes of ``shape`` (..., Cp) -> float32 codes (..., Cp * 8 / bits)."""
+    from tvm.relax import op
+
+    per = codes_per_byte(bits)
+    shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(packed, -1)), relax_const(np.arange(per) * bits, "uint8")))
+    codes = bb.emit(op.astype(bb.emit(op.bitwise_and(shifted, relax_const(2**bits - 1, "uint8"))), "float32"))
+    return bb.emit(op.reshape(codes, [*shape[:-1], shape[-1] * per]))
 
 
 def kv_dequantize_relax(node, importer):
@@ -231,11 +318,9 @@ def kv_dequantize_relax(node, importer):
     packed, scale = importer.env[node.args[0]], importer.env[node.args[1]]
     zero = importer.env[node.args[2]] if node.args[2] is not None else None
     bits, group_size, per_channel = node.args[3:]
-    per = codes_per_byte(bits)
     *lead, t, cp = list(importer.shape_of(packed))
-    shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(packed, -1)), relax_const(np.arange(per) * bits, "uint8")))
-    codes = bb.emit(op.astype(bb.emit(op.bitwise_and(shifted, relax_const(2**bits - 1, "uint8"))), "float32"))
-    channels = [*lead, t, cp * per]
+    codes = _unpack_relax(bb, packed, [*lead, t, cp], bits)
+    channels = [*lead, t, cp * codes_per_byte(bits)]
     grouped, axis = _grouped_shape(channels, group_size, per_channel)
     g = bb.emit(op.reshape(codes, grouped))
     scale = bb.emit(op.expand_dims(scale, axis))
@@ -246,15 +331,50 @@ def kv_dequantize_relax(node, importer):
     return bb.emit(op.reshape(bb.emit(op.add(bb.emit(op.multiply(g, scale)), zero)), channels))
 
 
+def kv_quantize_static_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm.relax import op
+
+    bb = importer.block_builder
+    x, scale = importer.env[node.args[0]], importer.env[node.args[1]]
+    bits = node.args[2]
+    top = 2 ** (bits - 1) - 1
+    levels = bb.emit(op.round(bb.emit(op.divide(bb.emit(op.astype(x, "float32")), scale))))
+    codes = bb.emit(op.clip(levels, -top - 1, top))
+    if bits == 8:
+        return bb.emit(op.astype(codes, "int8"))
+    unsigned = bb.emit(op.add(codes, relax_const(8, "float32")))
+    return _pack_relax(bb, unsigned, list(importer.shape_of(x)), bits)
+
+
+def kv_dequantize_static_relax(node, importer):
+    """TVM Relax converter (``from_exported_program(custom_convert_map=...)``)."""
+    from tvm.relax import op
+
+    bb = importer.block_builder
+    codes, scale = importer.env[node.args[0]], importer.env[node.args[1]]
+    bits = node.args[2]
+    if bits == 8:
+        return bb.emit(op.multiply(bb.emit(op.astype(codes, "float32")), scale))
+    unpacked = _unpack_relax(bb, codes, list(importer.shape_of(codes)), bits)
+    return bb.emit(op.multiply(bb.emit(op.subtract(unpacked, relax_const(8, "float32"))), scale))
+
+
 ONNX_TRANSLATIONS = {
     torch.ops.graphpress.kv_quantize.default: kv_quantize_onnx,
     torch.ops.graphpress.kv_dequantize.default: kv_dequantize_onnx,
+    torch.ops.graphpress.kv_quantize_static.default: kv_quantize_static_onnx,
+    torch.ops.graphpress.kv_dequantize_static.default: kv_dequantize_static_onnx,
 }
 RELAX_CONVERTERS = {
     torch.ops.graphpress.kv_quantize.default: kv_quantize_relax,
     torch.ops.graphpress.kv_dequantize.default: kv_dequantize_relax,
+    torch.ops.graphpress.kv_quantize_static.default: kv_quantize_static_relax,
+    torch.ops.graphpress.kv_dequantize_static.default: kv_dequantize_static_relax,
 }
 DECOMPOSITIONS = {
     torch.ops.graphpress.kv_quantize.default: kv_quantize_reference,
     torch.ops.graphpress.kv_dequantize.default: kv_dequantize_reference,
+    torch.ops.graphpress.kv_quantize_static.default: kv_quantize_static_reference,
+    torch.ops.graphpress.kv_dequantize_static.default: kv_dequantize_static_reference,
 }

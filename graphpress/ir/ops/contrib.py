@@ -1,0 +1,51 @@
+"""onnxruntime's contrib ops (``com.microsoft``) as onnxscript ops, for the exporter's translations.
+
+onnx ships no schemas for them; onnxruntime documents each in ``get_all_operator_schema()``,
+so the onnxscript op is built from that (the same inputs, optional ones, type constraints
+and attributes the runtime checks), not restated by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+
+DOMAIN = "com.microsoft"
+
+
+@functools.cache
+def contrib_op(name: str, outputs: int | None = None):
+    """``com.microsoft::<name>`` (version 1) as an onnxscript ``Op``, from onnxruntime's own schema.
+
+    ``outputs``: how many of its outputs a node produces (the exporter makes one per schema
+    output, and onnxruntime rejects some optional ones unless attributes ask for them)."""
+    import onnx
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    from onnxscript import values
+
+    found = [s for s in get_all_operator_schema() if s.name == name and s.domain == DOMAIN]
+    if not found:
+        raise ValueError(f"onnxruntime documents no contrib op {DOMAIN}::{name}")
+    ort = max(found, key=lambda s: s.since_version)
+    Param = onnx.defs.OpSchema.FormalParameter
+    options = {
+        "Single": onnx.defs.OpSchema.FormalParameterOption.Single,
+        "Optional": onnx.defs.OpSchema.FormalParameterOption.Optional,
+        "Variadic": onnx.defs.OpSchema.FormalParameterOption.Variadic,
+    }
+
+    def params(formal):
+        return [Param(p.name, p.typeStr, param_option=options[p.option.name]) for p in formal]
+
+    schema = onnx.defs.OpSchema(
+        name,
+        DOMAIN,
+        1,
+        inputs=params(ort.inputs),
+        outputs=params(ort.outputs[:outputs]),
+        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in ort.type_constraints],
+        attributes=[
+            onnx.defs.OpSchema.Attribute(key, onnx.defs.OpSchema.AttrType(int(a.type)), "")
+            for key, a in ort.attributes.items()
+        ],
+    )
+    return values.Op(values.Opset(DOMAIN, 1), name, schema)
