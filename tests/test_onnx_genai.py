@@ -45,10 +45,15 @@ def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passe
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
     assert config["search"]["past_present_share_buffer"] is False
-    lowered = {"graphpress::group_query_attention": 4, **({"graphpress::int_linear": 28} if passes else {})}
+    lowered = {
+        "graphpress::group_query_attention": 4,
+        "graphpress::rms_norm": 9,
+        **({"graphpress::int_linear": 28} if passes else {}),
+    }
     assert record["details"]["contrib_ops"] == lowered
     assert record["op_histogram"]["com.microsoft::GroupQueryAttention"] == 4
-    assert "Softmax" not in record["op_histogram"]  # no attention left in standard ops
+    assert record["op_histogram"]["SimplifiedLayerNormalization"] == 9
+    assert "Softmax" not in record["op_histogram"] and "Pow" not in record["op_histogram"]  # none left as standard ops
     assert any("no eos_token_id" in w for w in record["warnings"])
     prompt = list(b"def greet(name):\n    ")
     expected = greedy_generate(TorchDecoder(result.graph), torch.tensor([prompt]), 32)[0].tolist()

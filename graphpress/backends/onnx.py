@@ -32,6 +32,7 @@ from . import onnx_genai
 from .base import Backend, BackendRecord, Comparison
 from .fuse_gqa import fuse_group_query_attention
 from .fuse_linear import fuse_format_linears
+from .fuse_norm import fuse_rms_norms
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
@@ -71,6 +72,8 @@ class OnnxBackend(Backend):
         reference, not_lowered = graph, []
         if contrib:
             graph, fused = fuse_format_linears(graph, _runs_packed)
+            graph, norms = fuse_rms_norms(graph)
+            fused.update(norms)
         if genai:
             graph, attention, not_lowered = fuse_group_query_attention(graph)
             fused.update(attention)

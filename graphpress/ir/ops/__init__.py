@@ -9,7 +9,7 @@ none: a factored linear is two linears, and latent attention is linears and SDPA
 
 import torch
 
-from . import fused, gqa, int_weight, kv_quant, lut, nm_sparse, shift
+from . import fused, gqa, int_weight, kv_quant, lut, nm_sparse, rms_norm, shift
 
 
 def onnx_translations(opset: int = 18) -> dict:
@@ -29,6 +29,7 @@ def onnx_translations(opset: int = 18) -> dict:
         **kv_quant.ONNX_TRANSLATIONS,
         **lut.ONNX_TRANSLATIONS,
         **nm_sparse.ONNX_TRANSLATIONS,
+        **rms_norm.ONNX_TRANSLATIONS,
         **shift.ONNX_TRANSLATIONS,
     }
 
@@ -55,5 +56,6 @@ def decompositions() -> dict:
         **kv_quant.DECOMPOSITIONS,
         **lut.DECOMPOSITIONS,
         **nm_sparse.DECOMPOSITIONS,
+        **rms_norm.DECOMPOSITIONS,
         **shift.DECOMPOSITIONS,
     }

@@ -1,4 +1,5 @@
-"""onnxruntime's contrib ops (``com.microsoft``) as onnxscript ops, for the exporter's translations.
+"""onnxruntime's own ops as onnxscript ops, for the exporter's translations: its contrib ops
+(``com.microsoft``) and the few it registers in the default domain (``SimplifiedLayerNormalization``).
 
 onnx ships no schemas for them; onnxruntime documents each in ``get_all_operator_schema()``,
 so the onnxscript op is built from that (the same inputs, optional ones, type constraints
@@ -12,9 +13,14 @@ import functools
 DOMAIN = "com.microsoft"
 
 
-@functools.cache
 def contrib_op(name: str, outputs: int | None = None):
-    """``com.microsoft::<name>`` (version 1) as an onnxscript ``Op``, from onnxruntime's own schema.
+    """``com.microsoft::<name>`` as an onnxscript ``Op``."""
+    return ort_op(name, DOMAIN, outputs)
+
+
+@functools.cache
+def ort_op(name: str, domain: str, outputs: int | None = None):
+    """onnxruntime's op ``<domain>::<name>`` (its newest version) as an onnxscript ``Op``, from its own schema.
 
     ``outputs``: how many of its outputs a node produces (the exporter makes one per schema
     output, and onnxruntime rejects some optional ones unless attributes ask for them)."""
@@ -22,9 +28,9 @@ def contrib_op(name: str, outputs: int | None = None):
     from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
     from onnxscript import values
 
-    found = [s for s in get_all_operator_schema() if s.name == name and s.domain == DOMAIN]
+    found = [s for s in get_all_operator_schema() if s.name == name and s.domain == domain]
     if not found:
-        raise ValueError(f"onnxruntime documents no contrib op {DOMAIN}::{name}")
+        raise ValueError(f"onnxruntime documents no op {domain}::{name}")
     ort = max(found, key=lambda s: s.since_version)
     Param = onnx.defs.OpSchema.FormalParameter
     options = {
@@ -38,8 +44,8 @@ def contrib_op(name: str, outputs: int | None = None):
 
     schema = onnx.defs.OpSchema(
         name,
-        DOMAIN,
-        1,
+        domain,
+        ort.since_version,
         inputs=params(ort.inputs),
         outputs=params(ort.outputs[:outputs]),
         type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in ort.type_constraints],
@@ -48,4 +54,4 @@ def contrib_op(name: str, outputs: int | None = None):
             for key, a in ort.attributes.items()
         ],
     )
-    return values.Op(values.Opset(DOMAIN, 1), name, schema)
+    return values.Op(values.Opset(domain, ort.since_version), name, schema)

@@ -1,5 +1,6 @@
-"""graphpress::group_query_attention (onnxruntime's GroupQueryAttention) and the rule that lowers a step's
-attention to it (the onnxruntime-genai target)."""
+"""onnxruntime's fused ops as graphpress ops, and the rules that lower a graph to them (the onnxruntime-genai
+target; norms also with ort_contrib_ops): group_query_attention (GroupQueryAttention) and rms_norm
+(SimplifiedLayerNormalization)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from examples.tiny_llama.model import TinyLlama, TinyLlamaConfig, init_weights
 from graphpress import compress
 from graphpress.backends.fuse_gqa import fuse_group_query_attention
+from graphpress.backends.fuse_norm import fuse_rms_norms
 from graphpress.ir import ops
 from graphpress.ir.capture import capture
 from graphpress.ir.ops.kv_quant import kv_quantize_static_reference as quantize_cache
@@ -138,3 +140,41 @@ def test_a_rewritten_cache_is_left_alone_and_the_onnxruntime_genai_target_names_
     _, counts, skipped = fuse_group_query_attention(graph)
     assert not counts and len(skipped) == 4
     assert "its keys are not a key cache entry's cat([past, new]) (a rewritten cache)" in skipped[0]
+
+
+@pytest.mark.parametrize(
+    "family, norms",
+    [("llama", 5), ("qwen3", 9), ("gemma", 5), ("gemma3", 13), ("phi3", 5), ("gpt2", 0)],
+    ids=["llama", "qwen3 (QK-norm)", "gemma (1 + w)", "gemma3 (four a layer)", "phi3", "gpt2 (LayerNorm: none)"],
+)
+def test_every_rms_norm_becomes_one_op_and_computes_the_same(family, norms):
+    """Default configs, two layers: every RMSNorm (and nothing else) becomes rms_norm; no pow/rsqrt is left
+    where every norm was one, and the logits are unchanged."""
+    ids = token_ids(2, 6)
+    graph = capture(build(family), (ids,), mode="decode")
+    fused, counts = fuse_rms_norms(graph)
+    assert counts[torch.ops.graphpress.rms_norm.default.name()] == norms
+    if norms:
+        assert not any(n.target is torch.ops.aten.rsqrt.default for n in fused.nodes)
+    torch.testing.assert_close(
+        teacher_forced_logits(TorchDecoder(fused), ids), teacher_forced_logits(TorchDecoder(graph), ids), rtol=0, atol=0
+    )
+
+
+def test_rms_norm_exports_as_onnxruntimes_simplified_layer_normalization(tmp_path):
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, 16))
+
+        def forward(self, x):
+            return torch.ops.graphpress.rms_norm(x, self.weight, 1e-5)
+
+    model, x = Norm(), torch.randn(2, 3, 16)
+    program = torch.export.export(model, (x,), dynamic_shapes=[{0: torch.export.Dim.AUTO}])
+    onnx_program = torch.onnx.export(program, dynamo=True, custom_translation_table=ops.onnx_translations(18))
+    onnx_program.save(str(tmp_path / "norm.onnx"))
+    assert [n.op_type for n in onnx_program.model.graph] == ["SimplifiedLayerNormalization"]
+    session = ort.InferenceSession(str(tmp_path / "norm.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-6)
