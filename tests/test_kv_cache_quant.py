@@ -255,3 +255,29 @@ def test_static_scales_refuse_settings_they_do_not_have(fields, match):
     side = {"bits": 8, "axis": "channel"}
     with pytest.raises(pydantic.ValidationError, match=match):
         quant(**{"key": side, "value": side, "residual": 0, "scales": "static", **fields})
+
+
+def test_graphs_from_one_capture_export_one_after_another(decode_graph, calibration, tmp_path):
+    """Exporting one pass's graph leaves data-dependent sizes pending in the shape environment every graph of
+    the capture shares; the next export must not trip on them (it did: MLA + KIVI after KIVI)."""
+    from graphpress.backends import build_backend
+    from graphpress.schema import OnnxBackendConfig
+
+    ctx = PassContext(calibration)
+    kivi = {"key": {"bits": 2, "axis": "channel", "group_size": 8}, "residual": 8}
+    rope = {"mode": "after_up_projection"}
+    graphs = [
+        build_pass(quant(**kivi)).run(decode_graph, ctx).graph,
+        PassManager(
+            [
+                build_pass(GqaToMlaConfig(**{"pass": "gqa_to_mla", "kv_rank": 32, "rope": rope})),
+                build_pass(quant(**kivi)),
+            ]
+        )
+        .run(decode_graph, ctx)
+        .graph,
+    ]
+    for i, graph in enumerate(graphs):
+        config = OnnxBackendConfig(target="onnx", max_error=1e-3)
+        record = build_backend(config, "onnx").build(graph, calibration, tmp_path / str(i))
+        assert record.errors["rel_l2"] < 1e-4

@@ -85,6 +85,7 @@ class OnnxBackend(Backend):
                     contextlib.redirect_stdout(io.StringIO()),
                     _quiet_exporter_logs(),
                 ):
+                    graph.forget_pending_symbols()
                     program = torch.onnx.export(
                         graph.program,
                         dynamo=True,

@@ -322,6 +322,14 @@ class Graph:
         self._module = None
         self.revision = next(_revisions)
 
+    def forget_pending_symbols(self) -> None:
+        """Drop data-dependent sizes an earlier trace left pending in the shape environment this graph shares
+        with every graph made from the same capture: a re-trace (an export) would otherwise look for them in
+        its own outputs and fail (seen exporting one pass's graph after another's from one capture)."""
+        mode = self._fake_mode()
+        if mode is not None and mode.shape_env is not None:
+            mode.shape_env.pending_fresh_unbacked_symbols.clear()
+
     def _fake_mode(self):
         vals = [n.meta["val"] for n in self.fx.nodes if n.op == "placeholder" and "val" in n.meta]
         return detect_fake_mode(vals)
