@@ -282,6 +282,25 @@ def test_three_bit_and_long_two_bit_blocks_stay_standard(tmp_path):
         assert record["errors"]["rel_l2"] < 1e-5
 
 
+@pytest.mark.parametrize("level, tolerance", [(0, 1e-5), (4, 2e-2)], ids=["float activations", "int8 activations"])
+def test_matmul_accuracy_level_reaches_every_matmul_nbits_node(tmp_path, level, tolerance):
+    """The level is the nodes' accuracy_level; 4 (int8 activations, the genai builder's int4 CPU default) is
+    validated against eager like any file, at its own, looser, error."""
+    import onnx
+
+    model, x = toy()
+    spec = {
+        "passes": [{"pass": "weight_quant", "bits": 4, "group_size": 32, "method": "rtn"}],
+        "verify": {"max": 0.9},
+        "backends": [{"target": "onnx", "ort_contrib_ops": True, "matmul_accuracy_level": level, "max_error": 0.05}],
+    }
+    result = compress(model, spec, (x,), out_dir=tmp_path, progress=False)
+    nodes = [n for n in onnx.load(str(result.artifacts["onnx"])).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 2
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {level}
+    assert result.report.backends[0]["errors"]["rel_l2"] < tolerance
+
+
 # ---------------------------------------------------------------- composition and refusals
 def test_composes_with_low_rank_and_nm_sparsity(calibration):
     """After low_rank the factors are quantized; after nm_sparsity the kept values are (nm_weight reads them)."""

@@ -91,7 +91,7 @@ class OnnxBackend(Backend):
                         dynamo=True,
                         opset_version=cfg.opset,
                         verbose=False,
-                        custom_translation_table=ops.onnx_translations(cfg.opset),
+                        custom_translation_table=ops.onnx_translations(cfg.opset, cfg.matmul_accuracy_level),
                         optimize=False,
                     )
                     _optimize(program.model)

@@ -41,6 +41,13 @@ class OnnxBackendConfig(BackendConfig):
         "weights (weight_quant, 2/4/8 bits) become com.microsoft::MatMulNBits, which keeps them packed in memory. "
         "Off: standard ONNX only (any runtime; the weights are dequantized by ordinary ops).",
     )
+    matmul_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0,
+        description="MatMulNBits' accuracy_level (integer weights with ort_contrib_ops or the onnxruntime-genai "
+        "runtime): 0 multiplies in the activations' float type (the eager graph's result); 4 quantizes the "
+        "activations to int8 per block and multiplies in integers, which onnxruntime-genai's builder uses for int4 "
+        "on CPU: faster, less exact (validation still holds the output to max_error).",
+    )
     runtime: Literal["onnxruntime", "onnxruntime-genai"] = Field(
         "onnxruntime",
         description="'onnxruntime-genai' lowers attention to com.microsoft::GroupQueryAttention (and integer "

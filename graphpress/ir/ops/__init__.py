@@ -12,19 +12,22 @@ import torch
 from . import fused, gqa, int_weight, kv_quant, lut, nm_sparse, rms_norm, shift
 
 
-def onnx_translations(opset: int = 18) -> dict:
+def onnx_translations(opset: int = 18, accuracy_level: int = 0) -> dict:
     """custom op overload -> ONNX lowering, for ``torch.onnx.export(custom_translation_table=...)``.
 
     ``graphpress::int_linear`` (integer weights fused for onnxruntime, on request) lowers to
-    ``com.microsoft::MatMulNBits``; every other op to standard ONNX of ``opset``.
+    ``com.microsoft::MatMulNBits`` (its ``accuracy_level``); every other op to standard ONNX of ``opset``.
     """
+
+    def int_linear_onnx(x, codes, scales, zeros, bits: int, block_size: int, in_features: int, bias):
+        return int_weight.int_linear_onnx(x, codes, scales, zeros, bits, block_size, in_features, bias, accuracy_level)
 
     def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_features: int):
         return int_weight.int_weight_onnx(codes, scales, zeros, bits, block_size, in_features, opset)
 
     return {
         torch.ops.graphpress.int_weight.default: int_weight_onnx,
-        torch.ops.graphpress.int_linear.default: int_weight.int_linear_onnx,
+        torch.ops.graphpress.int_linear.default: int_linear_onnx,
         **gqa.ONNX_TRANSLATIONS,
         **kv_quant.ONNX_TRANSLATIONS,
         **lut.ONNX_TRANSLATIONS,

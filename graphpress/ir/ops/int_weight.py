@@ -128,10 +128,20 @@ def int_weight_onnx(codes, scales, zeros, bits: int, block_size: int, in_feature
     return op.Slice(dense, onnx_const([0], np.int64), onnx_const([in_features], np.int64), onnx_const([1], np.int64))
 
 
-def int_linear_onnx(x, codes, scales, zeros, bits: int, block_size: int, in_features: int, bias):
+def int_linear_onnx(x, codes, scales, zeros, bits: int, block_size: int, in_features: int, bias, accuracy_level=0):
     """``com.microsoft::MatMulNBits``: onnxruntime keeps the codes packed and decodes them in its kernel."""
     return contrib_op("MatMulNBits")(
-        x, codes, scales, zeros, None, bias, K=in_features, N=codes.shape[0], bits=bits, block_size=block_size
+        x,
+        codes,
+        scales,
+        zeros,
+        None,
+        bias,
+        K=in_features,
+        N=codes.shape[0],
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
     )
 
 
