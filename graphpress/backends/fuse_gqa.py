@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from ..ir import Graph, SubgraphBuilder
+from ..ir.blocks import match_rope
 from ..ir.decode import decode_example
 from .cuda.fuse_attention import unrepeated
 
@@ -45,31 +46,38 @@ LONG = 2**16
 """Past length of the probe that measures a sliding window (a longer window is not seen)."""
 
 
-def fuse_group_query_attention(graph: Graph) -> tuple[Graph, Counter, list[str]]:
-    """A copy of ``graph`` with each matching attention lowered; how many; why each other one was not."""
+def fuse_group_query_attention(graph: Graph, positions: int | None = None) -> tuple[Graph, Counter, list[str]]:
+    """A copy of ``graph`` with each matching attention lowered; how many; a sentence for each one that was not
+    (or whose RoPE stayed outside the op). With ``positions`` (the context length), RoPE moves into the op where
+    its tables are a function of the positions alone."""
     work = graph.clone()
     windows: dict[fx.Node, int | str] = {}
+    tables: dict[tuple, tuple | str] = {}
+    buffers: list[tuple] = []
     lowered: Counter[str] = Counter()
-    skipped = []
+    notes = []
     for sdpa in [
         n for n in work.nodes if n.op == "call_function" and n.target is aten.scaled_dot_product_attention.default
     ]:
         match = _match(work, sdpa)
-        if isinstance(match, str):
-            skipped.append(f"{_where(sdpa)}: {match}")
-            continue
-        mask = match["mask"]
-        if mask not in windows:
+        mask = match["mask"] if isinstance(match, dict) else None
+        if mask is not None and mask not in windows:
             windows[mask] = _window(work, mask)
-        window = windows[mask]
-        if isinstance(window, str):
-            skipped.append(f"{_where(sdpa)}: {window}")
+        reason = match if isinstance(match, str) else windows[mask]
+        if isinstance(reason, str):
+            notes.append(f"{_where(sdpa)}: not lowered to GroupQueryAttention: {reason}")
             continue
-        _rewrite(work, sdpa, window=window, **{k: v for k, v in match.items() if k != "mask"})
+        rope = _rope(match["q"], match["new_k"]) if positions else None
+        if isinstance(rope, tuple):
+            rope = _rope_tables(work, sdpa, rope, positions, tables, buffers)
+        if isinstance(rope, str):
+            notes.append(f"{_where(sdpa)}: RoPE stays outside GroupQueryAttention: {rope}")
+            rope = None
+        _rewrite(work, sdpa, window=windows[mask], rope=rope, **{k: v for k, v in match.items() if k != "mask"})
         lowered[GQA.name()] += 1
     work.eliminate_dead_code()
     work.fx.lint()
-    return work, lowered, skipped
+    return work, lowered, notes
 
 
 def _where(sdpa: fx.Node) -> str:
@@ -136,6 +144,77 @@ def _repeat_chain(x: fx.Node, source: fx.Node) -> set[fx.Node]:
     return chain if x is source else set()
 
 
+def _probe(graph: Graph, past: int, steps: int, positions: torch.Tensor | None = None) -> tuple:
+    """One unpadded step's inputs for :meth:`Graph.evaluate`: ``steps`` tokens after ``past`` (at ``positions``,
+    default past, past + 1, ...), the cache of zero-stride zeros (no memory: only what is evaluated runs)."""
+    ids, _, default, cache = decode_example(graph.cache, 1, 0, steps)
+    caches = []
+    for entry, empty in zip(graph.cache, cache):
+        shape = list(empty.shape)
+        shape[entry.seq_axis] = past if entry.max_len is None else min(past, entry.max_len)
+        caches.append(empty.new_zeros(()).expand(shape))
+    attention = torch.ones(1, past + steps, dtype=torch.long)
+    return ids, attention, default + past if positions is None else positions, caches
+
+
+def _rope(q: fx.Node, new_k: fx.Node):
+    """(query's RoPE, key's RoPE) where both are one whole-head rotation by the same tables; None where neither
+    is rotated; else the reason."""
+    rq, rk = match_rope(q), match_rope(new_k)
+    if rq is None and rk is None:
+        return None
+    if rq is None or rk is None:
+        return "only one of the query and key is rotated"
+    if (rq.cos, rq.sin) != (rk.cos, rk.sin) or rq.interleaved != rk.interleaved or rq.partial or rk.partial:
+        return "the query and key are rotated differently, or on part of the head"
+    if rq.out.meta["val"].shape[-1] % 16:
+        return f"onnxruntime rotates heads of a multiple of 16 dims, these have {rq.out.meta['val'].shape[-1]}"
+    return rq, rk
+
+
+def _rope_tables(graph: Graph, sdpa: fx.Node, rope: tuple, positions: int, tables: dict, buffers: list) -> tuple | str:
+    """(the RoPE matches, the op's cos / sin cache buffers), or the reason there are none. ``tables`` remembers
+    what each pair of RoPE nodes gave; ``buffers`` holds one pair of buffers per distinct table (layers read the
+    same angles through nodes of their own)."""
+    key = rope[0].cos, rope[0].sin
+    if key not in tables:
+        found = _tables(graph, rope[0], positions)
+        if not isinstance(found, str):
+            same = next((nodes for values, nodes in buffers if all(map(torch.equal, values, found))), None)
+            if same is None:
+                with graph.fx.inserting_before(sdpa):
+                    name = f"group_query_attention.rope{len(buffers)}"
+                    same = tuple(graph.add_buffer(f"{name}.{n}_cache", t) for n, t in zip(("cos", "sin"), found))
+                buffers.append((found, same))
+            found = same
+        tables[key] = found
+    return tables[key] if isinstance(tables[key], str) else (rope, tables[key])
+
+
+def _tables(graph: Graph, rope, positions: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The op's cos / sin caches (positions, D / 2), read off the graph's own RoPE tables at 0 .. positions - 1,
+    if those are a function of the positions alone with one angle per pair of dims; else the reason."""
+    size = rope.out.meta["val"].shape[-1]
+
+    def at(past: int, steps: int, where=None) -> list[torch.Tensor]:
+        return [t.reshape(-1, size) for t in graph.evaluate([rope.cos, rope.sin], _probe(graph, past, steps, where))]
+
+    probes = [torch.tensor([[positions - 1, 3]]), torch.tensor([[3, 1]])]  # a long and a short context
+    try:
+        cos, sin = at(0, positions)
+        moved = [(where, at(5, 2, where)) for where in probes]
+    except Exception as exc:  # tables that cannot be evaluated alone are not ones this rule knows
+        return f"its RoPE tables could not be evaluated on their own ({type(exc).__name__})"
+    pairs = (
+        (slice(0, None, 2), slice(1, None, 2)) if rope.interleaved else (slice(0, size // 2), slice(size // 2, None))
+    )
+    if len(cos) != positions or not all(torch.equal(t[:, pairs[0]], t[:, pairs[1]]) for t in (cos, sin)):
+        return "its RoPE tables are not one angle per pair of dims over the positions"
+    if not all(torch.equal(m, t[where[0]]) for where, found in moved for m, t in zip(found, (cos, sin))):
+        return "its RoPE tables depend on more than the positions (a context-dependent scaling)"
+    return cos[:, pairs[0]].contiguous(), sin[:, pairs[0]].contiguous()
+
+
 def _window(graph: Graph, mask: fx.Node) -> int | str:
     """-1 if ``mask`` is the causal mask of unpadded steps, W if it is causal within W tokens; else the reason."""
     val = mask.meta.get("val")
@@ -143,14 +222,7 @@ def _window(graph: Graph, mask: fx.Node) -> int | str:
         return "its mask is not a (batch, heads, query, key) tensor"
 
     def keep(past: int, steps: int) -> torch.Tensor:
-        ids, attention, positions, cache = decode_example(graph.cache, 1, 0, steps)
-        caches = []
-        for entry, empty in zip(graph.cache, cache):
-            shape = list(empty.shape)
-            shape[entry.seq_axis] = past if entry.max_len is None else min(past, entry.max_len)
-            caches.append(empty.new_zeros(()).expand(shape))  # no memory: only the mask's nodes run
-        attention = torch.ones(1, past + steps, dtype=torch.long)
-        (value,) = graph.evaluate([mask], (ids, attention, positions + past, caches))
+        (value,) = graph.evaluate([mask], _probe(graph, past, steps))
         allowed = value if value.dtype == torch.bool else value > torch.finfo(value.dtype).min / 2
         return allowed.expand(1, 1, steps, past + steps)[0, 0]
 
@@ -170,10 +242,15 @@ def _window(graph: Graph, mask: fx.Node) -> int | str:
 
 
 def _rewrite(
-    graph: Graph, sdpa: fx.Node, q, new_k, new_v, key, value, grown, scales, bits, heads, kv_heads, scale, window
+    graph: Graph, sdpa: fx.Node, q, new_k, new_v, key, value, grown, scales, bits, heads, kv_heads, scale, window, rope
 ) -> None:
     b = SubgraphBuilder(graph, "", sdpa)
     size = q.meta["val"].shape[-1]
+    rotary, interleaved = (None, None, None), False
+    if rope is not None:  # the op rotates: it takes q and k as they were before RoPE
+        (rq, rk), (cos, sin) = rope
+        q, new_k, interleaved = rq.x, rk.x, rq.interleaved
+        rotary = (graph.step_input("position_ids"), cos, sin)
     with graph.fx.inserting_before(sdpa):
 
         def flat(x: fx.Node) -> fx.Node:
@@ -181,7 +258,8 @@ def _rewrite(
 
         mask = graph.step_input("attention_mask")
         args = (flat(q), flat(new_k), flat(new_v), graph.cache_input(key), graph.cache_input(value), mask)
-        node = b.call(GQA, *args, heads, kv_heads, float(scale), window, *scales, bits)
+        config = (heads, kv_heads, float(scale), window, interleaved, *scales, bits)
+        node = b.call(GQA, *args, *rotary, *config)
         out, present_key, present_value = (b.call(operator.getitem, node, i) for i in range(3))
         heads_out = b.call(aten.transpose.int, b.call(aten.unflatten.int, out, 2, [heads, size]), 1, 2)
     for old, new in zip(grown, (present_key, present_value)):

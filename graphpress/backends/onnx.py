@@ -75,7 +75,8 @@ class OnnxBackend(Backend):
             graph, norms = fuse_rms_norms(graph)
             fused.update(norms)
         if genai:
-            graph, attention, not_lowered = fuse_group_query_attention(graph)
+            positions = onnx_genai.context_length(self.source) or onnx_genai.DEFAULT_CONTEXT
+            graph, attention, not_lowered = fuse_group_query_attention(graph, positions)
             fused.update(attention)
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
@@ -123,7 +124,7 @@ class OnnxBackend(Backend):
             agreement, notes = None, []
             if genai:
                 notes = onnx_genai.write(tmp, graph, cfg.filename, self.source)
-                notes += [f"{self.spec_path}: not lowered to GroupQueryAttention: {why}" for why in not_lowered]
+                notes += [f"{self.spec_path}: {why}" for why in not_lowered]
                 agreement = self.run_in_genai(tmp, reference, inputs)
                 if agreement is None:
                     notes.append("onnxruntime-genai is not installed: the folder was written, not run")

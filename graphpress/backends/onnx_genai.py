@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 CONFIG = "genai_config.json"
+DEFAULT_CONTEXT = 4096  # where the model does not say how many positions it takes
 
 
 def check(graph: Graph, spec_path: str) -> None:
@@ -67,6 +68,14 @@ def _suffix(graph: Graph) -> str | None:
     return None
 
 
+def context_length(source) -> int | None:
+    """The most positions the model was built for (its config's), or None where it does not say."""
+    config = getattr(getattr(source, "model", None), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = _first(text, "max_position_embeddings", "max_seq_len", "n_positions")
+    return int(value) if value is not None else None
+
+
 def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     """``genai_config.json`` for ``folder/filename``, and the checkpoint's tokenizer files beside it; warnings."""
     model = getattr(source, "model", None)
@@ -74,7 +83,7 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     key, suffix = graph.cache.entries[0], _suffix(graph)
     packed = 2 if key.dtype == "uint8" else 1  # two 4-bit codes a byte
-    context = _first(text, "max_position_embeddings", "max_seq_len", "n_positions") or 4096
+    context = context_length(source) or DEFAULT_CONTEXT
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": filename,

@@ -1,11 +1,14 @@
 """Attention over a step's KV cache as onnxruntime runs it: ``com.microsoft::GroupQueryAttention``.
 
     graphpress::group_query_attention(query, key, value, past_key, past_value, attention_mask,
-                                      num_heads, kv_num_heads, scale, window, k_scale, v_scale, bits)
+                                      position_ids, cos_cache, sin_cache, num_heads, kv_num_heads,
+                                      scale, window, interleaved, k_scale, v_scale, bits)
         -> (output, present_key, present_value)
 
-``query`` (B, S, H * D), ``key`` / ``value`` (B, S, Hkv * D): the step's S new tokens, RoPE
-already applied. The cache is BNSH (B, Hkv, P, D); ``present = cat(past, new)`` on the
+``query`` (B, S, H * D), ``key`` / ``value`` (B, S, Hkv * D): the step's S new tokens. With
+tables ``cos_cache`` / ``sin_cache`` (positions, D / 2) the op applies RoPE to query and key at
+``position_ids`` (half-split pairs, or interleaved ones): the op's ``do_rotary``; without, they
+come rotated already. The cache is BNSH (B, Hkv, P, D); ``present = cat(past, new)`` on the
 sequence axis. Which keys a query sees follows onnxruntime's contract, not a mask tensor:
 ``attention_mask`` only counts each row's tokens (its sum is the op's ``seqlens_k + 1``, its
 width ``total_sequence_length``), the row's tokens are the first ones of its cache (right
@@ -36,10 +39,14 @@ def group_query_attention_reference(
     past_key: Tensor,
     past_value: Tensor,
     attention_mask: Tensor,
+    position_ids: Tensor | None,
+    cos_cache: Tensor | None,
+    sin_cache: Tensor | None,
     num_heads: int,
     kv_num_heads: int,
     scale: float,
     window: int,
+    interleaved: bool,
     k_scale: Tensor | None,
     v_scale: Tensor | None,
     bits: int,
@@ -50,7 +57,10 @@ def group_query_attention_reference(
     def heads(x: Tensor, n: int) -> Tensor:
         return x.unflatten(-1, (n, size)).transpose(1, 2)
 
-    new_key, new_value = heads(key, kv_num_heads), heads(value, kv_num_heads)
+    queries, new_key, new_value = heads(query, num_heads), heads(key, kv_num_heads), heads(value, kv_num_heads)
+    if cos_cache is not None:
+        queries = rotary(queries, cos_cache, sin_cache, position_ids, interleaved)
+        new_key = rotary(new_key, cos_cache, sin_cache, position_ids, interleaved)
     if bits:
         present_key = torch.cat([past_key, kv_quantize_static_reference(new_key, k_scale, bits)], 2)
         present_value = torch.cat([past_value, kv_quantize_static_reference(new_value, v_scale, bits)], 2)
@@ -69,7 +79,7 @@ def group_query_attention_reference(
         keep = keep & (distance < window)
     groups = num_heads // kv_num_heads
     out = torch.nn.functional.scaled_dot_product_attention(
-        heads(query, num_heads),
+        queries,
         keys.to(query.dtype).repeat_interleave(groups, 1),
         values.to(query.dtype).repeat_interleave(groups, 1),
         attn_mask=keep[:, None],
@@ -77,6 +87,17 @@ def group_query_attention_reference(
     )
     out = torch.where(keep.any(-1)[:, None, :, None], out, 0.0)  # a query with no key (padding): unspecified there
     return out.transpose(1, 2).flatten(2), present_key, present_value
+
+
+def rotary(x: Tensor, cos_cache: Tensor, sin_cache: Tensor, position_ids: Tensor, interleaved: bool) -> Tensor:
+    """RoPE on x (B, heads, S, D) at ``position_ids`` (B, S) from tables (positions, D / 2): dims i and i + D/2
+    turn together, or 2i and 2i + 1 (interleaved)."""
+    cos, sin = (t[position_ids][:, None].to(x.dtype) for t in (cos_cache, sin_cache))  # (B, 1, S, D / 2)
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2)
+    first, second = x.chunk(2, -1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
 
 
 group_query_attention = torch.library.custom_op(
@@ -92,10 +113,14 @@ def _(
     past_key,
     past_value,
     attention_mask,
+    position_ids,
+    cos_cache,
+    sin_cache,
     num_heads,
     kv_num_heads,
     scale,
     window,
+    interleaved,
     k_scale,
     v_scale,
     bits,
@@ -115,10 +140,14 @@ def group_query_attention_onnx(
     past_key,
     past_value,
     attention_mask,
+    position_ids,
+    cos_cache,
+    sin_cache,
     num_heads,
     kv_num_heads,
     scale,
     window,
+    interleaved,
     k_scale,
     v_scale,
     bits,
@@ -146,9 +175,9 @@ def group_query_attention_onnx(
         past_value,
         seqlens_k,
         total,
-        None,
-        None,
-        None,
+        cos_cache,
+        sin_cache,
+        position_ids if cos_cache is not None else None,
         None,
         None,
         k_scale,
@@ -157,6 +186,8 @@ def group_query_attention_onnx(
         kv_num_heads=kv_num_heads,
         scale=scale,
         local_window_size=window if window > 0 else -1,
+        do_rotary=int(cos_cache is not None),
+        rotary_interleaved=int(interleaved),
         **quantized,
     )
     return out, present_key, present_value
