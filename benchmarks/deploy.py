@@ -1,25 +1,30 @@
-"""Deployment on onnxruntime, side by side with onnxruntime-genai's model builder (issue 21, first slice).
+"""Deployment on onnxruntime and onnxruntime-genai, side by side with onnxruntime-genai's model builder (issue 21).
 
-    python -m benchmarks.deploy [--hidden 1024 --layers 8 --heads 16 --kv-heads 4 --vocab 32000]
+    python -m benchmarks.deploy [--hidden 1024 --layers 8 --heads 16 --kv-heads 4 --vocab 32000] [--all]
 
 A random-weight Llama shape (seeded; default the 155M-parameter one of issue 21) is written as a
-transformers checkpoint directory with a word-level tokenizer, then deployed two ways from it:
+transformers checkpoint directory with a word-level tokenizer, then deployed from it:
 
-* graphpress: ``compress`` in decode mode, plain ONNX target: one step graph taking the prompt in
-  one call (``graphpress.runtime.prefill``) and every generated token; with no passes (weights
-  inline, and as external data: the default above 64 MiB), and with 4-bit RTN weights in groups
-  of 32 stored as ``MatMulNBits`` (``ort_contrib_ops``) or as opset-21 blocked ``DequantizeLinear``,
-  which onnxruntime fuses into ``MatMulNBits`` as it loads;
-* onnxruntime-genai's builder, fp32 and int4 (``benchmarks/anchors/genai_builder.py``, run in
-  ``.venv-anchors``: ``bash scripts/anchors.sh``; without it those rows are skipped, said so).
+* graphpress, plain ONNX target, run by ``graphpress.runtime`` on onnxruntime (prompt in one call, then
+  one token per step): fp32 (external data, the default above 64 MiB), and 4-bit RTN weights in groups
+  of 32 stored as ``MatMulNBits`` (``ort_contrib_ops``); with ``--all`` also inline weights and the
+  opset-21 blocked ``DequantizeLinear`` form;
+* graphpress, onnxruntime-genai target (attention as GroupQueryAttention with RoPE inside, RMSNorm as
+  SimplifiedLayerNormalization, 4-bit weights as MatMulNBits), timed by onnxruntime-genai itself:
+  fp32, 4-bit weights, 4-bit weights with int8 activations (``matmul_accuracy_level`` 4, the
+  builder's int4 CPU default), and that with kv_cache_quant's 4-bit static-scale cache (the op's
+  quantized KV cache);
+* onnxruntime-genai's builder, fp32, int4, and int4 + int4 KV cache (``benchmarks/anchors/genai_builder.py``,
+  run in ``.venv-anchors``: ``bash scripts/anchors.sh``; without it those rows are skipped, said so).
 
-Columns: file MB, resident MB a session adds when it loads (fresh process), seconds for a prompt of
-``--prompt`` tokens (graphpress also token by token, as its step graph took prompts before), and
-milliseconds per generated token after each context length. Two intra-op threads everywhere.
-graphpress's onnxruntime-genai target (attention as GroupQueryAttention, 4-bit weights as
-MatMulNBits) is timed by onnxruntime-genai itself, as the builder's folders are.
-Not yet measured here (issue 21, open): the cache-rewriting passes through onnxruntime-genai,
-perplexity, and memory after a long context.
+Columns: file MB, resident MB the model adds when it loads (plain rows: a bare onnxruntime session in a
+fresh process; onnxruntime-genai rows: ``og.Model`` in the anchors' process, runtime included, and
+again holding one sequence at the longest context), seconds for a prompt of ``--prompt`` tokens in one
+call, and milliseconds per generated token after each context length. Two intra-op threads everywhere.
+The builder's int4 + int4-KV model gets graphpress's calibrated static KV scales as its
+``kv_cache_scale_file``: both quantize the cache with the same numbers. Token ids are random, so the
+model's quality is not measured here (``benchmarks.kv_cache_quant`` scores the caches' perplexity on the
+trained example LM). Not measured yet (issue 21, open): gqa_to_mla's latent cache in onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -73,11 +78,16 @@ def llama_dir(out: Path, hidden: int, layers: int, heads: int, kv_heads: int, vo
 
 OURS = "graphpress plain ONNX (fp32, weights in the .onnx)"
 OURS_EXTERNAL = "graphpress plain ONNX (fp32, external data)"
-OURS_INT4 = "graphpress 4-bit weights (RTN g32, MatMulNBits)"
-OURS_INT4_QDQ = "graphpress 4-bit weights (RTN g32, opset-21 DequantizeLinear)"
-OURS_GENAI = "graphpress onnxruntime-genai target (fp32, GroupQueryAttention), in onnxruntime-genai"
-OURS_GENAI_INT4 = "graphpress onnxruntime-genai target (4-bit RTN g32), in onnxruntime-genai"
+OURS_INT4 = "graphpress plain ONNX, 4-bit weights (RTN g32, MatMulNBits)"
+OURS_INT4_QDQ = "graphpress plain ONNX, 4-bit weights (opset-21 DequantizeLinear)"
+OURS_GENAI = "graphpress genai target, fp32"
+OURS_GENAI_INT4 = "graphpress genai target, 4-bit weights"
+OURS_GENAI_INT4_L4 = "graphpress genai target, 4-bit weights, int8 activations"
+OURS_GENAI_KV4 = "graphpress genai target, 4-bit weights, int8 activations, 4-bit KV"
+BUILDER = "onnxruntime-genai builder {}"
 INT4 = [{"pass": "weight_quant", "bits": 4, "group_size": 32}]  # every linear, lm_head too, as the builder's int4
+KV4 = {"pass": "kv_cache_quant", "scales": "static", "residual": 0}
+KV4.update(key={"bits": 4, "axis": "channel"}, value={"bits": 4, "axis": "channel"})
 
 
 def graphpress_rows(hf_dir: Path, out: Path, args, passes=(), token_loop: bool = False, **onnx) -> dict:
@@ -124,7 +134,7 @@ def graphpress_rows(hf_dir: Path, out: Path, args, passes=(), token_loop: bool =
     }
 
 
-def in_genai(source: str, folder: Path, args, precision: str = "fp32") -> dict | None:
+def in_genai(source: str, folder: Path, args, precision: str = "fp32", extra=()) -> dict | None:
     """A folder timed by onnxruntime-genai (in the anchors' environment): the builder's output from the
     checkpoint ``source``, or with ``source`` "-" a folder graphpress wrote; None (said) where it cannot run."""
     if not ANCHOR_ENV.exists():
@@ -132,7 +142,7 @@ def in_genai(source: str, folder: Path, args, precision: str = "fp32") -> dict |
         return None
     cmd = [str(ANCHOR_ENV), str(ANCHOR), source, str(folder), "--precision", precision]
     cmd += ["--prompt", str(args.prompt), "--steps", str(args.steps), "--threads", str(args.threads)]
-    cmd += ["--contexts", *map(str, args.contexts)]
+    cmd += ["--contexts", *map(str, args.contexts), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         print(f"(onnxruntime-genai on {folder.name} failed: {done.stderr.strip().splitlines()[-1]})")
@@ -140,17 +150,29 @@ def in_genai(source: str, folder: Path, args, precision: str = "fp32") -> dict |
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def genai_target_row(hf_dir: Path, out: Path, args, passes=()) -> dict | None:
-    """graphpress's onnxruntime-genai target (GroupQueryAttention, MatMulNBits), run by onnxruntime-genai."""
+def genai_target_row(hf_dir: Path, out: Path, args, passes=(), **onnx) -> tuple[dict | None, object]:
+    """graphpress's onnxruntime-genai target (GroupQueryAttention, MatMulNBits, SimplifiedLayerNormalization),
+    timed by onnxruntime-genai; and the compressed graph."""
     spec = {
         "capture": {"mode": "decode"},
-        "calibration": {"samples": 1, "seq_len": 16},
+        "calibration": {"samples": 4, "seq_len": 128},
         "passes": list(passes),
         "verify": {"max": 1.0},
-        "backends": [{"target": "onnx", "opset": 21, "runtime": "onnxruntime-genai"}],
+        "backends": [{"target": "onnx", "opset": 21, "runtime": "onnxruntime-genai", "max_error": 0.05, **onnx}],
     }
-    compress(str(hf_dir), spec, out_dir=out)
-    return in_genai("-", out, args)
+    result = compress(str(hf_dir), spec, out_dir=out)
+    return in_genai("-", out, args), result.graph
+
+
+def kv_scale_file(graph, path: Path) -> Path:
+    """The builder's kv_cache_scale_file holding graphpress's calibrated static scales (the same numbers)."""
+    layers = len(graph.cache) // 2
+    scales = {
+        side: [graph.weight(f"kv_cache_quant.layers.{i}.{part}.scale").flatten().tolist() for i in range(layers)]
+        for side, part in (("k_scales", "key"), ("v_scales", "value"))
+    }
+    path.write_text(json.dumps({"scales": scales}))
+    return path
 
 
 def main() -> None:
@@ -164,56 +186,59 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--all", action="store_true", help="also the inline-weights and DequantizeLinear rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         hf_dir = llama_dir(tmp / "hf", args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
-        rows = {OURS: graphpress_rows(hf_dir, tmp / "graphpress", args, token_loop=True, external_data="never")}
-        rows[OURS_EXTERNAL] = graphpress_rows(hf_dir, tmp / "graphpress-external", args)  # auto: external here
+        rows = {OURS_EXTERNAL: graphpress_rows(hf_dir, tmp / "graphpress-external", args, token_loop=True)}
         rows[OURS_INT4] = graphpress_rows(hf_dir, tmp / "graphpress-int4", args, INT4, opset=21, ort_contrib_ops=True)
-        rows[OURS_INT4_QDQ] = graphpress_rows(hf_dir, tmp / "graphpress-int4-qdq", args, INT4, opset=21)
-        rows[OURS_GENAI] = genai_target_row(hf_dir, tmp / "graphpress-genai", args)
-        rows[OURS_GENAI_INT4] = genai_target_row(hf_dir, tmp / "graphpress-genai-int4", args, INT4)
+        if args.all:
+            rows[OURS] = graphpress_rows(hf_dir, tmp / "graphpress", args, external_data="never")
+            rows[OURS_INT4_QDQ] = graphpress_rows(hf_dir, tmp / "graphpress-int4-qdq", args, INT4, opset=21)
+        rows[OURS_GENAI], _ = genai_target_row(hf_dir, tmp / "genai", args)
+        rows[OURS_GENAI_INT4], _ = genai_target_row(hf_dir, tmp / "genai-int4", args, INT4)
+        level4 = {"matmul_accuracy_level": 4}
+        rows[OURS_GENAI_INT4_L4], _ = genai_target_row(hf_dir, tmp / "genai-int4-l4", args, INT4, **level4)
+        rows[OURS_GENAI_KV4], graph = genai_target_row(hf_dir, tmp / "genai-kv4", args, [*INT4, KV4], **level4)
         for precision in ("fp32", "int4"):
-            rows[f"onnxruntime-genai builder {precision}"] = in_genai(
-                str(hf_dir), tmp / f"builder-{precision}", args, precision
-            )
+            rows[BUILDER.format(precision)] = in_genai(str(hf_dir), tmp / f"builder-{precision}", args, precision)
+        scales = ["--kv-scales", str(kv_scale_file(graph, tmp / "kv_scales.json"))]
+        rows[BUILDER.format("int4 + int4 KV")] = in_genai(str(hf_dir), tmp / "builder-kv4", args, "int4", scales)
         rows = {name: row for name, row in rows.items() if row is not None}
     shape = f"hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}"
     print(f"\nLlama shape: {shape}; prompt {args.prompt} tokens; {args.threads} threads\n")
     contexts = " | ".join(f"decode ms @{c}" for c in args.contexts)
-    print(f"| artifact | file MB | session MB | prompt s | {contexts} |")
-    print("|---|---:|---:|---:|" + "---:|" * len(args.contexts))
+    print(f"| artifact | file MB | session MB | MB at {max(args.contexts)} | prompt s | {contexts} |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(args.contexts))
     for name, row in rows.items():
         decode = " | ".join(f"{row['decode_ms'][str(c)]:.2f}" for c in args.contexts)
+        held = f"{row['context_bytes'] / 2**20:.1f}" if row.get("context_bytes") else "-"
         print(
-            f"| {name} | {row['file_bytes'] / 2**20:.1f} | {row['session_bytes'] / 2**20:.1f} | "
+            f"| {name} | {row['file_bytes'] / 2**20:.1f} | {row['session_bytes'] / 2**20:.1f} | {held} | "
             f"{row['prompt_seconds']:.3f} | {decode} |"
         )
-    ours = rows[OURS]
-    print(
-        f"\ngraphpress prompt in one call: {ours['prompt_seconds']:.3f} s; token by token "
-        f"{ours['prompt_token_by_token_seconds']:.3f} s ({ours['prompt_token_by_token_seconds'] / ours['prompt_seconds']:.1f}x)"
-    )
-    int4 = rows[OURS_INT4]
-    external = rows[OURS_EXTERNAL]
-    print(f"graphpress external data: session memory {external['session_bytes'] / ours['session_bytes']:.2f}x")
-    print(f"graphpress 4-bit session memory: {int4['session_bytes'] / ours['session_bytes']:.2f}x the fp32 original")
+    ours = rows[OURS_EXTERNAL]
+    looped = ours["prompt_token_by_token_seconds"]
+    print(f"\ngraphpress prompt in one call: {ours['prompt_seconds']:.3f} s; token by token {looped:.3f} s")
+    print("\nratios (memory: session after load; then prompt; then decode per context):")
     for mine, theirs in (
-        (OURS_EXTERNAL, "onnxruntime-genai builder fp32"),
-        (OURS_INT4, "onnxruntime-genai builder int4"),
-        (OURS_GENAI, "onnxruntime-genai builder fp32"),
-        (OURS_GENAI_INT4, "onnxruntime-genai builder int4"),
+        (OURS_INT4, OURS_EXTERNAL),
         (OURS_GENAI, OURS_EXTERNAL),
+        (OURS_GENAI, BUILDER.format("fp32")),
+        (OURS_GENAI_INT4, BUILDER.format("int4")),
+        (OURS_GENAI_INT4_L4, BUILDER.format("int4")),
+        (OURS_GENAI_KV4, BUILDER.format("int4 + int4 KV")),
+        (OURS_GENAI_KV4, OURS_EXTERNAL),
     ):
         a, b = rows.get(mine), rows.get(theirs)
         if a and b:
-            ratios = ", ".join(
-                f"decode @{c} {a['decode_ms'][str(c)] / b['decode_ms'][str(c)]:.2f}x" for c in args.contexts
-            )
+            ratios = ", ".join(f"@{c} {a['decode_ms'][str(c)] / b['decode_ms'][str(c)]:.2f}x" for c in args.contexts)
+            # memory only between rows measured the same way (onnxruntime-genai's process, or a bare session)
+            same = ("context_bytes" in a) == ("context_bytes" in b)
+            memory = f"memory {a['session_bytes'] / b['session_bytes']:.2f}x, " if same else ""
             print(
-                f"{mine} / {theirs}: session memory {a['session_bytes'] / b['session_bytes']:.2f}x, "
-                f"prompt {a['prompt_seconds'] / b['prompt_seconds']:.2f}x, {ratios}"
+                f"- {mine} / {theirs}: {memory}prompt {a['prompt_seconds'] / b['prompt_seconds']:.2f}x, decode {ratios}"
             )
 
 

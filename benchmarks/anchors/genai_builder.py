@@ -10,7 +10,8 @@ never in graphpress's: it imports no graphpress code. Prints one JSON object.
 Builds ``OUT_DIR`` with ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT_DIR -p P -e cpu``
 (the checkpoint must carry a tokenizer), or with ``-`` for HF_DIR takes FOLDER as it is (graphpress's
 onnxruntime-genai target, timed by the same runtime), sets the session's threads in its
-genai_config.json, and measures what a user of the runtime sees: resident memory the model adds when it loads, the time of
+genai_config.json, and measures what a user of the runtime sees: resident memory the model adds when it loads (and holds
+with a sequence at the longest context), the time of
 appending a prompt of ``--prompt`` tokens (one call), and milliseconds per generated token after a
 context of each ``--contexts`` length (median of ``--steps`` greedy steps). Token ids are random.
 """
@@ -33,9 +34,12 @@ def rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def build(hf_dir: str, out: Path, precision: str) -> None:
+def build(hf_dir: str, out: Path, precision: str, kv_scales: str | None) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", str(out)]
-    subprocess.run([*cmd, "-p", precision, "-e", "cpu"], check=True, capture_output=True)
+    cmd += ["-p", precision, "-e", "cpu"]
+    if kv_scales:  # int4 KV cache, per channel, with these calibrated scales
+        cmd += ["--extra_options", "kv_cache_quant_scheme=int4_per_channel", f"kv_cache_scale_file={kv_scales}"]
+    subprocess.run(cmd, check=True, capture_output=True)
 
 
 def set_threads(out: Path, threads: int) -> None:
@@ -54,10 +58,11 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-scales", help="a kv_cache_scale_file: build with an int4 per-channel KV cache")
     args = ap.parse_args()
     out = Path(args.out_dir)
     if args.hf_dir != "-":
-        build(args.hf_dir, out, args.precision)
+        build(args.hf_dir, out, args.precision, args.kv_scales)
     set_threads(out, args.threads)
 
     import onnxruntime_genai as og
@@ -91,6 +96,8 @@ def main() -> None:
             gen.generate_next_token()
             steps.append(time.perf_counter() - start)
         decode[str(context)] = statistics.median(steps) * 1e3
+        if context == max(args.contexts):
+            held = rss() - before  # the model and one sequence's cache at the longest context
         del gen
     files = sum(
         p.stat().st_size for p in out.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")
@@ -100,6 +107,7 @@ def main() -> None:
             {
                 "file_bytes": files,
                 "session_bytes": loaded,
+                "context_bytes": held,
                 "prompt_seconds": statistics.median(prompt_times),
                 "decode_ms": decode,
             }

@@ -154,14 +154,15 @@ class OnnxBackend(Backend):
 
     def run_in_genai(self, folder: Path, graph: Graph, inputs: list[tuple]) -> dict | None:
         """onnxruntime-genai's greedy tokens on the folder equal those of ``graph``'s eager decode loop, or the
-        build fails."""
+        build fails. With int8 activations (``matmul_accuracy_level`` > 0) the file computes other logits by
+        design: agreement is recorded, not required (the output error is still held to ``max_error``)."""
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime_genai") is None:
             return None
         prompt = inputs[0][0][:1, :8]
         agreement = onnx_genai.greedy_agreement(folder, graph, prompt, GENAI_TOKENS)
-        if agreement["agree"] < agreement["generated"]:
+        if agreement["agree"] < agreement["generated"] and not self.config.matmul_accuracy_level:
             raise BackendError(
                 f"{self.spec_path}: onnxruntime-genai's greedy tokens differ from graphpress's decode loop at "
                 f"generated token {agreement['agree']} of {agreement['generated']}"
