@@ -44,7 +44,7 @@ def test_the_example_lm_runs_in_onnxruntime_genai(trained_llama, tmp_path, passe
     assert record["details"]["onnxruntime_genai"] == {"prompt_tokens": 8, "generated": 16, "agree": 16}
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["position_ids"] == "position_ids"
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention alone reads the cache
     lowered = {
         "graphpress::group_query_attention": 4,
         "graphpress::rms_norm": 9,
@@ -140,3 +140,5 @@ def test_a_static_scale_cache_runs_as_the_ops_quantized_kv_cache(tmp_path, bits,
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key.codes"
     assert decoder["outputs"]["present_value_names"] == "present.%d.value.codes"
     assert decoder["head_size"] == 32
+    search = json.loads((tmp_path / "genai_config.json").read_text())["search"]
+    assert search["past_present_share_buffer"] is False  # onnxruntime shares quantized caches on CUDA only

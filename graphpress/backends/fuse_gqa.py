@@ -19,6 +19,12 @@ Rewrite: q, new k and new v flattened to (B, S, heads * D); the op's output unfl
 the SDPA's users; its present key and value become the entries' outputs. Anything else is
 left alone, with the reason.
 
+RoPE moves into the op (its ``cos_cache`` / ``sin_cache`` at ``position_ids``) where q and the
+new k are one whole-head RoPE (:func:`~graphpress.ir.blocks.match_rope`) by the same tables of a
+head of a multiple of 16 dims, and those tables, evaluated at every position up to the context
+length, are one angle per pair of dims that depends on the position alone; the op then takes q
+and k as they were before the rotation. Otherwise RoPE stays ahead of the op, said.
+
 The op counts each row's tokens from ``attention_mask``, so left-padded batches (which
 graphpress's own runtime feeds) would read the wrong keys: the rule is for the
 onnxruntime-genai runtime, whose batches this contract is.

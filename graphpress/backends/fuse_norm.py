@@ -43,9 +43,6 @@ def fuse_rms_norms(graph: Graph) -> tuple[Graph, Counter]:
             continue
         work.substitute(out, norm)
         fused[RMS_NORM.name()] += 1
-    live = _live(work)
-    for check in [n for n in work.nodes if _is(n, ASSERT) and n.args[0] not in live]:
-        work.fx.erase_node(check)  # asserts on the replaced values, which would keep them alive
     work.eliminate_dead_code()
     return work, fused
 
@@ -98,15 +95,6 @@ def _match(rsqrt: fx.Node, stored: set[fx.Node]):
     if not isinstance(weight, fx.Node) or weight not in stored or tuple(weight.meta["val"].shape) != (width,):
         return None
     return x, weight, eps, scaled
-
-
-def _live(graph: Graph) -> set[fx.Node]:
-    """Nodes something other than assertions reads, up to the outputs."""
-    live: set[fx.Node] = set()
-    for node in reversed(graph.nodes):
-        if any(u.op == "output" or (u in live and not _is(u, ASSERT)) for u in node.users):
-            live.add(node)
-    return live
 
 
 def _stored(graph: Graph) -> set[fx.Node]:

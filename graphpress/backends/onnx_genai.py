@@ -4,12 +4,13 @@ onnxruntime-genai drives a decoder through named inputs and outputs described in
 ``genai_config.json``. graphpress's decode step already follows its conventions (``input_ids``,
 ``attention_mask``, ``position_ids``, ``past_key_values.%d.key`` / ``.value`` in; ``logits``,
 ``present.%d.key`` / ``.value`` out; one graph for the prompt and every token), so the folder
-is the ONNX file, that config and the checkpoint's tokenizer files. The graph concatenates the
-cache itself, so the runtime keeps past and present apart (``past_present_share_buffer: false``).
+is the ONNX file, that config and the checkpoint's tokenizer files. Where GroupQueryAttention
+alone reads a float cache, the runtime gives past and present one buffer of the longest length
+(``past_present_share_buffer``: no copy of the cache per step); else it keeps them apart.
 
-What it cannot carry yet: caches other than a key and a value per layer (gqa_to_mla's latent,
-kv_cache_quant's packed parts), which the runtime would need as ``GroupQueryAttention``
-(issue 21); those graphs are refused with the reason.
+What it cannot carry: caches other than a key and a value per layer, in floats or as
+kv_cache_quant's static-scale codes (GroupQueryAttention's quantized cache). gqa_to_mla's latent
+and KIVI's dynamic groups have no form in the op (issue 21); those graphs are refused with the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from ..errors import BackendError
 from ..ir import Graph
+
+GQA = torch.ops.graphpress.group_query_attention.default
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -66,6 +69,18 @@ def _suffix(graph: Graph) -> str | None:
         ):
             return suffix
     return None
+
+
+def shares_buffers(graph: Graph) -> bool:
+    """Whether the runtime may give past and present one buffer of the longest length (no copy of the cache per
+    step): every cache input read by GroupQueryAttention alone, which appends in place and takes the valid
+    length from ``attention_mask``, and the cache in floats (onnxruntime shares quantized caches on CUDA only)."""
+    def harmless(user, entry) -> bool:  # the attention itself, or a size other than the sequence length
+        size = user.target is torch.ops.aten.sym_size.int and user.args[1] % len(entry.shape) != entry.seq_axis
+        return user.op == "call_function" and (user.target is GQA or size)
+
+    only_attention = all(harmless(u, e) for e in graph.cache for u in graph.cache_input(e.name).users)
+    return only_attention and all(e.dtype.startswith("float") for e in graph.cache)
 
 
 def context_length(source) -> int | None:
@@ -128,7 +143,7 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_buffers(graph),
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,

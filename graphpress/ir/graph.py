@@ -38,6 +38,8 @@ from torch.utils._sympy.numbers import int_oo
 
 from .decode import STEP_INPUTS, CacheEntry, CacheLayout
 
+ASSERT = torch.ops.aten._assert_tensor_metadata.default  # export's dtype checks: they compute nothing
+
 aten = torch.ops.aten
 
 
@@ -518,7 +520,17 @@ class Graph:
 
     def eliminate_dead_code(self) -> None:
         """Drop nodes nothing reads. Seeded-random ops count as pure here: SDPA (dropout 0 at
-        inference) would otherwise keep a whole replaced attention alive."""
+        inference) would otherwise keep a whole replaced attention alive; and export's dtype
+        assertions on values nothing else reads go too (they would keep a replaced mask alive)."""
+        live: set[fx.Node] = set()
+        for node in reversed(self.fx.nodes):
+            if any(
+                u.op == "output" or (u.target is not ASSERT and (u in live or u.is_impure(impure_random=False)))
+                for u in node.users
+            ):
+                live.add(node)
+        for check in [n for n in self.fx.nodes if n.target is ASSERT and n.args[0] not in live]:
+            self.fx.erase_node(check)
         self.fx.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         self._changed()
 
