@@ -75,7 +75,7 @@ class OnnxBackend(Backend):
             graph, norms = fuse_rms_norms(graph)
             fused.update(norms)
         if genai:
-            positions = onnx_genai.context_length(self.source) or onnx_genai.DEFAULT_CONTEXT
+            positions = onnx_genai.context_length(self.source)  # unknown: RoPE stays ahead of the op
             graph, attention, not_lowered = fuse_group_query_attention(graph, positions)
             fused.update(attention)
         with staging_dir(out_dir) as tmp:
