@@ -270,5 +270,4 @@ def _rewrite(
         heads_out = b.call(aten.transpose.int, b.call(aten.unflatten.int, out, 2, [heads, size]), 1, 2)
     for old, new in zip(grown, (present_key, present_value)):
         graph.substitute_output(old, new)
-    graph.substitute(sdpa, heads_out)
-    graph.eliminate_dead_code()  # repeat_kv and the concatenations
+    graph.substitute(sdpa, heads_out)  # repeat_kv and the concatenations are dead now: swept once, at the end

@@ -19,11 +19,11 @@ import torch
 from torch import fx
 
 from ..ir import Graph, SubgraphBuilder
+from ..ir.graph import ASSERT
 
 aten = torch.ops.aten
 RMS_NORM = torch.ops.graphpress.rms_norm.default
 CASTS = {aten.to.dtype, aten._to_copy.default}
-ASSERT = aten._assert_tensor_metadata.default
 
 
 def fuse_rms_norms(graph: Graph) -> tuple[Graph, Counter]:

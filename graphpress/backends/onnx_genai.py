@@ -75,6 +75,7 @@ def shares_buffers(graph: Graph) -> bool:
     """Whether the runtime may give past and present one buffer of the longest length (no copy of the cache per
     step): every cache input read by GroupQueryAttention alone, which appends in place and takes the valid
     length from ``attention_mask``, and the cache in floats (onnxruntime shares quantized caches on CUDA only)."""
+
     def harmless(user, entry) -> bool:  # the attention itself, or a size other than the sequence length
         size = user.target is torch.ops.aten.sym_size.int and user.args[1] % len(entry.shape) != entry.seq_axis
         return user.op == "call_function" and (user.target is GQA or size)
@@ -83,19 +84,21 @@ def shares_buffers(graph: Graph) -> bool:
     return only_attention and all(e.dtype.startswith("float") for e in graph.cache)
 
 
+def _text_config(source):
+    """The model's (text) config, or None."""
+    config = getattr(getattr(source, "model", None), "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def context_length(source) -> int | None:
     """The most positions the model was built for (its config's), or None where it does not say."""
-    config = getattr(getattr(source, "model", None), "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = _first(text, "max_position_embeddings", "max_seq_len", "n_positions")
+    value = _first(_text_config(source), "max_position_embeddings", "max_seq_len", "n_positions")
     return int(value) if value is not None else None
 
 
 def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     """``genai_config.json`` for ``folder/filename``, and the checkpoint's tokenizer files beside it; warnings."""
-    model = getattr(source, "model", None)
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model, text = getattr(source, "model", None), _text_config(source)
     key, suffix = graph.cache.entries[0], _suffix(graph)
     packed = 2 if key.dtype == "uint8" else 1  # two 4-bit codes a byte
     context = context_length(source) or DEFAULT_CONTEXT

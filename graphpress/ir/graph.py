@@ -50,6 +50,18 @@ def matches(path: str, patterns: str | Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, "*." + p) for p in patterns)
 
 
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    found: set[fx.Node] = set()
+    todo = list(nodes)
+    while todo:
+        node = todo.pop()
+        if node not in found:
+            found.add(node)
+            todo.extend(node.all_input_nodes)
+    return found
+
+
 def module_path(node: fx.Node) -> str:
     """The innermost module a node was traced in ('' for the root module)."""
     stack = node.meta.get("nn_module_stack")
@@ -260,15 +272,8 @@ class Graph:
     def evaluate(self, nodes: Sequence[fx.Node], args: tuple) -> list[Any]:
         """The values of ``nodes`` on one input, computing only what they depend on (a mask, a length:
         cheap even where the whole step would not be, e.g. at a long context)."""
-        needed: set[fx.Node] = set()
-        todo = list(nodes)
-        while todo:
-            node = todo.pop()
-            if node not in needed:
-                needed.add(node)
-                todo.extend(node.all_input_nodes)
         values: dict[fx.Node, Any] = {}
-        _PartialInterpreter(self._program.graph_module, needed, values).run(*self._feeds(args, None))
+        _PartialInterpreter(self._program.graph_module, ancestors(nodes), values).run(*self._feeds(args, None))
         return [values[n] for n in nodes]
 
     def _feeds(self, args: tuple, kwargs: dict | None) -> list:

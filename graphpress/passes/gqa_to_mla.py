@@ -46,6 +46,7 @@ from ..errors import PassPreconditionError
 from ..ir import Graph, SubgraphBuilder
 from ..ir.blocks import VIEWS, AttentionBlock, Rope, head_norm, rope_of
 from ..ir.decode import CacheEntry
+from ..ir.graph import ancestors
 from ..progress import track
 from ..schema import GqaToMlaConfig
 from .base import LayerReport, Pass, PassReport, split_qkv_heads
@@ -527,13 +528,7 @@ def _recompute(
     layer must not drag earlier layers into the copy).
     """
     source = source if source is not None else next(iter(env))
-    needed: set[fx.Node] = set()
-    todo = list(outputs)
-    while todo:
-        n = todo.pop()
-        if n not in needed:
-            needed.add(n)
-            todo.extend(n.all_input_nodes)
+    needed = ancestors(outputs)
     missing = [source for source in env if source not in needed]
     if missing:
         raise PassPreconditionError(
