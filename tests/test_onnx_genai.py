@@ -142,3 +142,37 @@ def test_a_static_scale_cache_runs_as_the_ops_quantized_kv_cache(tmp_path, bits,
     assert decoder["head_size"] == 32
     search = json.loads((tmp_path / "genai_config.json").read_text())["search"]
     assert search["past_present_share_buffer"] is False  # onnxruntime shares quantized caches on CUDA only
+
+
+MLA = {"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 16}}
+SIDE4 = {"bits": 4, "axis": "channel"}
+STATIC4 = {"pass": "kv_cache_quant", "scales": "static", "residual": 0, "key": SIDE4, "value": SIDE4, "latent": SIDE4}
+
+
+@pytest.mark.parametrize("passes", [[MLA], [MLA, STATIC4]], ids=["latent", "latent in 4 bits"])
+def test_an_absorbed_mla_model_runs_as_one_latent_kv_head(tmp_path, passes):
+    """gqa_to_mla's latent cache runs in GroupQueryAttention as one KV head of [latent, RoPE key] (kv_rank 32 +
+    16 RoPE dims), its 4-bit static codes as the op's quantized cache, and generates what the eager graph does."""
+    spec = {**DECODE, "passes": passes, "backends": [GENAI], "verify": {"max": 0.2}}
+    result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
+    record = result.report.backends[0]
+    assert record["details"]["latent_as_key_value"] == 4
+    assert record["details"]["onnxruntime_genai"] == {"prompt_tokens": 8, "generated": 16, "agree": 16}
+    assert record["op_histogram"]["com.microsoft::GroupQueryAttention"] == 4
+    decoder = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_key_value_heads"], decoder["head_size"]) == (1, 48)
+
+
+@pytest.mark.parametrize(
+    "mla, match",
+    [
+        ({**MLA, "targets": "layers.0.*"}, r"takes one KV head count and head size for every layer.*layers 0: 1 x 48"),
+        ({**MLA, "absorb": False}, r"this graph caches layers\.0\.latent, layers\.0\.k_rope"),
+    ],
+    ids=["one layer converted", "not absorbed"],
+)
+def test_latent_caches_the_op_cannot_take_are_refused_with_the_reason(tmp_path, mla, match):
+    spec = {**DECODE, "passes": [mla], "backends": [GENAI], "verify": {"max": 0.2}}
+    with pytest.raises(BackendError, match=match):
+        compress("examples/tiny_llama", spec, out_dir=tmp_path)
+    assert not (tmp_path / "genai_config.json").exists()

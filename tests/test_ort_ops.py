@@ -12,6 +12,7 @@ from examples.tiny_llama.model import TinyLlama, TinyLlamaConfig, init_weights
 from graphpress import compress
 from graphpress.backends.fuse_gqa import fuse_group_query_attention
 from graphpress.backends.fuse_norm import fuse_rms_norms
+from graphpress.backends.latent_kv import latent_as_key_value
 from graphpress.ir import ops
 from graphpress.ir.capture import capture
 from graphpress.ir.ops.kv_quant import kv_quantize_static_reference as quantize_cache
@@ -159,16 +160,40 @@ def test_attention_the_op_cannot_express_is_left_alone_with_the_reason():
     assert not any(n.target is GQA for n in lowered.nodes)
 
 
-def test_a_rewritten_cache_is_left_alone_and_the_onnxruntime_genai_target_names_it(tmp_path):
+@pytest.mark.parametrize("bits", [0, 4], ids=["float latent", "4-bit static latent"])
+def test_absorbed_mla_attends_as_one_key_value_head_and_then_lowers(tmp_path, bits):
+    """gqa_to_mla's latent and RoPE key are no key/value pair, so GroupQueryAttention leaves them; as one head of
+    [latent, RoPE key] for both key and value (the output cut to the latent's channels) they are, exactly, at
+    twice the latent's bytes, and then every layer lowers with the same logits."""
+    side = {"bits": 4, "axis": "channel"}
+    quant = {"pass": "kv_cache_quant", "scales": "static", "residual": 0, "key": side, "value": side, "latent": side}
     spec = {
         "capture": {"mode": "decode"},
         "calibration": {"samples": 1, "seq_len": 16},
-        "passes": [{"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 8}}],
+        "passes": [{"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 16}}]
+        + ([quant] if bits else []),
+        "verify": {"max": 0.2},
     }
     graph = compress("examples/tiny_llama", spec, out_dir=tmp_path).graph
     _, counts, skipped = fuse_group_query_attention(graph)
     assert not counts and len(skipped) == 4
     assert "its keys are not a key cache entry's cat([past, new]) (a rewritten cache)" in skipped[0]
+
+    widened, rewritten, notes = latent_as_key_value(graph)
+    suffix, width = (".codes", 24) if bits else ("", 48)
+    assert (rewritten, notes) == (4, [])
+    assert [(e.name, e.shape) for e in widened.cache][:2] == [
+        (f"layers.0.key{suffix}", (None, 1, None, width)),
+        (f"layers.0.value{suffix}", (None, 1, None, width)),
+    ]
+    assert widened.cache.bytes_per_token == 2 * graph.cache.bytes_per_token
+    lowered, counts, _ = fuse_group_query_attention(widened)
+    assert counts[GQA.name()] == 4
+    ids = token_ids(2, 12)
+    for run in (teacher_forced_logits, lambda d, x: prefill(d, x, torch.ones_like(x))[0]):
+        expected = run(TorchDecoder(graph), ids)
+        for rewritten_graph in (widened, lowered):
+            torch.testing.assert_close(run(TorchDecoder(rewritten_graph), ids), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

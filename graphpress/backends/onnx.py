@@ -33,6 +33,7 @@ from .base import Backend, BackendRecord, Comparison
 from .fuse_gqa import fuse_group_query_attention
 from .fuse_linear import fuse_format_linears
 from .fuse_norm import fuse_rms_norms
+from .latent_kv import latent_as_key_value
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
@@ -65,19 +66,22 @@ class OnnxBackend(Backend):
             cfg.external_data == "auto" and graph.summary().bytes >= EXTERNAL_ABOVE
         )
         genai = cfg.runtime == "onnxruntime-genai"
+        reference, not_lowered, latent = graph, [], 0
+        if genai and graph.cache is not None:
+            graph, latent, not_lowered = latent_as_key_value(graph)
         if genai:
-            onnx_genai.check(graph, self.spec_path)
+            onnx_genai.check(graph, self.spec_path, tuple(not_lowered))
         fused: Counter[str] = Counter()
         contrib = cfg.ort_contrib_ops or genai  # onnxruntime-genai is onnxruntime: MatMulNBits as stored
-        reference, not_lowered = graph, []
         if contrib:
             graph, fused = fuse_format_linears(graph, _runs_packed)
             graph, norms = fuse_rms_norms(graph)
             fused.update(norms)
         if genai:
             positions = onnx_genai.context_length(self.source)  # unknown: RoPE stays ahead of the op
-            graph, attention, not_lowered = fuse_group_query_attention(graph, positions)
+            graph, attention, notes = fuse_group_query_attention(graph, positions)
             fused.update(attention)
+            not_lowered += notes
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
@@ -146,7 +150,11 @@ class OnnxBackend(Backend):
                 "opset": cfg.opset,
                 "external_data": external,
                 **({"contrib_ops": dict(sorted(fused.items()))} if contrib else {}),
-                **({"runtime": cfg.runtime, "onnxruntime_genai": agreement} if genai else {}),
+                **(
+                    {"runtime": cfg.runtime, "latent_as_key_value": latent, "onnxruntime_genai": agreement}
+                    if genai
+                    else {}
+                ),
             },
             latency=comparison.latency,
             warnings=self.unpacked_at_load(graph) + notes,

@@ -8,9 +8,10 @@ is the ONNX file, that config and the checkpoint's tokenizer files. Where GroupQ
 alone reads a float cache, the runtime gives past and present one buffer of the longest length
 (``past_present_share_buffer``: no copy of the cache per step); else it keeps them apart.
 
-What it cannot carry: caches other than a key and a value per layer, in floats or as
-kv_cache_quant's static-scale codes (GroupQueryAttention's quantized cache). gqa_to_mla's latent
-and KIVI's dynamic groups have no form in the op (issue 21); those graphs are refused with the reason.
+What it carries: a key and a value per layer, of one shape in every layer (the config has one
+head size), in floats or as kv_cache_quant's static-scale codes (GroupQueryAttention's quantized
+cache); gqa_to_mla's absorbed latent arrives as one such head (:mod:`.latent_kv`). KIVI's
+dynamic groups have no form in the op; those graphs are refused with the reason.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ CONFIG = "genai_config.json"
 DEFAULT_CONTEXT = 4096  # where the model does not say how many positions it takes
 
 
-def check(graph: Graph, spec_path: str) -> None:
-    """Refuse, with the reason, a graph onnxruntime-genai cannot drive."""
+def check(graph: Graph, spec_path: str, notes: tuple[str, ...] = ()) -> None:
+    """Refuse, with the reason (and ``notes`` on what was not rewritten), a graph onnxruntime-genai cannot drive."""
     where = f"{spec_path}.runtime: onnxruntime-genai"
     if graph.cache is None:
         raise BackendError(f'{where} runs decode graphs; set "capture": {{"mode": "decode"}}')
@@ -54,8 +55,20 @@ def check(graph: Graph, spec_path: str) -> None:
         names = ", ".join(e.name for e in entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise BackendError(
             f"{where} keeps a key and a value per layer (floats, or kv_cache_quant's static-scale codes); this "
-            f"graph caches {names} (gqa_to_mla's latent and kv_cache_quant's dynamic KIVI layouts are not lowered "
-            "to GroupQueryAttention yet). Use the plain onnx runtime for it"
+            f"graph caches {names} (GroupQueryAttention has no form for gqa_to_mla's latent unless absorbed, nor "
+            "for kv_cache_quant's dynamic KIVI layouts). Use the plain onnx runtime for it"
+            + "".join(f"; {n}" for n in notes)
+        )
+    shapes = {}
+    for entry in graph.cache:
+        shapes.setdefault(entry.shape[1:], []).append(entry.name.split(".")[1])
+    if len(shapes) > 1:
+        found = "; ".join(
+            f"layers {', '.join(sorted(set(layers), key=int))}: {s[0]} x {s[-1]}" for s, layers in shapes.items()
+        )
+        raise BackendError(
+            f"{where} takes one KV head count and head size for every layer ({CONFIG}'s head_size); this graph's "
+            f"caches differ ({found}): convert every layer alike (gqa_to_mla's targets, kv_rank)"
         )
 
 

@@ -54,7 +54,7 @@ class OnnxBackendConfig(BackendConfig):
         "weights to MatMulNBits) and also writes genai_config.json (and the checkpoint's tokenizer files) beside "
         "the file, so onnxruntime_genai.Model(out_dir) runs it with a Generator; it needs a decode graph whose step "
         "takes a prompt in one call and whose cache is a key and a value per layer, in floats or as kv_cache_quant's "
-        "static-scale codes (the op's quantized cache; gqa_to_mla's latent and KIVI's dynamic layouts are refused). Validated by greedy generation through onnxruntime-genai "
+        "static-scale codes (the op's quantized cache), or gqa_to_mla's absorbed latent (one KV head of [latent, RoPE key]; KIVI's dynamic layouts are refused). Validated by greedy generation through onnxruntime-genai "
         "where it is installed (pip install 'graphpress[genai]').",
     )
     node_metadata: bool = Field(
