@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import platform
 import tempfile
 import time
@@ -17,6 +18,7 @@ from .calibration import calibration_from_files
 from .errors import CaptureError
 from .fileio import claimed_output, previous_run_files, publish_all, remove_stale, staging_dir, write_manifest
 from .ir import Graph, capture
+from .ir.decode import STEP_INPUTS
 from .model_source import ModelSource, load_source
 from .passes import PassContext, PassManager, Verifier, build_pass
 from .progress import Progress, step
@@ -24,10 +26,46 @@ from .report import PLOTS_DIR, CompressionReport, write_report
 from .schema import Spec, load_spec
 
 
+class CompressedModel(torch.nn.Module):
+    """The final graph, called as the original model is: positional arguments, or keywords by the names of the
+    inputs it was captured with (``result.model(input_ids=ids)``, as transformers users write it)."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self.graph_module = graph.module()
+        names = _argument_names(graph)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        self.signature = inspect.Signature([inspect.Parameter(n, kind) for n in names])
+
+    def forward(self, *args, **kwargs):
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"the compressed model takes the inputs it was captured with, {self.signature}: {exc} (capture "
+                "another input by giving it in example_inputs)"
+            ) from None
+        return self.graph_module(*bound.args)
+
+
+def _argument_names(graph: Graph) -> list[str]:
+    """The names of the graph's positional arguments: the decode step's, or the captured forward's (an argument
+    that is not one tensor, e.g. a list, is named by its position)."""
+    if graph.cache is not None:
+        return [*STEP_INPUTS, "cache"]
+    leaves = iter(node.name for node in graph.user_inputs())
+    names = []
+    for i, spec in enumerate(graph.program.call_spec.in_spec.child(0).children()):
+        taken = [next(leaves) for _ in range(spec.num_leaves)]
+        names.append(taken[0] if spec.is_leaf() else f"args_{i}")
+    return names
+
+
 @dataclass
 class CompressionResult:
     model: torch.nn.Module
-    """The compressed model, runnable in eager PyTorch (a GraphModule of the final graph)."""
+    """The compressed model, runnable in eager PyTorch and called as the original is (a :class:`CompressedModel`:
+    positional or keyword arguments)."""
     graph: Graph
     report: CompressionReport
     artifacts: dict[str, Path] = field(default_factory=dict)
@@ -117,7 +155,7 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
         publish_all(stage, out, last=[*artifacts.values(), *written.values(), manifest], mirror=[PLOTS_DIR])
         remove_stale(out, previous, {*files, manifest})
     artifacts.update(written)
-    return CompressionResult(result.graph.module(), result.graph, report, artifacts, out)
+    return CompressionResult(CompressedModel(result.graph), result.graph, report, artifacts, out)
 
 
 def _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings):

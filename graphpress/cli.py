@@ -15,7 +15,10 @@ from .errors import GraphpressError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="graphpress", description="Compile-style compression of PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"graphpress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     comp = sub.add_parser("compress", help="compress a model as a JSON spec says; write artifacts and a report")
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except GraphpressError as exc:
         print(f"graphpress: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (`graphpress inspect --json | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot raise again
+        return 0
 
 
 def _terminated(signum, _frame):

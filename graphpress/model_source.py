@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,20 @@ class ModelSource:
     """A checkpoint's folder (its tokenizer files travel with artifacts that need them)."""
 
 
+def _import_from_cwd(name: str):
+    """Import ``name`` as ``python -m`` would: the current directory first (the installed ``graphpress`` script
+    starts with its own bin directory on the path instead, so ``examples.tiny_llama`` was not found)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def load_source(source: str | Path) -> ModelSource:
     """A ModelSource from a model directory path or a 'module:factory' reference."""
     path = Path(source)
@@ -51,7 +66,7 @@ def load_source(source: str | Path) -> ModelSource:
     elif ":" in str(source):
         module_name, _, factory = str(source).partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_from_cwd(module_name)
         except ImportError as exc:
             raise CaptureError(f"--model {source}: cannot import {module_name!r}: {exc}") from exc
         name = factory

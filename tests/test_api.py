@@ -116,3 +116,50 @@ def test_model_sources():
         load_source("no_such_module:f")
     with pytest.raises(CaptureError, match="not a model directory"):
         load_source("no/such/dir")
+
+
+def test_the_compressed_model_takes_the_calls_the_original_takes(hf_llama, tmp_path):
+    """transformers users call with keywords; the compressed model binds them as the captured forward names
+    its inputs, and an input that was not captured is a clear error naming what it takes."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    result = compress(hf_llama, {"passes": [], "backends": []}, (ids,), out_dir=tmp_path)
+    by_keyword = result.model(input_ids=ids).logits
+    assert torch.equal(by_keyword, result.model(ids).logits)
+    assert rel_err(by_keyword, hf_llama(ids).logits) < 1e-5
+    with pytest.raises(TypeError, match=r"takes the inputs it was captured with, \(input_ids\): .*'attention_mask'"):
+        result.model(ids, attention_mask=torch.ones_like(ids))
+
+
+def installed_script() -> str:
+    from pathlib import Path
+
+    return str(Path(sys.executable).parent / "graphpress")
+
+
+def test_the_installed_script_has_a_version_and_finds_modules_in_the_current_directory(tmp_path):
+    """`graphpress compress --model examples.tiny_llama:load_model` from the repository root, through the script
+    pip installs (whose path starts at its own bin directory, unlike python -m)."""
+    import graphpress
+
+    version = subprocess.run([installed_script(), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"graphpress {graphpress.__version__}"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"passes": [], "backends": []}))
+    command = [installed_script(), "compress", "--model", "examples.tiny_llama:load_model", "--spec", str(spec)]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "FutureWarning" not in done.stderr
+    assert (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`graphpress inspect --json model.onnx | head`: the pipe closes under the writer; no traceback."""
+    torch.onnx.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),), str(tmp_path / "m.onnx"), dynamo=False)
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "graphpress", "inspect", "--json", str(tmp_path / "m.onnx")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    reader.stdout.close()  # before anything is written: the first write meets a closed pipe
+    err = reader.stderr.read().decode()
+    assert reader.wait() == 0 and "Traceback" not in err, err

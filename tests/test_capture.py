@@ -159,6 +159,8 @@ def test_capture_error_names_the_op():
         CaptureError, match="module '<root>' at op graphpress_test::no_fake: RuntimeError: There was no fake impl"
     ):
         capture(UsesOpWithoutFake(), (torch.randn(2, 4),))
+    with pytest.raises(CaptureError, match=r"or compress a submodule whose forward is traceable$"):
+        capture(UsesOpWithoutFake(), (torch.randn(2, 4),))  # the hint is a whole sentence
 
 
 def test_forward_hooks_run_once_during_capture_and_are_part_of_the_graph():

@@ -14,6 +14,7 @@ import io
 import logging
 import re
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -43,12 +44,16 @@ GENAI_TOKENS = 16  # greedy tokens onnxruntime-genai must agree on
 
 @contextlib.contextmanager
 def _quiet_exporter_logs():
-    """The exporter logs a warning per optional torchvision op it cannot register: noise for us."""
+    """The exporter logs a warning per optional torchvision op it cannot register, and its copy of the program
+    warns that torch's own pytree code uses a deprecated ``LeafSpec`` check: noise for our users (it printed
+    into their progress bars on every run)."""
     logger = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            yield
     finally:
         logger.setLevel(level)
 

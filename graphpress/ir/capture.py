@@ -276,7 +276,7 @@ def _hint(exc: BaseException, dynamic: bool) -> str:
         return 'The model fixes an input dimension; capture with "capture": {"dynamic": false}'
     return (
         "Make the forward traceable by torch.export (tensor inputs and outputs, no Python side effects "
-        "that depend on values), or compress the submodule that is"
+        "that depend on values), or compress a submodule whose forward is traceable"
     )
 
 
