@@ -93,8 +93,7 @@ def _compress(args) -> int:
     result = compress(args.model, spec, out_dir=args.out, progress=progress)
     if not args.quiet:
         r = result.report
-        o, c = r.original, r.compressed
-        print(f"{r.model}: parameters {o['params']:,} -> {c['params']:,} ({c['params'] / o['params']:.3f}x)")
+        print(headline(r))
         for i, p in enumerate(r.passes):
             v = p["verification"] or {}
             print(
@@ -104,6 +103,23 @@ def _compress(args) -> int:
             print(f"  {b['target']}: {b['artifact']} (rel_l2 vs eager {b['errors']['rel_l2']:.3g})")
         print(f"  report: {result.artifacts['report_html']} ({result.artifacts['report_md'].name}, plots/)")
     return 0
+
+
+def headline(report) -> str:
+    """What the run saved: stored bytes first (every tensor the model keeps), the KV cache per token for decode
+    graphs, parameters only where they still measure the weights (no compressed format holds them as buffers)."""
+    o, c = report.original, report.compressed
+    parts = [f"stored {_megabytes(o['bytes'])} -> {_megabytes(c['bytes'])} ({c['bytes'] / o['bytes']:.3f}x)"]
+    if o.get("kv_cache_bytes_per_token"):
+        ok, ck = o["kv_cache_bytes_per_token"], c["kv_cache_bytes_per_token"]
+        parts.append(f"KV cache {ok:,.0f} -> {ck:,.0f} bytes/token ({ck / ok:.3f}x)")
+    if not c.get("format_bytes"):
+        parts.append(f"parameters {o['params']:,} -> {c['params']:,} ({c['params'] / o['params']:.3f}x)")
+    return f"{report.model}: " + ", ".join(parts)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
 
 
 if __name__ == "__main__":

@@ -163,3 +163,45 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
     reader.stdout.close()  # before anything is written: the first write meets a closed pipe
     err = reader.stderr.read().decode()
     assert reader.wait() == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "passes, decode, params_shown",
+    [
+        ([{"pass": "weight_quant", "targets": "layers.*", "bits": 4, "group_size": 32}], False, False),
+        ([{"pass": "low_rank", "targets": "layers.*.mlp.*", "rank": 64}], False, True),
+        ([{"pass": "kv_cache_quant", "residual": 0, "key": {"axis": "channel", "group_size": 8}}], True, True),
+    ],
+    ids=["stored format", "low rank", "KV cache"],
+)
+def test_the_summary_leads_with_stored_bytes(tmp_path, capsys, passes, decode, params_shown):
+    """The command line's first line: stored bytes (the report's ratio), the KV cache per token for decode
+    graphs, and parameters only where no compressed format keeps the weights as buffers."""
+    spec = {"passes": passes, "backends": [], "verify": {"max": 1.0}}
+    if decode:
+        spec["capture"] = {"mode": "decode"}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    argv = ["compress", "--model", "examples/tiny_llama", "--spec", str(tmp_path / "spec.json")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    o, c = report["original"], report["compressed"]
+    assert line.startswith(f"tiny_llama: stored {o['bytes'] / 2**20:.2f} MiB -> {c['bytes'] / 2**20:.2f} MiB")
+    assert f"({c['bytes'] / o['bytes']:.3f}x)" in line
+    assert ("KV cache" in line) == decode
+    assert ("parameters" in line) == params_shown == (c["format_bytes"] == 0)
+
+
+def test_tied_weights_count_once():
+    """A SmolLM-style Llama ties its LM head to the embedding: one tensor, counted once (as the ONNX file stores it)."""
+    transformers = pytest.importorskip("transformers")
+    from graphpress.ir import capture
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    graph = capture(model, (torch.zeros(1, 6, dtype=torch.long),))
+    assert graph.summary().params == sum(p.numel() for p in model.parameters())  # parameters() dedups ties
+    assert graph.summary().params < sum(p.numel() for p in model.state_dict().values())

@@ -19,6 +19,9 @@ class GraphSummary:
     kv_cache_window_bytes: int | None = None
     """Decode graphs: bytes of bounded cache windows (full-precision residuals) per sequence."""
     op_histogram: dict[str, int] = field(default_factory=dict)
+    format_bytes: int = 0
+    """Bytes of the tensors that compressed-format ops rebuild weights from (buffers, not parameters: where this
+    is not 0, ``params`` no longer measures the weights, ``bytes`` does)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +52,7 @@ def summarize(graph: Graph) -> GraphSummary:
     flops = sum(2 * lin.in_features * lin.out_features for lin in graph.linears())
     flops += sum(_stored_flops(lin) for lin in graph.stored_linears())
     ops = Counter(str(n.target) for n in graph.fx.nodes if n.op == "call_function")
+    formats = {graph.tensor_name(a) for lin in graph.stored_linears() for a in lin.op.args} - {None}
     return GraphSummary(
         params=params,
         bytes=sum(by_dtype.values()),
@@ -57,4 +61,5 @@ def summarize(graph: Graph) -> GraphSummary:
         kv_cache_bytes_per_token=graph.cache.bytes_per_token if graph.cache is not None else None,
         kv_cache_window_bytes=graph.cache.window_bytes if graph.cache is not None else None,
         op_histogram=dict(sorted(ops.items())),
+        format_bytes=sum(graph.weight(n).numel() * graph.weight(n).element_size() for n in sorted(formats)),
     )

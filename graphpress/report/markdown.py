@@ -141,8 +141,9 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
         "",
         "| | original | compressed | ratio |",
         "|---|---:|---:|---:|",
-        f"| parameters | {_fmt_int(o['params'])} | {_fmt_int(c['params'])} | {_ratio(c['params'], o['params'])} |",
         f"| stored bytes | {_fmt_bytes(o['bytes'])} | {_fmt_bytes(c['bytes'])} | {_ratio(c['bytes'], o['bytes'])} |",
+        f"| parameters{' (compressed weights are format buffers: see stored bytes)' if c.get('format_bytes') else ''} "
+        f"| {_fmt_int(o['params'])} | {_fmt_int(c['params'])} | {_ratio(c['params'], o['params'])} |",
         f"| linear FLOPs / token | {_fmt_int(o['linear_flops_per_token'])} | {_fmt_int(c['linear_flops_per_token'])} "
         f"| {_ratio(c['linear_flops_per_token'], o['linear_flops_per_token'])} |",
     ]
