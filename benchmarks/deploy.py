@@ -274,7 +274,7 @@ def example_rows(tmp: Path, args) -> dict:
 
     hf_dir = example_dir(tmp / "example-hf")
     heldout = load_split("heldout")[: args.tokens]
-    calibration = calibration_batches(16, 256, 0)
+    calibration = calibration_batches(8, 128, 0)  # the last 2 verify (held out), 6 calibrate
     level4 = {"matmul_accuracy_level": 4}
     gptq = [{**INT4[0], "method": "gptq"}]
     rank, dims = args.example_mla
@@ -306,22 +306,24 @@ def example_rows(tmp: Path, args) -> dict:
 def shape_rows(tmp: Path, args) -> dict:
     """The random-weight Llama shape through every graphpress form and the builder's."""
     hf_dir = llama_dir(tmp / "hf", args.hidden, args.layers, args.heads, args.kv_heads, args.vocab)
-    rows = {OURS_EXTERNAL: graphpress_rows(hf_dir, tmp / "graphpress-external", args, token_loop=True)}
-    rows[OURS_INT4] = graphpress_rows(hf_dir, tmp / "graphpress-int4", args, INT4, opset=21, ort_contrib_ops=True)
+    rows, level4 = {}, {"matmul_accuracy_level": 4}
+    if not args.mla_only:
+        rows[OURS_EXTERNAL] = graphpress_rows(hf_dir, tmp / "graphpress-external", args, token_loop=True)
+        rows[OURS_INT4] = graphpress_rows(hf_dir, tmp / "graphpress-int4", args, INT4, opset=21, ort_contrib_ops=True)
     if args.all:
         rows[OURS] = graphpress_rows(hf_dir, tmp / "graphpress", args, external_data="never")
         rows[OURS_INT4_QDQ] = graphpress_rows(hf_dir, tmp / "graphpress-int4-qdq", args, INT4, opset=21)
     rows[OURS_GENAI], _ = genai_target_row(hf_dir, tmp / "genai", args)
-    rows[OURS_GENAI_INT4], _ = genai_target_row(hf_dir, tmp / "genai-int4", args, INT4)
-    level4 = {"matmul_accuracy_level": 4}
-    rows[OURS_GENAI_INT4_L4], _ = genai_target_row(hf_dir, tmp / "genai-int4-l4", args, INT4, **level4)
+    if not args.mla_only:
+        rows[OURS_GENAI_INT4], _ = genai_target_row(hf_dir, tmp / "genai-int4", args, INT4)
+        rows[OURS_GENAI_INT4_L4], _ = genai_target_row(hf_dir, tmp / "genai-int4-l4", args, INT4, **level4)
     rows[OURS_GENAI_KV4], graph = genai_target_row(hf_dir, tmp / "genai-kv4", args, [*INT4, KV4], **level4)
     latent = mla(*args.mla)
     rows[OURS_GENAI_MLA], _ = genai_target_row(hf_dir, tmp / "genai-mla", args, [latent])
     rows[OURS_GENAI_MLA_KV4], _ = genai_target_row(
         hf_dir, tmp / "genai-mla-kv4", args, [latent, *INT4, LATENT4], **level4
     )
-    for precision in ("fp32", "int4"):
+    for precision in () if args.mla_only else ("fp32", "int4"):
         rows[BUILDER.format(precision)] = in_genai(str(hf_dir), tmp / f"builder-{precision}", args, precision)
     scales = ["--kv-scales", str(kv_scale_file(graph, tmp / "kv_scales.json"))]
     rows[BUILDER.format("int4 + int4 KV")] = in_genai(str(hf_dir), tmp / "builder-kv4", args, "int4", scales)
@@ -358,6 +360,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--all", action="store_true", help="also the inline-weights and DequantizeLinear rows")
+    ap.add_argument("--mla-only", action="store_true", help="only the rows gqa_to_mla's goal compares")
     ap.add_argument("--example", action="store_true", help="the trained example LM instead, with perplexity")
     ap.add_argument("--example-mla", type=int, nargs=2, default=[32, 32], metavar=("KV_RANK", "ROPE_DIMS"))
     ap.add_argument("--tokens", type=int, default=65536, help="--example: held-out bytes scored")

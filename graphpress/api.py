@@ -109,10 +109,14 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
     source = model if isinstance(model, ModelSource) else _source(model, example_inputs)
     if source.example_inputs is None:
         raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
-    calibration, calibration_source, warnings = _calibration(source, spec, calibration_data)
+    calibration, verification, calibration_source, verified_on, warnings = _calibration(source, spec, calibration_data)
 
     t = time.perf_counter()
-    model, example_inputs, calibration = _in_dtype(spec.capture.dtype, source.model, source.example_inputs, calibration)
+    n = len(calibration)
+    model, example_inputs, both = _in_dtype(
+        spec.capture.dtype, source.model, source.example_inputs, calibration + verification
+    )
+    calibration, verification = both[:n], both[n:]
     with step(f"capturing {source.name} ({spec.capture.mode}) with torch.export"):
         tokens = 1 if spec.capture.step_tokens == 1 else None
         original = capture(
@@ -128,7 +132,7 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
 
     t = time.perf_counter()
     ctx = PassContext(calibration, seed=spec.calibration.seed)
-    verifier = Verifier(spec.verify, original, calibration)
+    verifier = Verifier(spec.verify, original, verification)
     pipeline = PassManager([build_pass(p) for p in spec.passes], verifier)
     result = pipeline.run(original, ctx)
     timings["passes"] = time.perf_counter() - t
@@ -147,6 +151,7 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
         timings["backends"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
+        report.calibration["verification"] = {"samples": len(verification), "source": verified_on}
         with step("writing the report"):
             written = {name: out / p.relative_to(stage) for name, p in write_report(report, stage).items()}
         files = [*(out / p.relative_to(stage) for p in stage.rglob("*") if p.is_file())]
@@ -209,15 +214,69 @@ def _source(model, example_inputs) -> ModelSource:
     return source
 
 
-def _calibration(source: ModelSource, spec: Spec, data: Iterable | None) -> tuple[list[tuple], str, list[str]]:
-    cfg = spec.calibration
+def _calibration(source: ModelSource, spec: Spec, data: Iterable | None):
+    """(calibration batches, verification batches, where each came from, warnings). Verification is on inputs
+    the passes were not fitted to unless ``verify.data`` says 'calibration' (see VerifyConfig.data)."""
+    cfg, held_out = spec.calibration, spec.verify.samples if spec.verify.data == "held_out" else 0
+    same = "the calibration data (verify.data)"
     if data is not None:
         batches = [b if isinstance(b, tuple) else (b,) for b in data]
-        return batches, "user data", []
-    files = calibration_from_files(cfg, source.tokenize)
+        kept = min(held_out, len(batches) // 2)
+        if kept:
+            n = len(batches)
+            return batches[:-kept], batches[-kept:], "user data", f"held out: the last {kept} of {n} batches given", []
+        if held_out:
+            why = "the calibration data itself: one batch given, none to hold out (give more to verify on new ones)"
+            return batches, batches, "user data", why, [f"verify: {why}"]
+        return batches, batches, "user data", same, []
+    files = calibration_from_files(cfg, source.tokenize, held_out)
     if files is not None:
-        return files, cfg.text or cfg.tokens, []
+        batches, others = files
+        if not held_out:
+            return batches, batches, cfg.text or cfg.tokens, same, []
+        if others:
+            return (
+                batches,
+                others,
+                cfg.text or cfg.tokens,
+                f"{len(others)} windows sharing no token with calibration's",
+                [],
+            )
+        why = "the calibration data itself: the file has no window the calibration windows do not touch"
+        return batches, batches, cfg.text or cfg.tokens, why, [f"verify: {why}"]
     if source.calibration_batches is not None:
-        return source.calibration_batches(cfg.samples, cfg.seq_len, cfg.seed), "model directory", []
-    warning = "no calibration data given: calibrating and verifying on the example inputs alone"
-    return [source.example_inputs], "example inputs", [warning]
+        batches = source.calibration_batches(cfg.samples, cfg.seq_len, cfg.seed)
+        if not held_out:
+            return batches, batches, "model directory", same, []
+        others = source.calibration_batches(held_out, cfg.seq_len, cfg.seed + 1)
+        return batches, others, "model directory", "other windows of the model directory's data (seed + 1)", []
+    warning = "no calibration data given: calibrating on the example inputs alone"
+    if not held_out:
+        return [source.example_inputs], [source.example_inputs], "example inputs", same, [warning]
+    others = [random_like(source.example_inputs, _vocabulary(source.model), cfg.seed + 1 + i) for i in range(held_out)]
+    return [source.example_inputs], others, "example inputs", "random inputs shaped like the example inputs", [warning]
+
+
+def random_like(inputs: tuple, vocabulary: int | None, seed: int) -> tuple:
+    """Inputs of the example's shapes and dtypes, drawn with ``seed``: integer tensors as ids below
+    ``vocabulary`` (else the example's largest + 1), floating ones with the example's mean and spread; anything
+    else as given."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.dtype == torch.bool:
+            return x.clone()
+        if not x.is_floating_point():
+            high = vocabulary if vocabulary is not None else int(x.max()) + 1 if x.numel() else 1
+            return torch.randint(0, max(high, 1), x.shape, generator=gen, dtype=x.dtype)
+        spread = x.float().std() if x.numel() > 1 else torch.tensor(1.0)
+        return (torch.randn(x.shape, generator=gen) * spread + x.float().mean()).to(x.dtype)
+
+    return tuple(draw(x) for x in inputs)
+
+
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """The size of the model's first embedding table: what its integer inputs index."""
+    return next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)

@@ -18,8 +18,11 @@ from .errors import SpecError
 from .schema.spec import CalibrationConfig
 
 
-def calibration_from_files(cfg: CalibrationConfig, tokenize: Callable[[str], list[int]] | None) -> list[tuple] | None:
-    """Batches (1, seq_len) from ``cfg.text`` or ``cfg.tokens``; None when the spec names neither."""
+def calibration_from_files(
+    cfg: CalibrationConfig, tokenize: Callable[[str], list[int]] | None, held_out: int = 0
+) -> tuple[list[tuple], list[tuple]] | None:
+    """Batches (1, seq_len) from ``cfg.text`` or ``cfg.tokens``, and ``held_out`` more that share no token
+    position with them (fewer where the file has no room); None when the spec names neither."""
     if cfg.text is not None:
         if tokenize is None:
             raise SpecError(
@@ -39,17 +42,34 @@ def calibration_from_files(cfg: CalibrationConfig, tokenize: Callable[[str], lis
     else:
         return None
     stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    return token_windows(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
+    starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
+    others = disjoint_starts(len(stream), starts, held_out, cfg.seq_len, cfg.seed + 1)
+    return tuple([(stream[s : s + cfg.seq_len].unsqueeze(0).clone(),) for s in chosen] for chosen in (starts, others))
 
 
-def token_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int, field: str) -> list[tuple]:
+def window_starts(stream: torch.Tensor, samples: int, seq_len: int, seed: int, field: str) -> list[int]:
     if stream.dim() != 1 or len(stream) < seq_len:
         raise SpecError(
             [(field, f"holds {stream.numel()} tokens, fewer than calibration.seq_len={seq_len}; lower seq_len")]
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=gen)
-    return [(stream[s : s + seq_len].unsqueeze(0).clone(),) for s in starts.tolist()]
+    return torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=gen).tolist()
+
+
+def disjoint_starts(length: int, taken: list[int], count: int, seq_len: int, seed: int) -> list[int]:
+    """Up to ``count`` window starts, drawn with ``seed``, whose windows share no position with ``taken``'s
+    (nor each other's): text the calibration did not see, for verification."""
+    covered = torch.zeros(length, dtype=torch.bool)
+    for start in taken:
+        covered[start : start + seq_len] = True
+    chosen: list[int] = []
+    for start in torch.randperm(length - seq_len + 1, generator=torch.Generator().manual_seed(seed)).tolist():
+        if len(chosen) == count:
+            break
+        if not covered[start : start + seq_len].any():
+            chosen.append(start)
+            covered[start : start + seq_len] = True
+    return chosen
 
 
 def _read(path: str, field: str) -> bytes:

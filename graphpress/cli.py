@@ -94,6 +94,9 @@ def _compress(args) -> int:
     if not args.quiet:
         r = result.report
         print(headline(r))
+        verified = r.calibration.get("verification")
+        if verified:
+            print(f"  verified on {verified['samples']} batches: {verified['source']}")
         for i, p in enumerate(r.passes):
             v = p["verification"] or {}
             print(

@@ -205,3 +205,51 @@ def test_tied_weights_count_once():
     graph = capture(model, (torch.zeros(1, 6, dtype=torch.long),))
     assert graph.summary().params == sum(p.numel() for p in model.parameters())  # parameters() dedups ties
     assert graph.summary().params < sum(p.numel() for p in model.state_dict().values())
+
+
+def test_data_fitted_passes_are_verified_on_inputs_they_did_not_see(hf_llama, tmp_path):
+    """gqa_to_mla at half rank fits its PCA to the example: on it the error is ~1e-7, on new tokens it is not.
+    Held-out verification (the default) reports the latter, and the report says what it verified on."""
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for data in ("held_out", "calibration"):
+        spec = {"passes": [{"pass": "gqa_to_mla", "kv_rank": 32}], "backends": [], "verify": {"max": 10, "data": data}}
+        report = compress(hf_llama, spec, (ids,), out_dir=tmp_path / data).report
+        errors[data] = report.passes[0]["verification"]["rel_l2"]
+        verified = report.calibration["verification"]
+        assert (
+            verified["source"]
+            == {
+                "held_out": "random inputs shaped like the example inputs",
+                "calibration": "the calibration data (verify.data)",
+            }[data]
+        )
+        assert verified["samples"] == (2 if data == "held_out" else 1)
+    assert errors["calibration"] < 1e-5 < 1e-2 < errors["held_out"]
+    assert "Verified on 2 batches: random inputs" in (tmp_path / "held_out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "given, calibrated, verified", [(4, 2, "held out: the last 2 of 4 batches given"), (1, 1, None)]
+)
+def test_calibration_data_given_is_partly_held_out_for_verification(tiny_llama, tmp_path, given, calibrated, verified):
+    batches = [(torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(i)),) for i in range(given)]
+    spec = {"passes": [], "backends": []}
+    report = compress(tiny_llama, spec, batches[0], calibration_data=batches, out_dir=tmp_path).report
+    assert report.calibration["samples"] == calibrated
+    if verified is None:  # one batch: nothing to hold out; verified on it, said
+        assert report.calibration["verification"]["source"].startswith("the calibration data itself: one batch")
+        assert any(w.startswith("verify: the calibration data itself") for w in report.warnings)
+    else:
+        assert report.calibration["verification"] == {"samples": 2, "source": verified}
+
+
+def test_held_out_windows_share_no_token_with_the_calibration_windows():
+    from graphpress.calibration import disjoint_starts
+
+    taken = [0, 50, 120]
+    chosen = disjoint_starts(200, taken, 3, 20, seed=1)
+    assert chosen == disjoint_starts(200, taken, 3, 20, seed=1) and len(chosen) == 3
+    windows = [set(range(s, s + 20)) for s in taken + chosen]
+    assert all(not (a & b) for i, a in enumerate(windows) for b in windows[i + 1 :])
+    assert disjoint_starts(60, [0, 30], 2, 30, seed=1) == []  # no room left

@@ -94,7 +94,12 @@ def test_compress_a_checkpoint_from_the_command_line(checkpoints, name, capture,
         == 0
     )
     report = json.loads((out / "report.json").read_text())
-    assert report["calibration"] == {"samples": 2, "source": str(root / "calib.txt"), "seed": 0}
+    assert report["calibration"] == {
+        "samples": 2,
+        "source": str(root / "calib.txt"),
+        "seed": 0,
+        "verification": {"samples": 2, "source": "2 windows sharing no token with calibration's"},
+    }
     assert report["capture"]["dtype"] == "float32"
     assert report["capture"]["model_dtype"] == ("bfloat16" if name == "llama_bf16" else "float32")
     assert report["capture"]["inputs"]["input_ids"][0] == [0, None]  # any batch
@@ -145,6 +150,10 @@ def test_calibration_files_and_their_errors(checkpoints, tmp_path):
     tokens = {"samples": 3, "seq_len": 16, "tokens": str(tmp_path / "ids.npy")}
     result = compress(dirs["bare"], {**spec, "calibration": tokens}, progress=False)
     assert result.report.calibration["samples"] == 3
+    assert result.report.calibration["verification"] == {
+        "samples": 2,
+        "source": "2 windows sharing no token with calibration's",
+    }
     again = compress(dirs["bare"], {**spec, "calibration": tokens}, progress=False)
     assert result.report.original == again.report.original
     with pytest.raises(SpecError, match=r"calibration\.tokens: holds 100 tokens, fewer than calibration\.seq_len=128"):

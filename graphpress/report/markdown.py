@@ -132,6 +132,13 @@ def _images(figures: dict[str, Figure], *names: str) -> list[str]:
     )
 
 
+def _verification_line(verification) -> list[str]:
+    """Which inputs each pass was verified on (reports written before this was recorded have none)."""
+    if not isinstance(verification, dict):
+        return []
+    return [f"Verified on {text(verification.get('samples', '?'))} batches: {text(verification.get('source', '?'))}."]
+
+
 def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> str:
     """The report as Markdown; ``figures`` (see :func:`render_plots`) are linked from plots/."""
     figures = {f.name: f for f in figures}
@@ -156,6 +163,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
         "",
         f"Calibration: {text(report.calibration.get('samples', '?'))} batches "
         f"({text(report.calibration.get('source', '?'))}), seed {text(report.calibration.get('seed', '?'))}.",
+        *_verification_line(report.calibration.get("verification")),
         *_capture_line(report.capture),
         "",
         *_images(figures, "verification.png", "kv-cache.png"),

@@ -67,6 +67,15 @@ class VerifyConfig(StrictModel):
     metric: Literal["rel_l2", "max_abs", "cosine_distance"] = "rel_l2"
     max: float = Field(0.05, ge=0, description="Largest allowed error of the graph after each pass vs the original.")
     on_fail: Literal["error", "warn"] = "error"
+    data: Literal["held_out", "calibration"] = Field(
+        "held_out",
+        description="What each pass is verified on. 'held_out': inputs the passes were not fitted to (windows of "
+        "the calibration text that share no token with the calibration windows; other windows of a model "
+        "directory's data; the last calibration batches given, then not calibrated on; or random inputs shaped "
+        "like the example inputs when there is no data); the report says which. 'calibration': the calibration "
+        "data itself (a fitted pass looks better there than on new inputs).",
+    )
+    samples: int = Field(2, ge=1, le=256, description="held_out: how many verification batches.")
 
 
 class Spec(StrictModel):
