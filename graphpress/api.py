@@ -253,30 +253,23 @@ def _calibration(source: ModelSource, spec: Spec, data: Iterable | None):
     warning = "no calibration data given: calibrating on the example inputs alone"
     if not held_out:
         return [source.example_inputs], [source.example_inputs], "example inputs", same, [warning]
-    others = [random_like(source.example_inputs, _vocabulary(source.model), cfg.seed + 1 + i) for i in range(held_out)]
+    others = [random_like(source.example_inputs, cfg.seed + 1 + i) for i in range(held_out)]
     return [source.example_inputs], others, "example inputs", "random inputs shaped like the example inputs", [warning]
 
 
-def random_like(inputs: tuple, vocabulary: int | None, seed: int) -> tuple:
-    """Inputs of the example's shapes and dtypes, drawn with ``seed``: integer tensors as ids below
-    ``vocabulary`` (else the example's largest + 1), floating ones with the example's mean and spread; anything
-    else as given."""
+def random_like(inputs: tuple, seed: int) -> tuple:
+    """Inputs of the example's shapes and dtypes, drawn with ``seed``: integer tensors uniformly within the
+    example's own range (token ids; an all-ones mask or all-zero token types stay so), floating ones with the
+    example's mean and spread; anything else as given."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(x):
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.numel() == 0:
             return x
-        if x.dtype == torch.bool:
-            return x.clone()
         if not x.is_floating_point():
-            high = vocabulary if vocabulary is not None else int(x.max()) + 1 if x.numel() else 1
-            return torch.randint(0, max(high, 1), x.shape, generator=gen, dtype=x.dtype)
+            low, high = int(x.min()), int(x.max())
+            return torch.randint(low, high + 1, x.shape, generator=gen, dtype=x.dtype)
         spread = x.float().std() if x.numel() > 1 else torch.tensor(1.0)
         return (torch.randn(x.shape, generator=gen) * spread + x.float().mean()).to(x.dtype)
 
     return tuple(draw(x) for x in inputs)
-
-
-def _vocabulary(model: torch.nn.Module) -> int | None:
-    """The size of the model's first embedding table: what its integer inputs index."""
-    return next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)

@@ -113,7 +113,12 @@ def run_pass(model, mode, config):
     """Compress ``model`` with one pass (no backends), calibrated on CALIBRATION; (result, the pass's report)."""
     from graphpress import compress
 
-    spec = {"capture": {"mode": mode}, "passes": [config], "verify": {"max": 100.0}, "backends": []}
+    spec = {
+        "capture": {"mode": mode},
+        "passes": [config],
+        "verify": {"max": 100.0, "data": "calibration"},
+        "backends": [],
+    }
     result = compress(model, spec, (token_ids(1, 12),), calibration_data=CALIBRATION, progress=False)
     return result, result.report.passes[0]
 
