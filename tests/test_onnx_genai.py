@@ -153,7 +153,7 @@ STATIC4 = {"pass": "kv_cache_quant", "scales": "static", "residual": 0, "key": S
 def test_an_absorbed_mla_model_runs_as_one_latent_kv_head(tmp_path, passes):
     """gqa_to_mla's latent cache runs in GroupQueryAttention as one KV head of [latent, RoPE key] (kv_rank 32 +
     16 RoPE dims), its 4-bit static codes as the op's quantized cache, and generates what the eager graph does."""
-    spec = {**DECODE, "passes": passes, "backends": [GENAI], "verify": {"max": 0.2}}
+    spec = {**DECODE, "passes": passes, "backends": [GENAI], "verify": {"max": 1.0}}
     result = compress("examples/tiny_llama", spec, out_dir=tmp_path)
     record = result.report.backends[0]
     assert record["details"]["latent_as_key_value"] == 4
@@ -172,7 +172,7 @@ def test_an_absorbed_mla_model_runs_as_one_latent_kv_head(tmp_path, passes):
     ids=["one layer converted", "not absorbed"],
 )
 def test_latent_caches_the_op_cannot_take_are_refused_with_the_reason(tmp_path, mla, match):
-    spec = {**DECODE, "passes": [mla], "backends": [GENAI], "verify": {"max": 0.2}}
+    spec = {**DECODE, "passes": [mla], "backends": [GENAI], "verify": {"max": 1.0}}
     with pytest.raises(BackendError, match=match):
         compress("examples/tiny_llama", spec, out_dir=tmp_path)
     assert not (tmp_path / "genai_config.json").exists()
