@@ -23,7 +23,17 @@ def main(argv: list[str] | None = None) -> int:
 
     comp = sub.add_parser("compress", help="compress a model as a JSON spec says; write artifacts and a report")
     comp.add_argument("--model", required=True, help="a model directory (e.g. examples/tiny_llama) or 'module:factory'")
-    comp.add_argument("--spec", required=True, help="path to the JSON spec")
+    chosen = comp.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--spec", help="path to the JSON spec")
+    chosen.add_argument("--preset", help="a named spec shipped with graphpress (see `graphpress presets`)")
+    comp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one field of the spec or preset, e.g. --set passes[0].bits=3 (VALUE is read as JSON, else "
+        "as a string); repeatable; checked by the schema like the spec",
+    )
     comp.add_argument("--out", required=True, help="output directory for artifacts and report")
     shown = comp.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print nothing but errors (no progress bars, no summary)")
@@ -35,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("out", help="the --out directory of a compress run (or its report.json)")
 
     sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+
+    pre = sub.add_parser("presets", help="list the shipped specs for common goals, or print one as JSON")
+    pre.add_argument("name", nargs="?", help="print this preset's spec (to copy and edit)")
 
     insp = sub.add_parser("inspect", help="summarise an ONNX artifact: sizes, ops, custom domains, KV-cache I/O")
     insp.add_argument("file", help="path to a .onnx file")
@@ -48,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             from .schema import json_schema
 
             print(json.dumps(json_schema(), indent=2))
+            return 0
+        if args.command == "presets":
+            print(_presets(args.name))
             return 0
         if args.command == "inspect":
             from .inspection import format_inspection, inspect_onnx
@@ -83,9 +99,8 @@ def _terminated(signum, _frame):
 
 def _compress(args) -> int:
     from .api import compress
-    from .schema import load_spec
 
-    spec = load_spec(args.spec)  # fail on a bad spec before loading the model
+    spec = _spec(args)  # fail on a bad spec before loading the model
     if args.quiet:  # the library's and its dependencies' warnings too: the report keeps graphpress's own
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
@@ -106,6 +121,36 @@ def _compress(args) -> int:
             print(f"  {b['target']}: {b['artifact']} (rel_l2 vs eager {b['errors']['rel_l2']:.3g})")
         print(f"  report: {result.artifacts['report_html']} ({result.artifacts['report_md'].name}, plots/)")
     return 0
+
+
+def _spec(args):
+    from .presets import preset, with_overrides
+    from .schema import load_spec
+
+    if args.preset is not None:
+        return load_spec(preset(args.preset, args.set))
+    spec = load_spec(args.spec)
+    if not args.set:
+        return spec
+    return load_spec(with_overrides(spec.model_dump(mode="json", by_alias=True), args.set))
+
+
+def _presets(name: str | None) -> str:
+    import textwrap
+
+    from .presets import names, preset
+
+    if name is not None:
+        return json.dumps(preset(name), indent=2)
+    lines = []
+    for each in names():
+        data = preset(each)
+        passes = " + ".join(p["pass"] for p in data.get("passes", []))
+        targets = ", ".join(b.get("runtime", b["target"]) for b in data.get("backends", []))
+        lines.append(f"{each}  ({passes} -> {targets})")
+        lines += textwrap.wrap(data.get("description", ""), 100, initial_indent="    ", subsequent_indent="    ")
+    lines.append("\nrun one: graphpress compress --model DIR --preset NAME --out OUT [--set passes[0].bits=3 ...]")
+    return "\n".join(lines)
 
 
 def headline(report) -> str:

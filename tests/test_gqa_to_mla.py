@@ -207,3 +207,20 @@ def test_models_without_attention_are_refused():
 def test_config_errors(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         mla(**fields)
+
+
+def test_kv_ratio_picks_the_rank_a_fraction_of_the_cache_leaves(trained_llama, calibration):
+    """2 x 2 KV heads x 32 = 128 numbers per token; half of them, less 32 RoPE dims, is a latent of 32."""
+    graph = capture(trained_llama, (calibration[0][0],))
+    rope = {"mode": "decoupled", "dims": 32}
+    by_ratio = convert(graph, calibration, kv_ratio=0.5, rope=rope)
+    by_rank = convert(graph, calibration, kv_rank=32, rope=rope)
+    assert {layer.details["kv_rank"] for layer in by_ratio.report.layers} == {32}
+    ids = calibration[1][0]
+    assert torch.equal(logits(by_ratio.graph, ids), logits(by_rank.graph, ids))
+    odd = convert(graph, calibration, kv_ratio=0.3, rope=rope)  # int(38.4) - 32 = 6
+    assert {layer.details["kv_rank"] for layer in odd.report.layers} == {6}
+    with pytest.raises(PassPreconditionError, match=r"kv_ratio: 0.2 .* leaves no latent beside rope.dims 32"):
+        convert(graph, calibration, kv_ratio=0.2, rope=rope)
+    with pytest.raises(pydantic.ValidationError, match="kv_rank and kv_ratio are alternatives"):
+        mla(kv_rank=32, kv_ratio=0.5)

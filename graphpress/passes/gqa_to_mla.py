@@ -176,6 +176,14 @@ class GqaToMla(Pass):
                 )
         full = 2 * d - rope_dims
         rank = cfg.kv_rank if cfg.kv_rank is not None else full
+        if cfg.kv_ratio is not None:
+            rank = int(cfg.kv_ratio * 2 * d) - rope_dims
+            rank -= rank % 2 if rank > 1 else 0
+            if rank < 1:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.kv_ratio: {cfg.kv_ratio} of {block.path}'s 2 x {d} K/V numbers per token "
+                    f"leaves no latent beside rope.dims {rope_dims}; raise kv_ratio or lower rope.dims"
+                )
         if rank > full:
             raise PassPreconditionError(
                 f"{ctx.spec_path}.kv_rank: {rank} exceeds what exactness needs for {block.path}: "

@@ -143,9 +143,13 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
     """The report as Markdown; ``figures`` (see :func:`render_plots`) are linked from plots/."""
     figures = {f.name: f for f in figures}
     o, c = report.original, report.compressed
-    lines = [
-        f"# graphpress report: {text(report.model)}",
-        "",
+    description = report.spec.get("description") if isinstance(report.spec, dict) else None
+    lines = [f"# graphpress report: {text(report.model)}", ""]
+    if description:
+        lines += [text(description), ""]
+    if report.warnings:  # first: what the reader must know before trusting the figures below
+        lines += ["## warnings", ""] + [f"- {prose(w)}" for w in report.warnings] + [""]
+    lines += [
         "| | original | compressed | ratio |",
         "|---|---:|---:|---:|",
         f"| stored bytes | {_fmt_bytes(o['bytes'])} | {_fmt_bytes(c['bytes'])} | {_ratio(c['bytes'], o['bytes'])} |",
@@ -217,8 +221,6 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
             f"Time {b['seconds']:.2f} s." + _latency_sentence(b.get("latency")),
             "",
         ]
-    if report.warnings:
-        lines += ["## warnings", ""] + [f"- {prose(w)}" for w in report.warnings] + [""]
     timing = ", ".join(f"{text(k)} {v:.2f} s" for k, v in report.timings.items())
     lines += [f"Timings: {timing}.", ""]
     return "\n".join(lines)

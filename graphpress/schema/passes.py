@@ -164,6 +164,14 @@ class GqaToMlaConfig(PassConfig):
         description="Numbers cached per token per layer for the latent (plus rope.dims in decoupled mode). "
         "Default: full rank (2 * num_kv_heads * head_dim, minus rope.dims when decoupled): exact, no saving.",
     )
+    kv_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Instead of kv_rank, for any model: the fraction of each layer's K and V numbers per token that "
+        "the cache keeps (latent + rope.dims); the latent rank is rounded down to an even number (4-bit codes "
+        "pack in pairs). 0.5 halves the cache.",
+    )
     rope: RopeHandling = Field(
         default_factory=RopeHandling,
         description="How RoPE survives the latent cache: {'mode': 'after_up_projection'} or "
@@ -178,6 +186,8 @@ class GqaToMlaConfig(PassConfig):
 
     @model_validator(mode="after")
     def _check(self) -> GqaToMlaConfig:
+        if self.kv_rank is not None and self.kv_ratio is not None:
+            raise ValueError("kv_rank and kv_ratio are alternatives; give one")
         if self.rope.mode == "after_up_projection":
             if self.absorb:
                 raise ValueError("absorb needs rope.mode 'decoupled' (RoPE on the rebuilt K prevents absorbing W_uk)")

@@ -88,6 +88,9 @@ class Spec(StrictModel):
             raise ValueError(f"Input should be 1, got {str(value).lower()}")
         return value
 
+    description: str | None = Field(
+        None, description="What the spec is for, in a sentence or two (shown by `graphpress presets` and the report)."
+    )
     capture: CaptureConfig = CaptureConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[AnyPassConfig] = Field(default_factory=list)
