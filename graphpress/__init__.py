@@ -9,6 +9,7 @@ from .errors import (
     OutputError,
     PassPostconditionError,
     PassPreconditionError,
+    ShapeError,
     SpecError,
     VerificationError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "OutputError",
     "PassPostconditionError",
     "PassPreconditionError",
+    "ShapeError",
     "SpecError",
     "VerificationError",
     "compress",

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
+from . import evaluation
 from .backends import build_backend
+from .backends.base import tensor_leaves
 from .calibration import calibration_from_files
 from .errors import CaptureError
 from .fileio import claimed_output, previous_run_files, publish_all, remove_stale, staging_dir, write_manifest
 from .ir import Graph, capture
 from .ir.decode import STEP_INPUTS
+from .ir.shapes import check_shapes
 from .model_source import ModelSource, load_source
 from .passes import PassContext, PassManager, Verifier, build_pass
 from .progress import Progress, step
@@ -32,6 +35,7 @@ class CompressedModel(torch.nn.Module):
 
     def __init__(self, graph: Graph):
         super().__init__()
+        self.graph = graph
         self.graph_module = graph.module()
         names = _argument_names(graph)
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -45,7 +49,11 @@ class CompressedModel(torch.nn.Module):
                 f"the compressed model takes the inputs it was captured with, {self.signature}: {exc} (capture "
                 "another input by giving it in example_inputs)"
             ) from None
-        return self.graph_module(*bound.args)
+        try:
+            return self.graph_module(*bound.args)
+        except Exception:
+            check_shapes(self.graph, tensor_leaves(bound.args))  # a shape capture did not promise: say which
+            raise
 
 
 def _argument_names(graph: Graph) -> list[str]:
@@ -110,6 +118,7 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
     if source.example_inputs is None:
         raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
     calibration, verification, calibration_source, verified_on, warnings = _calibration(source, spec, calibration_data)
+    evaluation_tokens = evaluation.prepare(spec.evaluate, source.tokenize) if spec.evaluate else None
 
     t = time.perf_counter()
     n = len(calibration)
@@ -123,6 +132,8 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
             model, example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic, step_tokens=tokens
         )
     timings["capture"] = time.perf_counter() - t
+    if spec.evaluate:
+        evaluation.check(original, _argument_names(original), model, evaluation_tokens)
     if original.cache is not None and original.cache.step_tokens == 1 and tokens is None:
         warnings.append(
             f"capture.step_tokens: {type(model).__name__}'s attention pins the query length under torch.export "
@@ -139,7 +150,7 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
 
     with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all
         artifacts: dict[str, Path] = {}
-        records = []
+        records, backends = [], []
         t = time.perf_counter()
         for i, backend_config in enumerate(spec.backends):
             backend = build_backend(backend_config, f"backends[{i}]")
@@ -147,10 +158,22 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
             record = backend.build(result.graph, calibration, stage)
             record.artifact = str(out / Path(record.artifact).relative_to(stage))
             artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
+            record.details["validated_shapes"] = backend.validated_shapes
+            record.warnings += backend.shape_warnings
             records.append(record.to_dict())
+            backends.append(backend)
         timings["backends"] = time.perf_counter() - t
+        scores = {}
+        if spec.evaluate:
+            t = time.perf_counter()
+            scores, failed = evaluation.evaluate(
+                spec.evaluate, evaluation_tokens, source.tokenize, model, original, result.graph, backends, records
+            )
+            warnings += failed
+            timings["evaluate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
+        report.evaluation = scores
         report.calibration["verification"] = {"samples": len(verification), "source": verified_on}
         with step("writing the report"):
             written = {name: out / p.relative_to(stage) for name, p in write_report(report, stage).items()}

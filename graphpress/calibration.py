@@ -6,6 +6,7 @@ with the calibration seed, so the same spec calibrates on the same windows.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from collections.abc import Callable
@@ -23,28 +24,60 @@ def calibration_from_files(
 ) -> tuple[list[tuple], list[tuple]] | None:
     """Batches (1, seq_len) from ``cfg.text`` or ``cfg.tokens``, and ``held_out`` more that share no token
     position with them (fewer where the file has no room); None when the spec names neither."""
-    if cfg.text is not None:
+    if cfg.text is None and cfg.tokens is None:
+        return None
+    stream = token_stream(cfg.text, cfg.tokens, tokenize, "calibration")
+    field = "calibration.text" if cfg.text is not None else "calibration.tokens"
+    starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
+    others = disjoint_starts(len(stream), starts, held_out, cfg.seq_len, cfg.seed + 1)
+    return tuple([(stream[s : s + cfg.seq_len].unsqueeze(0).clone(),) for s in chosen] for chosen in (starts, others))
+
+
+def token_stream(
+    text: str | None, tokens: str | None, tokenize: Callable[[str], list[int]] | None, section: str
+) -> torch.Tensor:
+    """One 1-D int64 token sequence from ``{section}.text`` (a UTF-8 file, gzip allowed; a .jsonl file's "text"
+    fields joined by blank lines), tokenized with the model's tokenizer, or from ``{section}.tokens``."""
+    if text is not None:
         if tokenize is None:
             raise SpecError(
                 [
                     (
-                        "calibration.text",
+                        f"{section}.text",
                         "the model has no tokenizer (a checkpoint folder without tokenizer files, or a model "
-                        "directory without tokenize()); give calibration.tokens, a file of token ids, instead",
+                        f"directory without tokenize()); give {section}.tokens, a file of token ids, instead",
                     )
                 ]
             )
-        ids = tokenize(_read(cfg.text, "calibration.text").decode("utf-8", errors="replace"))
-        field = "calibration.text"
-    elif cfg.tokens is not None:
-        ids = _token_file(cfg.tokens)
-        field = "calibration.tokens"
+        ids = tokenize(_text(text, f"{section}.text"))
     else:
-        return None
-    stream = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-    starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
-    others = disjoint_starts(len(stream), starts, held_out, cfg.seq_len, cfg.seed + 1)
-    return tuple([(stream[s : s + cfg.seq_len].unsqueeze(0).clone(),) for s in chosen] for chosen in (starts, others))
+        ids = _token_file(tokens, f"{section}.tokens")
+    return torch.as_tensor(np.asarray(ids, dtype=np.int64))
+
+
+def _text(path: str, field: str) -> str:
+    data = _read(path, field)
+    name = path.removesuffix(".gz")
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise SpecError([(field, f"{path!r} is not a readable gzip file: {exc}")]) from None
+    text = data.decode("utf-8", errors="replace")
+    if not name.endswith(".jsonl"):
+        return text
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpecError([(field, f"{path!r} line {number}: not JSON ({exc.msg})")]) from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise SpecError([(field, f"{path!r} line {number}: expected an object with a string 'text' field")])
+        documents.append(row["text"])
+    return "\n\n".join(documents)
 
 
 def window_starts(stream: torch.Tensor, samples: int, seq_len: int, seed: int, field: str) -> list[int]:
@@ -79,8 +112,7 @@ def _read(path: str, field: str) -> bytes:
         raise SpecError([(field, f"cannot read {path!r}: {exc.strerror or exc}")]) from None
 
 
-def _token_file(path: str) -> list[int]:
-    field = "calibration.tokens"
+def _token_file(path: str, field: str) -> list[int]:
     suffix = Path(path).suffix
     if suffix not in (".npy", ".pt", ".json"):
         raise SpecError([(field, f"{path!r}: expected a .npy, .pt or .json file of token ids")])

@@ -105,7 +105,12 @@ def _compress(args) -> int:
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
     progress = False if args.quiet else (True if args.progress else None)
-    result = compress(args.model, spec, out_dir=args.out, progress=progress)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        result = compress(args.model, spec, out_dir=args.out, progress=progress)
+    finally:
+        warnings.formatwarning = shown
     if not args.quiet:
         r = result.report
         print(headline(r))
@@ -119,8 +124,23 @@ def _compress(args) -> int:
             )
         for b in r.backends:
             print(f"  {b['target']}: {b['artifact']} (rel_l2 vs eager {b['errors']['rel_l2']:.3g})")
+        scored = r.evaluation.get("perplexity")
+        if scored:
+            rows = ", ".join(f"{row['model']} {_figure(row.get('perplexity'))}" for row in scored["rows"])
+            print(f"  perplexity on {scored['tokens']:,} tokens of {scored['data']}: {rows}")
+        for task, metric in _task_metrics(r.evaluation):
+            rows = ", ".join(
+                f"{row['model']} {_figure((row.get('tasks') or {}).get(task, {}).get(metric))}"
+                for row in r.evaluation["lm_eval"]["rows"]
+            )
+            print(f"  lm-eval {task} {metric}: {rows}")
         print(f"  report: {result.artifacts['report_html']} ({result.artifacts['report_md'].name}, plots/)")
     return 0
+
+
+def _one_line_warning(message, category, *_) -> str:
+    """A warning as one line, without the source line Python would quote (the user did not write it)."""
+    return f"graphpress: {category.__name__}: {message}\n"
 
 
 def _spec(args):
@@ -163,7 +183,27 @@ def headline(report) -> str:
         parts.append(f"KV cache {ok:,.0f} -> {ck:,.0f} bytes/token ({ck / ok:.3f}x)")
     if not c.get("format_bytes"):
         parts.append(f"parameters {o['params']:,} -> {c['params']:,} ({c['params'] / o['params']:.3f}x)")
+    rows = report.evaluation.get("perplexity", {}).get("rows", [])
+    if len(rows) >= 2 and rows[0].get("perplexity") and rows[1].get("perplexity") is not None:
+        before, after = rows[0]["perplexity"], rows[1]["perplexity"]
+        parts.append(f"perplexity {before:.4f} -> {after:.4f} ({after / before - 1:+.1%})")
+    elif _task_metrics(report.evaluation):  # no perplexity: the first task metric leads instead
+        task, metric = _task_metrics(report.evaluation)[0]
+        before, after = (row["tasks"][task][metric] for row in report.evaluation["lm_eval"]["rows"][:2])
+        parts.append(f"{task} {metric} {before:.4f} -> {after:.4f}")
     return f"{report.model}: " + ", ".join(parts)
+
+
+def _task_metrics(evaluation: dict) -> list[tuple[str, str]]:
+    """(task, metric) pairs the original was scored on by lm-eval, in its order."""
+    rows = evaluation.get("lm_eval", {}).get("rows", [])
+    return (
+        [(task, metric) for task, metrics in (rows[0].get("tasks") or {}).items() for metric in metrics] if rows else []
+    )
+
+
+def _figure(value: float | None) -> str:
+    return "failed" if value is None else f"{value:.4f}"
 
 
 def _megabytes(n: int) -> str:

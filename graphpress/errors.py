@@ -51,3 +51,7 @@ class OutputError(GraphpressError):
 class ArtifactMismatchError(GraphpressError):
     """A file of a run's output directory is not the one its manifest.json lists: a run is publishing
     there, was killed while it did, or the file was changed since."""
+
+
+class ShapeError(GraphpressError, ValueError):
+    """Inputs of a shape the captured graph does not take; the message names the input and dimension."""

@@ -155,3 +155,20 @@ def test_missing_torch_mlir_is_named(tiny_llama, tmp_path, monkeypatch):
     ):
         mlir_backend().build(capture(tiny_llama, (ids,)), [(ids,)], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_second_shape_check_finds_a_batch_the_decomposition_pinned(tiny_llama, tmp_path, batch):
+    """Decomposing re-traces at the calibration shapes: from a batch of 1 the program keeps batch 1 as a constant,
+    which validating at a second shape (2 x 4) now finds and says, with what to do; from a batch of 2 the program
+    takes other batches, and is validated at both shapes."""
+    ids = torch.randint(0, 256, (batch, 8), generator=torch.Generator().manual_seed(0))
+    backend = mlir_backend(dialect="torch")
+    record = backend.build(capture(tiny_llama, (ids,)), [(ids,)], tmp_path)
+    if batch == 1:
+        assert backend.validated_shapes == ["1x8"]
+        [warning] = backend.shape_warnings
+        assert "runs at 1x8 but not at 2x4" in warning and "calibrate with a batch of 2 or more" in warning
+    else:
+        assert backend.validated_shapes == ["2x8", "3x4"] and not backend.shape_warnings
+    assert record.errors["rel_l2"] < 1e-5

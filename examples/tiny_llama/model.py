@@ -234,3 +234,8 @@ def calibration_batches(samples: int, seq_len: int, seed: int) -> list[tuple[tor
     from .data import load_split, random_windows
 
     return [(w[None],) for w in random_windows(load_split("calibration"), samples, seq_len, seed)]
+
+
+def tokenize(text: str) -> list[int]:
+    """The model's tokenizer: UTF-8 bytes (vocab 256), so `calibration.text` / `evaluate.perplexity.text` work."""
+    return list(text.encode("utf-8"))

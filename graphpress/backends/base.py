@@ -58,12 +58,20 @@ class Comparison:
 class Backend(ABC):
     target: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
+    shape_hint: ClassVar[str] = ""
+    """What to do when the artifact refuses a shape the graph takes (said in the warning)."""
 
     def __init__(self, config: BaseModel, spec_path: str = "backends"):
         self.config = config
         self.spec_path = spec_path
         """Where this backend's config sits in the spec (e.g. 'backends[0]'), for error messages."""
         self.source = None
+        self.validated_shapes: list[str] = []
+        """The input shapes :meth:`compare_with_eager` checked the artifact at (the report lists them)."""
+        self.shape_warnings: list[str] = []
+        """Shapes the captured graph takes and the artifact does not (the run's report lists them first)."""
+        self.runners: tuple[Callable, Callable] | None = None
+        """(run, decoder) of the built artifact, as :meth:`compare_with_eager` was given them; None before."""
         """The ModelSource compressed (set by ``compress``): its config and tokenizer files, for artifacts
         that carry them; None when a backend is built on a bare graph."""
 
@@ -89,18 +97,30 @@ class Backend(ABC):
         """
         import torch
 
+        from ..ir.shapes import other_shape
         from ..metrics import compare_outputs
-        from ..runtime import TorchDecoder, teacher_forced_logits
+        from ..runtime import TorchDecoder, prefill, teacher_forced_logits
+
+        self.runners = (run, decoder)  # the artifact as validation runs it: evaluation scores it the same way
 
         with torch.no_grad(), step(f"{self.spec_path} {self.target}: validating against eager"):
             if graph.cache is not None:
+                made = decoder()  # loaded now: the staged file may move before evaluation runs it
+                self.runners = (run, lambda: made)
                 ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
                 (ours, ours_s), (ref, ref_s) = (
-                    _timed(teacher_forced_logits, d, ids) for d in (decoder(), TorchDecoder(graph))
+                    _timed(teacher_forced_logits, d, ids) for d in (made, TorchDecoder(graph))
                 )
                 steps = ids.shape[1]
+                outputs, references = [ours], [ref]
+                self.validated_shapes = [f"decode: {_shape(ids)} token by token"]
+                prompt = _other_prompt(graph, ids)
+                if prompt is not None:  # a batch more, a prompt in one call where the step takes one
+                    outputs.append(prefill(made, prompt)[0])
+                    references.append(prefill(TorchDecoder(graph), prompt)[0])
+                    self.validated_shapes.append(f"decode: prompt {_shape(prompt)}")
                 return Comparison(
-                    compare_outputs([ours], [ref]), _latency(ours_s / steps, ref_s / steps, "decode step")
+                    compare_outputs(outputs, references), _latency(ours_s / steps, ref_s / steps, "decode step")
                 )
             eager = graph.module()
             outputs, references, ours_s, ref_s = [], [], [], []
@@ -111,7 +131,44 @@ class Backend(ABC):
                 ref, seconds = _timed(eager, *args)
                 references.append(tensor_leaves(ref))
                 ref_s.append(seconds)
+            self.validated_shapes = sorted({_shape(*tensor_leaves(args)) for args in inputs})
+            other = other_shape(graph, tensor_leaves(inputs[0])) if _all_tensors(inputs[0]) else None
+            if other is not None:  # beyond the calibration shapes, within what capture promised
+                try:
+                    ours = run(other)
+                except Exception as exc:
+                    self.shape_warnings.append(
+                        f"{self.spec_path}: the {self.target} artifact runs at {self.validated_shapes[0]} but not at "
+                        f"{_shape(*other)}, which the captured graph takes: {' '.join(str(exc).split())[:200]}"
+                        + (f" ({self.shape_hint})" if self.shape_hint else "")
+                    )
+                else:
+                    outputs.append(ours)
+                    references.append(tensor_leaves(eager(*other)))
+                    self.validated_shapes.append(_shape(*other))
             return Comparison(compare_outputs(outputs, references), _latency(median(ours_s), median(ref_s), "sample"))
+
+
+def _shape(*tensors) -> str:
+    return ", ".join("x".join(map(str, t.shape)) for t in tensors)
+
+
+def _all_tensors(args) -> bool:
+    import torch
+
+    return isinstance(args, tuple) and all(isinstance(a, torch.Tensor) for a in args)
+
+
+def _other_prompt(graph: Graph, ids):
+    """The validation tokens at one more sequence and half the length (at least 2), if capture allows that batch."""
+    import torch
+
+    captured = graph.input_ranges().get("input_ids", [ids.shape[0]])[0]
+    batch = ids.shape[0] + 1
+    if isinstance(captured, int) or (captured[1] is not None and batch > captured[1]):
+        return None
+    length = max(2, ids.shape[1] // 2)
+    return ids.index_select(0, torch.arange(batch) % ids.shape[0])[:, :length]
 
 
 def _timed(fn: Callable, *args) -> tuple[Any, float]:

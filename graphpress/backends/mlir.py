@@ -38,6 +38,10 @@ STATIC_PREFIX = 8
 class MlirBackend(Backend):
     target = "mlir"
     Config = MlirBackendConfig
+    shape_hint = (
+        "decomposing re-traces the graph at the calibration shapes, and a batch of 1 there becomes a constant: "
+        "calibrate with a batch of 2 or more, or set static_shapes"
+    )
 
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
         self.require("torch_mlir", "mlir")

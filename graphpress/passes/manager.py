@@ -41,11 +41,13 @@ class Verifier:
         record = {**errors, "metric": self.config.metric, "max": self.config.max, "passed": passed}
         if not passed:
             message = (
-                f"{where}: {self.config.metric} = {value:.4g} vs the original exceeds verify.max = {self.config.max:g} "
-                "(loosen verify.max, set verify.on_fail to 'warn', or compress less)"
+                f"{where}: {self.config.metric} = {value:.4g} vs the original exceeds verify.max = {self.config.max:g}"
             )
             if self.config.on_fail == "error":
-                raise VerificationError(message)
+                raise VerificationError(
+                    message + " (loosen verify.max, set verify.on_fail to 'warn', or compress less)"
+                )
+            message += " (verify.on_fail is 'warn': the artifacts were written)"
             warnings.warn(message, stacklevel=2)
             record["warning"] = message
         return record

@@ -24,6 +24,9 @@ class CompressionReport:
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """The spec's ``evaluate`` results: {'perplexity': {data, tokens, seq_len, decode, rows}, 'lm_eval': {tasks,
+    limit, rows}}, a row per model scored (see evaluation.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +123,34 @@ class _BackendShape(_Shape):
     latency: _Latency | None = None
 
 
+class _Scored(_Shape):
+    model: str
+    runs_in: str
+    perplexity: Number | None = None
+    bytes: Count | None = None
+    seconds: Number | None = None
+    error: str | None = None
+    tasks: dict[str, dict[str, Number]] | None = None
+
+
+class _LmEval(_Shape):
+    tasks: list[str]
+    limit: Count | None = None
+    rows: list[_Scored]
+
+
+class _Perplexity(_Shape):
+    data: str
+    tokens: Count
+    seq_len: Count
+    rows: list[_Scored]
+
+
+class _Evaluation(_Shape):
+    perplexity: _Perplexity | None = None
+    lm_eval: _LmEval | None = None
+
+
 class _ReportShape(_Shape):
     model: str
     spec: dict[str, Any]
@@ -132,6 +163,7 @@ class _ReportShape(_Shape):
     timings: dict[str, Number] = {}
     environment: dict[str, str] = {}
     warnings: list[str] = []
+    evaluation: _Evaluation | None = None
 
 
 def _ordered(checked: Any, original: Any) -> Any:

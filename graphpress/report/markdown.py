@@ -170,6 +170,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
         *_verification_line(report.calibration.get("verification")),
         *_capture_line(report.capture),
         "",
+        *_evaluation(report.evaluation, figures),
         *_images(figures, "verification.png", "kv-cache.png"),
     ]
     for i, p in enumerate(report.passes):
@@ -217,6 +218,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
             f"Files: {files}.",
             f"Parity with eager on calibration inputs: rel_l2 {_g(b['errors'].get('rel_l2'), 3)}, "
             f"max_abs {_g(b['errors'].get('max_abs'), 3)} (tolerance rel_l2 <= {b['tolerance']:g}).",
+            *_shapes_line(b.get("details", {}).get("validated_shapes")),
             f"Ops: {top_ops}.",
             f"Time {b['seconds']:.2f} s." + _latency_sentence(b.get("latency")),
             "",
@@ -224,6 +226,73 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
     timing = ", ".join(f"{text(k)} {v:.2f} s" for k, v in report.timings.items())
     lines += [f"Timings: {timing}.", ""]
     return "\n".join(lines)
+
+
+def _shapes_line(shapes) -> list[str]:
+    """The input shapes a backend validated its artifact at (the calibration's and a second one)."""
+    if not isinstance(shapes, list) or not shapes:
+        return []
+    return [f"Validated at input shapes: {', '.join(text(s) for s in shapes[:8])}."]
+
+
+def _evaluation(evaluation: dict, figures: dict[str, Figure]) -> list[str]:
+    """The spec's evaluate results: perplexity of the original, the compressed graph and each artifact."""
+    if not isinstance(evaluation, dict) or not evaluation:
+        return []
+    lines = [
+        "## evaluation",
+        "",
+        *_perplexity(evaluation.get("perplexity"), figures),
+        *_lm_eval(evaluation.get("lm_eval")),
+    ]
+    return lines
+
+
+def _lm_eval(scored) -> list[str]:
+    """lm-evaluation-harness metrics per model and task, each beside the original's."""
+    if not scored:
+        return []
+    limit = f", at most {_fmt_int(scored['limit'])} documents each" if scored.get("limit") else ""
+    lines = [
+        f"lm-evaluation-harness: {', '.join(code(t) for t in scored['tasks'])}{limit}.",
+        "",
+        "| model | runs in | task | metric | value | original |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    reference = scored["rows"][0].get("tasks") or {} if scored["rows"] else {}
+    for row in scored["rows"]:
+        if row.get("error"):
+            lines.append(f"| {text(row['model'])} | {text(row['runs_in'])} | | | failed: {prose(row['error'])} | |")
+        for task, metrics in (row.get("tasks") or {}).items():
+            for metric, value in metrics.items():
+                before = reference.get(task, {}).get(metric)
+                lines.append(
+                    f"| {text(row['model'])} | {text(row['runs_in'])} | {code(task)} | {text(metric)} | {value:.4f} "
+                    f"| {'' if before is None else f'{before:.4f}'} |"
+                )
+    return [*lines, ""]
+
+
+def _perplexity(scored, figures: dict[str, Figure]) -> list[str]:
+    if not scored:
+        return []
+    decode = "; decode graphs token by token" if scored.get("decode") == "token_by_token" else ""
+    lines = [
+        f"Perplexity on {_fmt_int(scored['tokens'])} tokens of {code(scored['data'])} "
+        f"(windows of {_fmt_int(scored['seq_len'])}, each scored on its own{decode}).",
+        "",
+        "| model | runs in | stored bytes | perplexity | vs original |",
+        "|---|---|---:|---:|---:|",
+    ]
+    reference = scored["rows"][0].get("perplexity") if scored["rows"] else None
+    for row in scored["rows"]:
+        value = row.get("perplexity")
+        change = f"{value / reference - 1:+.2%}" if value is not None and reference else ""
+        shown = f"{value:.4f}" if value is not None else f"failed: {prose(row.get('error') or '?')}"
+        lines.append(
+            f"| {text(row['model'])} | {text(row['runs_in'])} | {_fmt_size(row.get('bytes'))} | {shown} | {change} |"
+        )
+    return [*lines, "", *_images(figures, "evaluation.png")]
 
 
 def _capture_line(capture: dict) -> list[str]:

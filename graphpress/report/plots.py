@@ -48,7 +48,7 @@ def render_plots(report: CompressionReport) -> list[Figure]:
 
     matplotlib.use("Agg", force=True)
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names are data, not TeX
-        figures = [_verification(report), _kv_cache(report), _latency(report)]
+        figures = [_evaluation(report), _verification(report), _kv_cache(report), _latency(report)]
         for i, p in enumerate(report.passes):
             figures += [_layers(i, p), _spectra(i, p)]
     return [f for f in figures if f is not None]
@@ -68,6 +68,26 @@ def _figure(width: float, height: float, panels: int = 1):
 
     fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False, layout="constrained")
     return fig, list(axes[0])
+
+
+def _legend(ax, entries: int) -> None:
+    """The legend above the axes, never over the bars (a figure's panels each keep theirs)."""
+    ax.legend(
+        fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.01), ncol=min(entries, 3), frameon=False, borderaxespad=0
+    )
+
+
+def _plain_numbers(axis) -> None:
+    """Tick labels as plain numbers (1, 0.01, 1e-05): mathtext is off, so matplotlib's log labels would print raw."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def _label_bars(ax, bars, unit: str = "") -> None:
+    for bar in bars:
+        width = bar.get_width()
+        ax.annotate(f" {width:.3g}{unit}", (width, bar.get_y() + bar.get_height() / 2), va="center", fontsize=7)
 
 
 def _short(path: str) -> str:
@@ -97,8 +117,8 @@ def _layers(index: int, p: dict) -> Figure | None:
         ax.set_yticks(list(ys), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("stored KiB")
-        ax.set_title("bytes per layer")
-        ax.legend(fontsize=7)
+        ax.set_title("bytes per layer", pad=16)
+        _legend(ax, 2)
     if errors:
         ax = axes[-1]
         names = [_short(layer["path"]) for layer in shown]
@@ -111,8 +131,8 @@ def _layers(index: int, p: dict) -> Figure | None:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("relative error")
-        ax.set_title("error per layer")
-        ax.legend(fontsize=7)
+        ax.set_title("error per layer", pad=16)
+        _legend(ax, len(errors))
     some = f" ({len(shown)} largest of {len(p['layers'])} layers)" if len(shown) < len(p["layers"]) else ""
     fig.suptitle(f"passes[{index}] {p['name']}{some}")
     return Figure(
@@ -137,9 +157,10 @@ def _spectra(index: int, p: dict) -> Figure | None:
             ax.plot([rank], [values[rank - 1]], "o", color=line.get_color(), markersize=4)
     ax.set_xlabel("index (dots: rank kept)")
     ax.set_ylabel("σ_i / σ_1")
+    _plain_numbers(ax.yaxis)
     ax.set_title(f"passes[{index}] low_rank: singular spectra of the scaled weights")
     if len(layers) <= 12:
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return Figure(f"passes-{index}-spectra.png", f"passes[{index}] low_rank: singular spectra", _png(fig))
 
 
@@ -151,12 +172,14 @@ def _verification(report: CompressionReport) -> Figure | None:
     metric = checked[0][1]["verification"]["metric"]
     fig, (ax,) = _figure(6, 0.9 + 0.35 * len(checked))
     names = [f"passes[{i}] {p['name']}" for i, p in checked]
-    ax.barh(range(len(names)), [_number(p["verification"].get(metric)) for _, p in checked], 0.6)
+    bars = ax.barh(range(len(names)), [_number(p["verification"].get(metric)) for _, p in checked], 0.6)
+    _label_bars(ax, bars)
     ax.axvline(checked[0][1]["verification"]["max"], color="red", linestyle="--", label="verify.max")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
+    ax.margins(x=0.15)
     ax.set_xlabel(f"{metric} vs the original (whole pipeline so far)")
-    ax.legend(fontsize=7)
+    _legend(ax, 1)
     return Figure("verification.png", "error vs the original after each pass", _png(fig))
 
 
@@ -179,14 +202,37 @@ def _latency(report: CompressionReport) -> Figure | None:
     timed = [(i, b) for i, b in enumerate(report.backends) if b.get("latency")][:MAX_ROWS]
     if not timed:
         return None
-    fig, (ax,) = _figure(6, 0.9 + 0.5 * len(timed))
+    fig, (ax,) = _figure(6, 1.1 + 0.5 * len(timed))
     names = [f"backends[{i}] {b['target']}" for i, b in timed]
     ys = range(len(timed))
-    ax.barh([y - 0.2 for y in ys], [b["latency"]["artifact_ms"] for _, b in timed], 0.4, label="artifact")
-    ax.barh([y + 0.2 for y in ys], [b["latency"]["eager_ms"] for _, b in timed], 0.4, label="eager PyTorch")
+    for offset, key, label in ((-0.2, "artifact_ms", "artifact"), (0.2, "eager_ms", "eager PyTorch")):
+        values = [max(_number(b["latency"][key]), 1e-3) for _, b in timed]
+        _label_bars(ax, ax.barh([y + offset for y in ys], values, 0.4, label=label), " ms")
+    ax.set_xscale("log")  # runtimes differ by orders of magnitude: a linear axis hides the fast one
+    _plain_numbers(ax.xaxis)
+    ax.margins(x=0.2)
     ax.set_yticks(list(ys), names, fontsize=8)
     ax.invert_yaxis()
     per = {b["latency"]["per"] for _, b in timed}
-    ax.set_xlabel(f"ms per {' / '.join(sorted(per))} during validation (not a benchmark)")
-    ax.legend(fontsize=7)
+    ax.set_xlabel(f"ms per {' / '.join(sorted(per))} during validation, log scale (not a benchmark)")
+    _legend(ax, 2)
     return Figure("latency.png", "run time per backend, artifact vs eager", _png(fig))
+
+
+def _evaluation(report: CompressionReport) -> Figure | None:
+    """The evaluation's perplexity against the bytes each model stores: the trade-off the run made."""
+    scored = report.evaluation.get("perplexity") if isinstance(report.evaluation, dict) else None
+    rows = [r for r in (scored or {}).get("rows", []) if isinstance(r.get("perplexity"), float)][:MAX_ROWS]
+    if not rows:
+        return None
+    fig, (ax,) = _figure(6, 3.2)
+    for k, row in enumerate(rows):
+        x, y = _number(row.get("bytes")) / 2**20, _number(row["perplexity"])
+        ax.plot([x], [y], "o", color=f"C{k % 10}", label=f"{row['model']} ({row['runs_in']}): {y:.4f}")
+    ax.set_xlabel("stored MiB")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_xlim(left=0)
+    ax.margins(y=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_title(f"perplexity on {scored['tokens']:,} held-out tokens vs stored bytes", fontsize=9)
+    return Figure("evaluation.png", "perplexity vs stored bytes", _png(fig))

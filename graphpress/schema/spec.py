@@ -78,6 +78,76 @@ class VerifyConfig(StrictModel):
     samples: int = Field(2, ge=1, le=256, description="held_out: how many verification batches.")
 
 
+class PerplexityConfig(StrictModel):
+    """Held-out perplexity: exp(mean next-token NLL) over non-overlapping windows, each scored on its own."""
+
+    text: str | None = Field(
+        None,
+        description="A UTF-8 text file to score (path relative to the working directory; .gz allowed; a .jsonl "
+        "file's 'text' fields joined by blank lines), tokenized with the model's tokenizer (a checkpoint's own, or "
+        "a model directory's tokenize()). Give text the model was not calibrated on.",
+    )
+    tokens: str | None = Field(
+        None, description="Like `text`, but already token ids: a .npy, .pt or .json file of one 1-D integer sequence."
+    )
+    seq_len: int = Field(256, ge=2, le=131072, description="Tokens per window.")
+    max_tokens: int | None = Field(
+        65536, ge=2, description="Score only the first max_tokens tokens (null: all of them)."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Windows per call.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PerplexityConfig:
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give one of text (a text file) or tokens (a file of token ids)")
+        return self
+
+
+class LmEvalConfig(StrictModel):
+    """lm-evaluation-harness tasks (the optional ``lm-eval`` package) on local data, loglikelihood-scored."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Task names defined by YAML files under include_path, or paths to task YAML files. Their data must "
+        "be local (e.g. dataset_path: json with data_files): nothing is downloaded. Loglikelihood tasks only "
+        "(multiple_choice, loglikelihood, loglikelihood_rolling).",
+    )
+    include_path: str | None = Field(None, description="A directory of task YAML files (lm-eval's --include_path).")
+    limit: int | None = Field(None, ge=1, description="Score at most this many documents per task.")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples per prompt (the task's default).")
+    max_length: int = Field(
+        2048, ge=2, le=131072, description="Context tokens at most; a longer request keeps its last max_length tokens."
+    )
+
+
+class EvaluateConfig(StrictModel):
+    """A task metric at the end of the run, on the original, the compressed graph and every artifact."""
+
+    perplexity: PerplexityConfig | None = Field(
+        None, description="Held-out perplexity of a causal LM (logits over a vocabulary)."
+    )
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks on local data (needs: pip install 'graphpress[eval]')."
+    )
+    decode: Literal["token_by_token", "prompt"] = Field(
+        "token_by_token",
+        description="Decode graphs (the compressed eager step and its artifacts): 'token_by_token' feeds each "
+        "sequence one token per step from an empty cache, as generation reads it (a quantized cache is read back "
+        "at every step); 'prompt' scores each sequence in one call where the step takes a prompt.",
+    )
+    artifacts: bool = Field(
+        True,
+        description="Also score each backend's artifact in its runtime (onnxruntime, TVM, ...), as its validation "
+        "runs it; false: the original and the compressed graph in eager PyTorch only.",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> EvaluateConfig:
+        if self.perplexity is None and self.lm_eval is None:
+            raise ValueError("give perplexity, lm_eval or both")
+        return self
+
+
 class Spec(StrictModel):
     version: Literal[1] = 1
 
@@ -96,6 +166,9 @@ class Spec(StrictModel):
     passes: list[AnyPassConfig] = Field(default_factory=list)
     verify: VerifyConfig = VerifyConfig()
     backends: list[AnyBackendConfig] = Field(default_factory=lambda: [OnnxBackendConfig(target="onnx")])
+    evaluate: EvaluateConfig | None = Field(
+        None, description="Score the original, the compressed graph and each artifact on a task (see EvaluateConfig)."
+    )
 
     @model_validator(mode="after")
     def _distinct_artifacts(self) -> Spec:
