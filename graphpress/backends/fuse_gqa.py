@@ -52,6 +52,29 @@ LONG = 2**16
 """Past length of the probe that measures a sliding window (a longer window is not seen)."""
 
 
+def read_cache(graph: Graph, tensor, kind: str | None = None) -> tuple | str:
+    """How an attention input reads a cache entry in full: (entry, grown = cat([past, new]), the new tokens in
+    floats, static scale, bits), through kv_cache_quant's static dequantize where there is one; else the reason it
+    is not such a read. ``kind``: the entry kind the read must have ('key', 'value'; codes as 'key.codes')."""
+    scale, bits = None, 0
+    if isinstance(tensor, fx.Node) and tensor.target is DEQUANTIZE:  # kv_cache_quant, scales 'static'
+        tensor, scale, bits = tensor.args
+    want = f"{kind}.codes" if kind and bits else kind
+    entry = next((e for e in graph.cache if graph.cache_output(e.name) is tensor and want in (None, e.kind)), None)
+    if entry is None:
+        what = f"{want} cache" if want else "cache"
+        return f"its {kind or 'input'}s are not a {what} entry's cat([past, new]) (a rewritten cache)"
+    try:
+        grown, new = graph.cache_append(entry.name)
+    except ValueError as exc:
+        return f"cache entry {entry.name}: {exc}"
+    if bits:
+        if new.target is not QUANTIZE or new.args[1:] != (scale, bits):
+            return f"cache entry {entry.name} appends codes other than its own scale's"
+        new = new.args[0]
+    return entry, grown, new, scale, bits
+
+
 def fuse_group_query_attention(graph: Graph, positions: int | None = None) -> tuple[Graph, Counter, list[str]]:
     """A copy of ``graph`` with each matching attention lowered; how many; a sentence for each one that was not
     (or whose RoPE stayed outside the op). With ``positions`` (the context length), RoPE moves into the op where
@@ -99,21 +122,13 @@ def _match(graph: Graph, sdpa: fx.Node) -> dict | str:
         return "SDPA without an explicit mask, or with dropout"
     entries = {}
     for part, tensor in (("key", unrepeated(k)), ("value", unrepeated(v))):
-        scale, bits = None, 0
-        if tensor.op == "call_function" and tensor.target is DEQUANTIZE:  # kv_cache_quant, scales 'static'
-            tensor, scale, bits = tensor.args
-        kind = f"{part}.codes" if bits else part
-        entry = next((e for e in graph.cache if graph.cache_output(e.name) is tensor and e.kind == kind), None)
-        if entry is None:
-            return f"its {part}s are not a {kind} cache entry's cat([past, new]) (a rewritten cache)"
-        grown, new = graph.cache_append(entry.name)
+        read = read_cache(graph, tensor, part)
+        if isinstance(read, str):
+            return read
+        entry, grown, new, scale, bits = read
         readers = {sdpa} | _repeat_chain(k, grown) | _repeat_chain(v, grown)
         if any(u.op != "output" and u not in readers for u in grown.users):
             return f"cache entry {entry.name} is read by more than this attention"
-        if bits:
-            if new.target is not QUANTIZE or new.args[1:] != (scale, bits):
-                return f"cache entry {entry.name} appends codes other than its own scale's"
-            new = new.args[0]
         if new.meta["val"].dtype != q.meta["val"].dtype:
             return f"cache entry {entry.name} holds {new.meta['val'].dtype}, the query is {q.meta['val'].dtype}"
         entries[part] = (entry, grown, new, scale, bits)

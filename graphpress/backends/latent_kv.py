@@ -28,6 +28,7 @@ from torch import fx
 
 from ..ir import Graph, SubgraphBuilder
 from ..ir.decode import CacheEntry
+from .fuse_gqa import read_cache
 
 aten = torch.ops.aten
 QUANTIZE = torch.ops.graphpress.kv_quantize_static.default
@@ -51,25 +52,6 @@ def latent_as_key_value(graph: Graph) -> tuple[Graph, int, list[str]]:
     return work, rewritten, notes
 
 
-def _read(graph: Graph, node) -> tuple | None:
-    """(entry, new tokens in floats, scale, bits) where ``node`` is a cache entry's whole, in floats; else None."""
-    scale, bits = None, 0
-    if isinstance(node, fx.Node) and node.target is DEQUANTIZE:
-        node, scale, bits = node.args
-    entry = next((e for e in graph.cache if graph.cache_output(e.name) is node), None)
-    if entry is None:
-        return None
-    try:
-        _, new = graph.cache_append(entry.name)
-    except ValueError:
-        return None
-    if bits:
-        if new.target is not QUANTIZE or new.args[1:] != (scale, bits):
-            return None
-        new = new.args[0]
-    return entry, new, scale, bits
-
-
 def _match(graph: Graph, sdpa: fx.Node) -> tuple | str | None:
     """(latent read, RoPE-key read) of an absorbed latent attention; the reason it cannot be rewritten; or None
     where ``sdpa`` is not one."""
@@ -81,9 +63,10 @@ def _match(graph: Graph, sdpa: fx.Node) -> tuple | str | None:
         return None
     if joined.args[0][0] is not latent:
         return None
-    reads = [_read(graph, t) for t in joined.args[0]]
-    if None in reads:
+    reads = [read_cache(graph, t) for t in joined.args[0]]
+    if any(isinstance(read, str) for read in reads):
         return None
+    reads = [(entry, new, scale, bits) for entry, _, new, scale, bits in reads]
     (c, _, c_scale, bits), (r, _, r_scale, r_bits) = reads
     if bits != r_bits:
         return f"{c.name} is cached in {bits or 'no'} bits and {r.name} in {r_bits or 'no'}: the op has one width"
