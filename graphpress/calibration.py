@@ -26,18 +26,31 @@ def calibration_from_files(
     position with them (fewer where the file has no room); None when the spec names neither."""
     if cfg.text is None and cfg.tokens is None:
         return None
-    stream = token_stream(cfg.text, cfg.tokens, tokenize, "calibration")
-    field = "calibration.text" if cfg.text is not None else "calibration.tokens"
-    starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed, field)
+    stream = token_stream(cfg.text, cfg.tokens, tokenize, "calibration", cfg.seq_len)
+    starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed)
     others = disjoint_starts(len(stream), starts, held_out, cfg.seq_len, cfg.seed + 1)
     return tuple([(stream[s : s + cfg.seq_len].unsqueeze(0).clone(),) for s in chosen] for chosen in (starts, others))
 
 
 def token_stream(
-    text: str | None, tokens: str | None, tokenize: Callable[[str], list[int]] | None, section: str
+    text: str | None,
+    tokens: str | None,
+    tokenize: Callable[[str], list[int]] | None,
+    section: str,
+    seq_len: int,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """One 1-D int64 token sequence from ``{section}.text`` (a UTF-8 file, gzip allowed; a .jsonl file's "text"
-    fields joined by blank lines), tokenized with the model's tokenizer, or from ``{section}.tokens``."""
+    fields joined by blank lines), tokenized with the model's tokenizer, or from ``{section}.tokens``; its first
+    ``max_tokens``, refused when that is shorter than one window of ``{section}.seq_len``."""
+    stream = torch.as_tensor(np.asarray(_ids(text, tokens, tokenize, section), dtype=np.int64))[:max_tokens]
+    if len(stream) < seq_len:
+        field = f"{section}.text" if text is not None else f"{section}.tokens"
+        raise SpecError([(field, f"holds {len(stream)} tokens, fewer than {section}.seq_len={seq_len}; lower seq_len")])
+    return stream
+
+
+def _ids(text: str | None, tokens: str | None, tokenize, section: str) -> list[int]:
     if text is not None:
         if tokenize is None:
             raise SpecError(
@@ -49,10 +62,8 @@ def token_stream(
                     )
                 ]
             )
-        ids = tokenize(_text(text, f"{section}.text"))
-    else:
-        ids = _token_file(tokens, f"{section}.tokens")
-    return torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        return tokenize(_text(text, f"{section}.text"))
+    return _token_file(tokens, f"{section}.tokens")
 
 
 def _text(path: str, field: str) -> str:
@@ -80,11 +91,8 @@ def _text(path: str, field: str) -> str:
     return "\n\n".join(documents)
 
 
-def window_starts(stream: torch.Tensor, samples: int, seq_len: int, seed: int, field: str) -> list[int]:
-    if stream.dim() != 1 or len(stream) < seq_len:
-        raise SpecError(
-            [(field, f"holds {stream.numel()} tokens, fewer than calibration.seq_len={seq_len}; lower seq_len")]
-        )
+def window_starts(stream: torch.Tensor, samples: int, seq_len: int, seed: int) -> list[int]:
+    """``samples`` window starts in ``stream`` (at least ``seq_len`` tokens, see :func:`token_stream`), seeded."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, len(stream) - seq_len + 1, (samples,), generator=gen).tolist()
 

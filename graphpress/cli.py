@@ -187,8 +187,8 @@ def headline(report) -> str:
     if len(rows) >= 2 and rows[0].get("perplexity") and rows[1].get("perplexity") is not None:
         before, after = rows[0]["perplexity"], rows[1]["perplexity"]
         parts.append(f"perplexity {before:.4f} -> {after:.4f} ({after / before - 1:+.1%})")
-    elif _task_metrics(report.evaluation):  # no perplexity: the first task metric leads instead
-        task, metric = _task_metrics(report.evaluation)[0]
+    elif tasks := _task_metrics(report.evaluation):  # no perplexity: the first task metric leads instead
+        task, metric = tasks[0]
         before, after = (row["tasks"][task][metric] for row in report.evaluation["lm_eval"]["rows"][:2])
         parts.append(f"{task} {metric} {before:.4f} -> {after:.4f}")
     return f"{report.model}: " + ", ".join(parts)

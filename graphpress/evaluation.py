@@ -50,13 +50,7 @@ def prepare(cfg: EvaluateConfig, tokenize: Callable[[str], list[int]] | None) ->
     if cfg.perplexity is None:
         return None
     p = cfg.perplexity
-    stream = token_stream(p.text, p.tokens, tokenize, FIELD)
-    if p.max_tokens is not None:
-        stream = stream[: p.max_tokens]
-    if len(stream) < p.seq_len:
-        source = f"{FIELD}.text" if p.text is not None else f"{FIELD}.tokens"
-        raise SpecError([(source, f"holds {len(stream)} tokens, fewer than {FIELD}.seq_len={p.seq_len}")])
-    return stream
+    return token_stream(p.text, p.tokens, tokenize, FIELD, p.seq_len, p.max_tokens)
 
 
 def check(graph: Graph, argument_names: list[str], model, tokens: torch.Tensor | None) -> None:

@@ -151,11 +151,11 @@ def test_text_files_gzip_and_jsonl_read_as_one_stream(tmp_path):
     tokenize = lambda text: list(text.encode())  # noqa: E731
     expect = list(b"ab\ncd")
     for name in ("a.txt", "a.txt.gz"):
-        assert token_stream(str(tmp_path / name), None, tokenize, "evaluate.perplexity").tolist() == expect
-    assert token_stream(str(tmp_path / "a.jsonl"), None, tokenize, "x").tolist() == list(b"ab\n\ncd")
+        assert token_stream(str(tmp_path / name), None, tokenize, "evaluate.perplexity", 2).tolist() == expect
+    assert token_stream(str(tmp_path / "a.jsonl"), None, tokenize, "x", 2).tolist() == list(b"ab\n\ncd")
     (tmp_path / "b.jsonl").write_text('{"txt": "ab"}\n')
     with pytest.raises(SpecError, match=r"x\.text: .*b\.jsonl' line 1: expected an object with a string 'text'"):
-        token_stream(str(tmp_path / "b.jsonl"), None, tokenize, "x")
+        token_stream(str(tmp_path / "b.jsonl"), None, tokenize, "x", 2)
 
 
 # ---------------------------------------------------------------------- lm-evaluation-harness

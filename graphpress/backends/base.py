@@ -66,14 +66,14 @@ class Backend(ABC):
         self.spec_path = spec_path
         """Where this backend's config sits in the spec (e.g. 'backends[0]'), for error messages."""
         self.source = None
+        """The ModelSource compressed (set by ``compress``): its config and tokenizer files, for artifacts
+        that carry them; None when a backend is built on a bare graph."""
         self.validated_shapes: list[str] = []
         """The input shapes :meth:`compare_with_eager` checked the artifact at (the report lists them)."""
         self.shape_warnings: list[str] = []
         """Shapes the captured graph takes and the artifact does not (the run's report lists them first)."""
         self.runners: tuple[Callable, Callable] | None = None
         """(run, decoder) of the built artifact, as :meth:`compare_with_eager` was given them; None before."""
-        """The ModelSource compressed (set by ``compress``): its config and tokenizer files, for artifacts
-        that carry them; None when a backend is built on a bare graph."""
 
     def require(self, module: str, extra: str) -> None:
         """Fail clearly, naming the spec entry, when an optional dependency is missing."""

@@ -84,10 +84,13 @@ def _plain_numbers(axis) -> None:
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
-def _label_bars(ax, bars, unit: str = "") -> None:
+def _label_bars(ax, bars, form: str = "{:.3g}", fontsize: int = 7) -> None:
+    """Each horizontal bar's value written just past its end."""
     for bar in bars:
         width = bar.get_width()
-        ax.annotate(f" {width:.3g}{unit}", (width, bar.get_y() + bar.get_height() / 2), va="center", fontsize=7)
+        ax.annotate(
+            " " + form.format(width), (width, bar.get_y() + bar.get_height() / 2), va="center", fontsize=fontsize
+        )
 
 
 def _short(path: str) -> str:
@@ -189,11 +192,10 @@ def _kv_cache(report: CompressionReport) -> Figure | None:
         return None
     fig, (ax,) = _figure(5, 2.2)
     before, after = _number(before), _number(after)
-    ax.barh([0, 1], [before, after], 0.6, color=["tab:blue", "tab:orange"])
+    bars = ax.barh([0, 1], [before, after], 0.6, color=["tab:blue", "tab:orange"])
     ax.set_yticks([0, 1], ["original", "compressed"])
     ax.invert_yaxis()
-    for y, value in enumerate((before, after)):
-        ax.annotate(f" {value:,.0f} B", (value, y), va="center", fontsize=8)
+    _label_bars(ax, bars, "{:,.0f} B", fontsize=8)
     ax.set_xlabel("KV-cache bytes per token (all layers)")
     return Figure("kv-cache.png", "KV-cache bytes per token", _png(fig))
 
@@ -207,7 +209,7 @@ def _latency(report: CompressionReport) -> Figure | None:
     ys = range(len(timed))
     for offset, key, label in ((-0.2, "artifact_ms", "artifact"), (0.2, "eager_ms", "eager PyTorch")):
         values = [max(_number(b["latency"][key]), 1e-3) for _, b in timed]
-        _label_bars(ax, ax.barh([y + offset for y in ys], values, 0.4, label=label), " ms")
+        _label_bars(ax, ax.barh([y + offset for y in ys], values, 0.4, label=label), "{:.3g} ms")
     ax.set_xscale("log")  # runtimes differ by orders of magnitude: a linear axis hides the fast one
     _plain_numbers(ax.xaxis)
     ax.margins(x=0.2)
