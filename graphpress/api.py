@@ -22,11 +22,12 @@ from .fileio import claimed_output, previous_run_files, publish_all, remove_stal
 from .ir import Graph, capture
 from .ir.decode import STEP_INPUTS
 from .ir.shapes import check_shapes
-from .model_source import ModelSource, load_source
+from .model_source import ModelSource, load_source, stored_weights
 from .passes import PassContext, PassManager, Verifier, build_pass
 from .progress import Progress, step
 from .report import PLOTS_DIR, CompressionReport, write_report
 from .schema import Spec, load_spec
+from .streaming import in_memory, spill_store, streams
 
 
 class CompressedModel(torch.nn.Module):
@@ -36,7 +37,8 @@ class CompressedModel(torch.nn.Module):
     def __init__(self, graph: Graph):
         super().__init__()
         self.graph = graph
-        self.graph_module = graph.module()
+        if not graph.lazy:  # a streamed run's model is read from disk when first called, not here
+            self.graph_module = graph.module()
         names = _argument_names(graph)
         kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
         self.signature = inspect.Signature([inspect.Parameter(n, kind) for n in names])
@@ -49,6 +51,8 @@ class CompressedModel(torch.nn.Module):
                 f"the compressed model takes the inputs it was captured with, {self.signature}: {exc} (capture "
                 "another input by giving it in example_inputs)"
             ) from None
+        if not hasattr(self, "graph_module"):
+            self.graph_module = self.graph.module()
         try:
             return self.graph_module(*bound.args)
         except Exception:
@@ -112,9 +116,15 @@ def _compress(model, spec, example_inputs, calibration_data, out_dir) -> Compres
 
 
 def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> CompressionResult:
+    stream = streams(spec, model)
+    with spill_store(out, stream) as spill:
+        return _pipeline(model, spec, example_inputs, calibration_data, out, stream, spill)
+
+
+def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, stream: bool, spill) -> CompressionResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else _source(model, example_inputs)
+    source = model if isinstance(model, ModelSource) else _source(model, example_inputs, stream)
     if source.example_inputs is None:
         raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
     calibration, verification, calibration_source, verified_on, warnings = _calibration(source, spec, calibration_data)
@@ -129,8 +139,14 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
     with step(f"capturing {source.name} ({spec.capture.mode}) with torch.export"):
         tokens = 1 if spec.capture.step_tokens == 1 else None
         original = capture(
-            model, example_inputs, mode=spec.capture.mode, dynamic=spec.capture.dynamic, step_tokens=tokens
+            model,
+            example_inputs,
+            mode=spec.capture.mode,
+            dynamic=spec.capture.dynamic,
+            step_tokens=tokens,
+            stored=stored_weights(source),
         )
+    original.spill = spill
     timings["capture"] = time.perf_counter() - t
     if spec.evaluate:
         evaluation.check(original, _argument_names(original), model, evaluation_tokens)
@@ -152,10 +168,11 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
         artifacts: dict[str, Path] = {}
         records, backends = [], []
         t = time.perf_counter()
+        deployed = in_memory(result.graph, "backends") if spec.backends and result.graph.lazy else result.graph
         for i, backend_config in enumerate(spec.backends):
             backend = build_backend(backend_config, f"backends[{i}]")
             backend.source = source
-            record = backend.build(result.graph, calibration, stage)
+            record = backend.build(deployed, calibration, stage)
             record.artifact = str(out / Path(record.artifact).relative_to(stage))
             artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
             record.details["validated_shapes"] = backend.validated_shapes
@@ -197,9 +214,10 @@ def _report(source, spec, original, result, records, calibration, calibration_so
         calibration={"samples": len(calibration), "source": calibration_source, "seed": spec.calibration.seed},
         capture={
             "mode": spec.capture.mode,
-            "dtype": _dtype(original.module()),
+            "dtype": _graph_dtype(original),
             "model_dtype": _dtype(source.model),
             "inputs": original.input_ranges(),
+            "streamed": original.spill is not None,
         },
         timings={k: round(v, 3) for k, v in timings.items()},
         environment={"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
@@ -224,14 +242,26 @@ def _in_dtype(dtype: str, model: torch.nn.Module, example_inputs: tuple, calibra
     return converted, cast(example_inputs), [cast(b) for b in calibration]
 
 
+def _graph_dtype(graph: Graph) -> str:
+    """The floating-point dtype the graph's parameters are stored in (read from their stand-ins, not their data)."""
+    names = graph.program.graph_signature.parameters
+    dtypes = sorted(
+        {str(graph.stored(n).dtype).removeprefix("torch.") for n in names if graph.stored(n).is_floating_point()}
+    )
+    return "/".join(dtypes) or "none"
+
+
 def _dtype(model: torch.nn.Module) -> str:
     """The floating-point dtype the model's parameters are stored in (the one the passes store in)."""
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     return "/".join(dtypes) or "none"
 
 
-def _source(model, example_inputs) -> ModelSource:
-    source = ModelSource(model, name=type(model).__name__) if isinstance(model, torch.nn.Module) else load_source(model)
+def _source(model, example_inputs, stream: bool) -> ModelSource:
+    if isinstance(model, torch.nn.Module):
+        source = ModelSource(model, name=type(model).__name__)
+    else:
+        source = load_source(model, lazy=stream)
     if example_inputs is not None:
         source.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return source

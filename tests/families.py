@@ -133,3 +133,52 @@ def matrix_config(model, pass_name: str) -> tuple[str, dict]:
         rotary = int(head_dim * (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
         config = {**config, "rope": {"mode": "decoupled", "dims": kv_heads * rotary}}
     return mode, config
+
+
+def random_checkpoint(folder, config, dtype=torch.float32, seed: int = 0, shard_bytes: int = 2**31) -> int:
+    """Write a checkpoint of ``config``'s causal LM with random weights straight to safetensors shards (one
+    tensor in memory at a time: big shapes fit), as ``save_pretrained`` lays it out. Returns its bytes.
+
+    Matrices are N(0, 0.02), vectors (norms) ones, as transformers initialises them.
+    """
+    import json
+    import zlib
+    from pathlib import Path
+
+    import transformers
+
+    from graphpress.ir.store import write_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    shapes = {name: (dtype, tuple(p.shape)) for name, p in model.named_parameters()}  # tied: stored once
+
+    def value_of(name: str) -> torch.Tensor:
+        shape = shapes[name][1]
+        if len(shape) == 1:
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=gen) * 0.02
+
+    shards, size = [[]], 0
+    for name, (_, shape) in shapes.items():
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / file, {n: shapes[n] for n in names}, value_of)
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for d, s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    return total

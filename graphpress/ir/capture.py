@@ -11,6 +11,9 @@ through :class:`ForwardOutputs`, which calls it with ``use_cache=False``: the fo
 graph returns logits / hidden states, never the cache, and the user's model and its
 config stay as they are.
 
+``stored`` (a lazily opened checkpoint, parameters fake) makes the graph's tensors lazy
+stand-ins for their bytes on disk (:mod:`graphpress.ir.store`): capture reads no weight.
+
 ``mode="decode"`` captures one decoding step with the KV cache as explicit inputs
 and outputs instead (see :mod:`graphpress.ir.decode`), taking any number of new tokens.
 Where the model's attention pins that number under export (an eager kernel that branches
@@ -34,12 +37,14 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim
 
 from ..errors import CaptureError, first_line
 from .canonical import canonicalize
 from .decode import CacheLayout, DecodeStep, any_length_attention, decode_example
 from .graph import Graph
+from .store import Stored, lazy
 
 MODES = ("forward", "decode")
 
@@ -51,6 +56,7 @@ def capture(
     example_kwargs: dict[str, Any] | None = None,
     dynamic: bool = True,
     step_tokens: int | None = None,
+    stored: dict[str, Stored] | None = None,
 ) -> Graph:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -88,7 +94,19 @@ def capture(
             program.constants[name] = value.detach().clone()
     if traced is not model:
         _strip_prefix(program, "model.")
+    if stored is not None:
+        _attach(program, stored)
     return canonicalize(Graph(program, cache=layout))
+
+
+def _attach(program, stored: dict[str, Stored]) -> None:
+    """A model with fake parameters: each becomes a lazy stand-in for its bytes on disk (read when a pass, or
+    canonicalisation, asks). Buffers the model computed itself stay as captured."""
+    for name, tensor in list(program.state_dict.items()):
+        if name in stored:
+            program.state_dict[name] = lazy(stored[name], parameter=isinstance(tensor, torch.nn.Parameter))
+        elif isinstance(tensor, FakeTensor):
+            raise CaptureError(f"the model's tensor {name!r} has no data: nothing on disk stands for it")
 
 
 def _export(model, traced, example_inputs, kwargs, dynamic_shapes, dynamic: bool):

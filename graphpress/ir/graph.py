@@ -37,6 +37,7 @@ from torch.export.graph_signature import (
 from torch.utils._sympy.numbers import int_oo
 
 from .decode import STEP_INPUTS, CacheEntry, CacheLayout
+from .store import SpillStore, is_lazy, materialize
 
 ASSERT = torch.ops.aten._assert_tensor_metadata.default  # export's dtype checks: they compute nothing
 
@@ -112,6 +113,8 @@ class Graph:
         self._module: torch.nn.Module | None = None
         self.revision = next(_revisions)
         """Names the graph's content: shared by a clone, new after every edit. A key for caches."""
+        self.spill: SpillStore | None = None
+        """Streaming: where tensors added to the graph are written (the graph keeps lazy stand-ins)."""
 
     # ------------------------------------------------------------------ reading
     @property
@@ -135,7 +138,8 @@ class Graph:
         return list(self.fx.nodes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every stored tensor by name: parameters, buffers and lifted constants."""
+        """Every stored tensor by name: parameters, buffers and lifted constants (a lazy one as its meta
+        stand-in: shape and dtype without data; :meth:`weight` reads it)."""
         return {
             **self._program.state_dict,
             **{k: v for k, v in self._program.constants.items() if isinstance(v, torch.Tensor)},
@@ -145,7 +149,19 @@ class Graph:
         tensors = self.tensors()
         if name not in tensors:
             raise KeyError(f"no tensor named {name!r} in the graph")
-        return tensors[name]
+        return materialize(tensors[name])
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as stored, a lazy one as its meta stand-in: its shape, dtype and size without reading it."""
+        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
+        if name not in store:
+            raise KeyError(f"no tensor named {name!r} in the graph")
+        return store[name]
+
+    @property
+    def lazy(self) -> bool:
+        """Whether some stored tensor is on disk (a lazily captured checkpoint, or spilled results)."""
+        return any(is_lazy(t) for t in self.tensors().values())
 
     def tensor_name(self, node: Any) -> str | None:
         """The stored tensor a placeholder node stands for, or None for user inputs and computed values."""
@@ -192,7 +208,7 @@ class Graph:
             if not matches(path, targets) or (exclude and matches(path, exclude)):
                 continue
             bias = self.tensor_name(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-            out_features, in_features = self.weight(weight).shape
+            out_features, in_features = self.stored(weight).shape
             found.append(Linear(node, path, weight, bias, in_features, out_features))
         return found
 
@@ -254,6 +270,9 @@ class Graph:
         """The graph as a runnable module (cached until the graph changes)."""
         if self._module is None:
             self._module = self.program.module()
+            if self.lazy:  # everything read into memory: what a caller who asks for the module gets
+                lazy = {n: materialize(t) for n, t in self.tensors().items() if is_lazy(t)}
+                self._module.load_state_dict(lazy, strict=False, assign=True)
         return self._module
 
     def __call__(self, *args, **kwargs):
@@ -285,9 +304,10 @@ class Graph:
             if spec.kind == InputKind.USER_INPUT:
                 feeds.append(next(user_inputs))
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                feeds.append(ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target])
+                store = ep.state_dict if spec.target in ep.state_dict else ep.constants
+                feeds.append(materialize(store[spec.target]))
             else:
-                feeds.append(ep.constants[spec.target])
+                feeds.append(materialize(ep.constants[spec.target]))
         return feeds
 
     # ------------------------------------------------------------------ copying
@@ -320,6 +340,7 @@ class Graph:
         )
         program._guards_code = list(ep._guards_code)  # not re-derived: a cache rewrite may have pruned them
         copy = Graph(program, cache=self.cache)
+        copy.spill = self.spill
         copy.revision = self.revision  # same content, so cached statistics still apply
         return copy
 
@@ -341,6 +362,14 @@ class Graph:
         vals = [n.meta["val"] for n in self.fx.nodes if n.op == "placeholder" and "val" in n.meta]
         return detect_fake_mode(vals)
 
+    def _fake(self, value: torch.Tensor):
+        """A placeholder's fake value for ``value`` (a lazy stand-in's: on the CPU, like the captured ones)."""
+        mode = self._fake_mode()
+        if is_lazy(value):
+            with mode:
+                return torch.empty(value.shape, dtype=value.dtype)
+        return mode.from_tensor(value, static_shapes=True)
+
     def add_parameter(self, name: str, value: torch.Tensor) -> fx.Node:
         """A new trainable parameter ``name`` (a state_dict key, e.g. 'layers.0.mlp.up_proj.0.weight')."""
         if name in self.tensors():
@@ -356,10 +385,11 @@ class Graph:
         else:
             with self.fx.inserting_before(anchor):
                 node = self.fx.placeholder(node_name)
-        value = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad or value.is_floating_point())
-        node.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        if not is_lazy(value):
+            value = torch.nn.Parameter(value.detach(), requires_grad=value.requires_grad or value.is_floating_point())
+        node.meta["val"] = self._fake(value)
         specs.insert(last_param + 1, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target=name))
-        self._program.state_dict[name] = value
+        self._program.state_dict[name] = self._kept(value)
         self._changed()
         return node
 
@@ -372,9 +402,9 @@ class Graph:
         last = max((i for i, s in enumerate(specs) if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)), default=-1)
         with self.fx.inserting_before(placeholders[last + 1]):
             node = self.fx.placeholder("b_" + name.replace(".", "_"))
-        node.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        node.meta["val"] = self._fake(value)
         specs.insert(last + 1, InputSpec(InputKind.BUFFER, TensorArgument(node.name), target=name, persistent=True))
-        self._program.state_dict[name] = value
+        self._program.state_dict[name] = self._kept(value)
         self._changed()
         return node
 
@@ -634,25 +664,29 @@ class Graph:
 
     def set_weight(self, name: str, value: torch.Tensor) -> None:
         """Rebind a stored tensor to a new value of the same shape and dtype."""
-        old = self.weight(name)
+        old = self.stored(name)
         if old.shape != value.shape or old.dtype != value.dtype:
             raise ValueError(f"{name}: new value {tuple(value.shape)}/{value.dtype} != {tuple(old.shape)}/{old.dtype}")
         self._rebind(name, old, value)
 
     def replace_tensor(self, name: str, value: torch.Tensor) -> None:
         """Rebind a stored tensor to a value of any shape; its placeholder's fake value follows."""
-        old = self.weight(name)
+        old = self.stored(name)
         placeholder = next(n for n in self.fx.nodes if n.op == "placeholder" and self.tensor_name(n) == name)
-        placeholder.meta["val"] = self._fake_mode().from_tensor(value, static_shapes=True)
+        placeholder.meta["val"] = self._fake(value)
         self._rebind(name, old, value)
 
     def _rebind(self, name: str, old: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``value`` under ``name``, a parameter again if ``old`` was one (same requires_grad)."""
         store = self._program.state_dict if name in self._program.state_dict else self._program.constants
-        store[name] = (
+        store[name] = self._kept(
             torch.nn.Parameter(value.detach(), old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
         )
         self._changed()
+
+    def _kept(self, value: torch.Tensor) -> torch.Tensor:
+        """What the graph stores for a new tensor: itself, or while streaming, its stand-in once written to disk."""
+        return value if self.spill is None or is_lazy(value) else self.spill.put(value)
 
     def replace_linear(self, linear: Linear, build: Callable[[SubgraphBuilder, fx.Node], fx.Node]) -> fx.Node:
         """Replace one linear by the subgraph ``build(builder, x)`` returns; drop weights left unused."""

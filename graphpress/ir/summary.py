@@ -46,7 +46,7 @@ def summarize(graph: Graph) -> GraphSummary:
     it removed).
     """
     by_dtype: Counter[str] = Counter()
-    params = sum(graph.weight(name).numel() for name in graph.program.graph_signature.parameters)
+    params = sum(graph.stored(name).numel() for name in graph.program.graph_signature.parameters)
     for tensor in graph.tensors().values():
         by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
     flops = sum(2 * lin.in_features * lin.out_features for lin in graph.linears())
@@ -61,5 +61,5 @@ def summarize(graph: Graph) -> GraphSummary:
         kv_cache_bytes_per_token=graph.cache.bytes_per_token if graph.cache is not None else None,
         kv_cache_window_bytes=graph.cache.window_bytes if graph.cache is not None else None,
         op_histogram=dict(sorted(ops.items())),
-        format_bytes=sum(graph.weight(n).numel() * graph.weight(n).element_size() for n in sorted(formats)),
+        format_bytes=sum(graph.stored(n).numel() * graph.stored(n).element_size() for n in sorted(formats)),
     )

@@ -3,11 +3,18 @@
 Statistics are collected in one sweep over the calibration data per request and
 cached by (graph revision, node), so passes that ask again, or ask for linears that
 share an input (q/k/v, gate/up), pay nothing more.
+
+A *lazy* graph (a checkpoint opened without reading its weights) is calibrated by a
+:class:`~graphpress.ir.stream.Sweep`: all calibration inputs in lockstep, each weight read
+once. :meth:`PassContext.linear_input_groups` then hands a pass one input's statistics at a
+time, as the sweep reaches it, and forgets them when the pass moves on: a pass that works
+group by group holds one layer's statistics, not the model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
+from ..ir.stream import Sweep, give_back_freed_memory
 from ..metrics import logits_of
 from ..progress import track
 
@@ -81,6 +89,33 @@ def available_memory() -> int | None:
     return None
 
 
+class _InputCollector:
+    """Taps that gather the rows and X^T X of each named value, one calibration input after another."""
+
+    def __init__(self, producers: set[str]):
+        self.rows: dict[str, list[torch.Tensor]] = {p: [] for p in producers}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.taps = {p: self._tap(p) for p in producers}
+
+    def _tap(self, producer: str):
+        def record(value):
+            x = value.detach().reshape(-1, value.shape[-1]).float()
+            self.rows[producer].append(x)
+            self.grams[producer] = self.grams[producer] + x.T @ x if producer in self.grams else x.T @ x
+
+        return record
+
+    def inputs(self, producer: str, seed: int, max_rows: int, name: str | None = None) -> LinearInputs:
+        """The gathered statistics (then forgotten here); at most ``max_rows`` rows, drawn with a generator
+        seeded by ``seed`` and the value's ``name``, so the same rows are drawn however the graph was run."""
+        x = torch.cat(self.rows.pop(producer))
+        total, count = x.double().sum(0), len(x)
+        if len(x) > max_rows:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((name or producer).encode()))
+            x = x[torch.randperm(len(x), generator=gen)[:max_rows].sort().values]
+        return LinearInputs(x, self.grams.pop(producer), total, count)
+
+
 @dataclass
 class PassContext:
     """Shared by all passes of one run. ``calibration_inputs`` are positional-argument tuples."""
@@ -100,27 +135,47 @@ class PassContext:
         if missing:
             widths = {lin.node.args[0].name: int(lin.node.args[0].meta["val"].shape[-1]) for lin in linears}
             self._check_memory([widths[p] for p in missing], "linear inputs")
-            rows: dict[str, list[torch.Tensor]] = {p: [] for p in missing}
-            grams: dict[str, torch.Tensor] = {}
-
-            def tap(producer):
-                def record(value):
-                    x = value.detach().reshape(-1, value.shape[-1]).float()
-                    rows[producer].append(x)
-                    grams[producer] = grams[producer] + x.T @ x if producer in grams else x.T @ x
-
-                return record
-
-            for args in track(self.calibration_inputs, f"{self.spec_path}: calibrating linear inputs"):
-                run_calibration_sample(graph, args, {p: tap(p) for p in missing})
-            gen = torch.Generator().manual_seed(self.seed)
+            collector = _InputCollector(missing)
+            if graph.lazy:
+                Sweep(graph, self.calibration_inputs, collector.taps).finish()
+            else:
+                for args in track(self.calibration_inputs, f"{self.spec_path}: calibrating linear inputs"):
+                    run_calibration_sample(graph, args, collector.taps)
             for producer in sorted(missing):
-                x = torch.cat(rows.pop(producer))
-                total, count = x.double().sum(0), len(x)
-                if len(x) > self.max_rows:
-                    x = x[torch.randperm(len(x), generator=gen)[: self.max_rows].sort().values]
-                self._inputs[(graph.revision, producer)] = LinearInputs(x, grams.pop(producer), total, count)
+                self._inputs[(graph.revision, producer)] = collector.inputs(producer, self.seed, self.max_rows)
         return {name: self._inputs[(graph.revision, p)] for name, p in producers.items()}
+
+    def linear_input_groups(
+        self, graph: Graph, linears: Sequence[Linear], what: str
+    ) -> Iterator[tuple[list[Linear], dict[str, LinearInputs]]]:
+        """The linears grouped by the value they read (q/k/v, gate/up), in graph order, each group with its inputs.
+
+        In memory, all groups' inputs come from one sweep (and stay cached). On a lazy graph, each
+        group's come from a sweep of the graph as it was when asked, paused where the group's input
+        has been computed for every calibration input, and are dropped when the next group is asked
+        for: the caller may rewrite the graph between groups. ``what`` names the work in the progress bar.
+        """
+        order = {node: i for i, node in enumerate(graph.fx.nodes)}
+        groups: dict[object, list[Linear]] = {}
+        for lin in sorted(linears, key=lambda lin: (order[lin.node.args[0]], order[lin.node])):
+            groups.setdefault(lin.node.args[0], []).append(lin)
+        if not graph.lazy:
+            inputs = self.linear_inputs(graph, linears)
+            for group in track(list(groups.values()), f"{self.spec_path} {what}"):
+                yield group, {lin.node.name: inputs[lin.node.name] for lin in group}
+            return
+        snapshot = graph.clone()  # node for node the same graph: the sweep reads it while the caller rewrites
+        same = dict(zip(graph.fx.nodes, snapshot.fx.nodes))
+        producers = {same[node].name: node.name for node in groups}
+        collector = _InputCollector(set(producers))
+        sweep = Sweep(snapshot, self.calibration_inputs, collector.taps)
+        for producer, group in track(list(groups.items()), f"{self.spec_path} {what} (streamed)"):
+            ours = same[producer].name
+            sweep.run_until([ours])
+            inputs = collector.inputs(ours, self.seed, self.max_rows, name=producer.name)
+            yield group, {lin.node.name: inputs for lin in group}
+            del inputs
+            give_back_freed_memory()
 
     def _check_memory(self, widths: list[int], what: str) -> None:
         """Refuse, before the sweep, a collection that cannot fit: every row of every input is held

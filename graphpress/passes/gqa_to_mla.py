@@ -231,7 +231,7 @@ def _attention_params(graph: Graph, paths: list[str]) -> dict[str, int]:
     for name in graph.program.graph_signature.parameters:
         for path in paths:
             if name.startswith(path + "."):
-                counts[path] += graph.weight(name).numel()
+                counts[path] += graph.stored(name).numel()
     return counts
 
 
@@ -472,7 +472,7 @@ def _latent_entry(site: Site, kind: str, width: int) -> CacheEntry:
 
 def rewrite_after_up(graph: Graph, site: Site, plan: Plan) -> None:
     block = site.block
-    dtype = graph.weight(block.k_proj.weight).dtype
+    dtype = graph.stored(block.k_proj.weight).dtype
     b = _Builder(graph, block.path, block.k_proj.node, dtype)
     with graph.fx.inserting_before(_first_user([site.k_full, site.v_full])):
         latent = b.dense(site.x, "kv_down", plan.w_down)
@@ -557,7 +557,7 @@ def rewrite_decoupled(graph: Graph, site: Site, plan: Plan, o_weight: torch.Tens
     """MLA with a decoupled RoPE key; absorbed when ``o_weight`` (the output projection) is given."""
     block = site.block
     heads, hd, dr = block.num_heads, block.head_dim, plan.rope_dims
-    dtype = graph.weight(block.k_proj.weight).dtype
+    dtype = graph.stored(block.k_proj.weight).dtype
     sdpa = block.sdpa
     b = _Builder(graph, block.path, block.k_proj.node, dtype)
     with graph.fx.inserting_before(sdpa):

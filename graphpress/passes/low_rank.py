@@ -32,7 +32,7 @@ import torch
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
 from ..progress import track
-from ..schema import Energy, GlobalBudget, LowRankConfig, ParamRatio
+from ..schema import GlobalBudget, LowRankConfig, ParamRatio
 from .base import LayerReport, Pass, PassReport
 from .context import LinearInputs, PassContext
 from .registry import register
@@ -123,13 +123,6 @@ class LowRank(Pass):
             return rank
         return min(max(multiple, rank - rank % multiple), linear.in_features, linear.out_features)
 
-    def per_layer_ranks(self, linears: list[Linear], spectra: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Ranks of the per-layer policies: fixed, param_ratio, energy."""
-        rank = self.config.rank
-        if isinstance(rank, Energy):
-            return {lin.node.name: self.clamp(lin, energy_rank(spectra[lin.node.name], rank.energy)) for lin in linears}
-        return {lin.node.name: self.clamp(lin, self.fixed_rank(lin)) for lin in linears}
-
     def budget_ranks(
         self,
         graph: Graph,
@@ -143,7 +136,7 @@ class LowRank(Pass):
         staying dense (None), is an item too: gain the whole tail, cost the remaining parameters.
         """
         budget = self.config.rank.budget
-        unit = {lin.node.name: graph.weight(lin.weight).element_size() if budget.bytes else 1 for lin in linears}
+        unit = {lin.node.name: graph.stored(lin.weight).element_size() if budget.bytes else 1 for lin in linears}
         target = budget.bytes or budget.params or int(budget.param_ratio * sum(lin.params for lin in linears))
         ranks: dict[str, int | None] = {}
         caps = {lin.node.name: max_useful_rank(lin) for lin in linears}
@@ -188,50 +181,64 @@ class LowRank(Pass):
         report = self.new_report()
         report.details["method"] = self.config.method
         linears = self.selected_linears(graph, ctx)
-        inputs = ctx.linear_inputs(graph, linears)
-        grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
-        whiteners: dict[int, torch.Tensor] = {}
-
-        def scaled_of(lin: Linear) -> Scaled:
-            return self.scaled(graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners)
-
-        spectra = {}
-        if any(self.fixed_rank(lin) is None for lin in linears):
-            spectra = {
-                lin.node.name: torch.linalg.svdvals(scaled_of(lin).matrix)
-                for lin in track(linears, f"{ctx.spec_path} low_rank: spectra")
-            }
         if isinstance(self.config.rank, GlobalBudget):
+            inputs = ctx.linear_inputs(graph, linears)
+            grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
+            whiteners: dict[int, torch.Tensor] = {}
+            scaled = {}
+            spectra = {}
+            for lin in track(linears, f"{ctx.spec_path} low_rank: spectra"):
+                scaled[lin.node.name] = self.scaled(
+                    graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners
+                )
+                spectra[lin.node.name] = torch.linalg.svdvals(scaled.pop(lin.node.name).matrix)
             ranks = self.budget_ranks(graph, linears, spectra, ctx, report)
-        else:
-            ranks = self.per_layer_ranks(linears, spectra)
-
-        for lin in track(linears, f"{ctx.spec_path} low_rank: factoring"):
-            rank = self.round(lin, ranks[lin.node.name])
-            if rank is None:
-                reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
-                report.layers.append(
-                    LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": None, "reason": reason})
-                )
-                continue
-            factored = rank * (lin.in_features + lin.out_features)
-            if factored >= lin.in_features * lin.out_features and self.config.only_if_smaller:
-                reason = f"rank {rank} x (in + out) = {factored} >= in x out = {lin.in_features * lin.out_features}"
-                report.layers.append(
-                    LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": rank, "reason": reason})
-                )
-                continue
-            plain = self.data_free(
-                report,
-                lin,
-                self.has_data(inputs[lin.node.name], grads.get(lin.weight)),
-                f"plain SVD factors it, not {self.config.method}",
-                "input" if self.config.method == "whitened_svd" else "gradient",
-            )
-            layer = self.factor_layer(graph, lin, rank, scaled_of(lin), inputs[lin.node.name], ctx)
-            layer.details["method"] = "svd" if plain else self.config.method
-            report.layers.append(layer)
+            for lin in track(linears, f"{ctx.spec_path} low_rank: factoring"):
+                self.factor_or_skip(graph, lin, ranks[lin.node.name], inputs, grads, whiteners, ctx, report)
+            return report
+        grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
+        for group, inputs in ctx.linear_input_groups(
+            graph, linears, "low_rank: factoring"
+        ):  # one input's statistics at a time
+            whiteners = {}
+            for lin in group:
+                rank = self.fixed_rank(lin)
+                if rank is None:  # energy: this layer's own spectrum
+                    spectrum = torch.linalg.svdvals(self.scaled_of(graph, lin, inputs, grads, whiteners).matrix)
+                    rank = energy_rank(spectrum, self.config.rank.energy)
+                self.factor_or_skip(graph, lin, self.clamp(lin, rank), inputs, grads, whiteners, ctx, report)
         return report
+
+    def scaled_of(self, graph: Graph, lin: Linear, inputs: dict, grads: dict, whiteners: dict) -> Scaled:
+        return self.scaled(graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners)
+
+    def factor_or_skip(self, graph, lin, rank, inputs, grads, whiteners, ctx, report) -> None:
+        """Factor ``lin`` at ``rank`` (rounded), or report why it stays dense."""
+        rank = self.round(lin, rank)
+        if rank is None:
+            reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
+            report.layers.append(
+                LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": None, "reason": reason})
+            )
+            return
+        factored = rank * (lin.in_features + lin.out_features)
+        if factored >= lin.in_features * lin.out_features and self.config.only_if_smaller:
+            reason = f"rank {rank} x (in + out) = {factored} >= in x out = {lin.in_features * lin.out_features}"
+            report.layers.append(
+                LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": rank, "reason": reason})
+            )
+            return
+        plain = self.data_free(
+            report,
+            lin,
+            self.has_data(inputs[lin.node.name], grads.get(lin.weight)),
+            f"plain SVD factors it, not {self.config.method}",
+            "input" if self.config.method == "whitened_svd" else "gradient",
+        )
+        scaled = self.scaled_of(graph, lin, inputs, grads, whiteners)
+        layer = self.factor_layer(graph, lin, rank, scaled, inputs[lin.node.name], ctx)
+        layer.details["method"] = "svd" if plain else self.config.method
+        report.layers.append(layer)
 
     def factor_layer(
         self, graph: Graph, lin: Linear, rank: int, scaled: Scaled, inputs: LinearInputs, ctx: PassContext

@@ -81,9 +81,9 @@ class WeightClustering(Pass):
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
         report = self.new_report()
         dense, sparse = self.selected_linears(graph, ctx), self.selected_stored(graph, ctx)
-        inputs = ctx.linear_inputs(graph, [*dense, *sparse])
         gen = torch.Generator().manual_seed(ctx.seed)
-        for lin in track(dense, f"{ctx.spec_path} weight_clustering: k-means"):
+        sparse_inputs = ctx.linear_inputs(graph, sparse)  # before the dense ones are rewritten
+        for lin, inputs in self.one_by_one(ctx.linear_input_groups(graph, dense, "weight_clustering: k-means")):
             weight = graph.weight(lin.weight)
             energy = self.energy(report, lin, inputs[lin.node.name])
             palette = self.palettize(weight, None if energy is None else energy.expand_as(weight), gen)
@@ -100,6 +100,7 @@ class WeightClustering(Pass):
                 "error_feedback: N:M-sparse linears are assigned without it (the sweep needs the same columns in "
                 f"every row): {', '.join(lin.path for lin in sparse)}"
             )
+        inputs = sparse_inputs
         for lin in track(sparse, f"{ctx.spec_path} weight_clustering: k-means (N:M values)"):
             # an N:M weight: its kept values are clustered, and nm_weight reads them from the LUT
             values_node, positions_node, n, m, in_features = lin.op.args
@@ -118,6 +119,13 @@ class WeightClustering(Pass):
                 self.layer_report(lin.path, values, palette, inputs[lin.node.name].rows, before, after)
             )
         return report
+
+    @staticmethod
+    def one_by_one(groups):
+        """(linear, inputs) pairs from ``linear_input_groups``: a group's statistics live until its last linear."""
+        for group, inputs in groups:
+            for lin in group:
+                yield lin, inputs
 
     def energy(self, report: PassReport, lin, inputs) -> torch.Tensor | None:
         """E[x_j^2] per input channel under ``weighting: activation``; None: every value counts the same."""

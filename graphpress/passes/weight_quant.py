@@ -341,7 +341,7 @@ class WeightQuant(Pass):
             if not x.reached:
                 continue
             weights = [graph.weight(lin.weight).detach().double() for lin in group]
-            dtype = graph.weight(group[0].weight).dtype
+            dtype = graph.stored(group[0].weight).dtype
             s, alpha = search_scale(weights, x.rows.double(), cfg, block_size(cfg, group[0].in_features), dtype)
             if alpha == 0:
                 continue

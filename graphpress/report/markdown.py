@@ -314,4 +314,9 @@ def _capture_line(capture: dict) -> list[str]:
         for name, dims in (shapes.items() if isinstance(shapes, dict) else ())
     )
     mode, dtype = text(capture.get("mode", "?")), text(capture.get("dtype", "?"))
-    return ["", f"Captured: {mode} mode, {dtype}; inputs {inputs or 'none'}."]
+    streamed = (
+        " Weights streamed from the checkpoint, layer by layer (execution.stream)."
+        if capture.get("streamed") is True
+        else ""
+    )
+    return ["", f"Captured: {mode} mode, {dtype}; inputs {inputs or 'none'}.{streamed}"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from . import backends, passes
+from . import backends, passes, spec
 
 MARKED = re.compile(r"(<!-- config: (\w+) -->\n)(.*?)(<!-- /config -->)", re.S)
 SELECTORS = {"pass", "target"}
@@ -23,7 +23,7 @@ SELECTORS = {"pass", "target"}
 
 def config_models() -> dict[str, type[BaseModel]]:
     found = {}
-    for module in (passes, backends):
+    for module in (passes, backends, spec):
         for name in dir(module):
             obj = getattr(module, name)
             if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == module.__name__:

@@ -36,6 +36,19 @@ class CaptureConfig(StrictModel):
     )
 
 
+class ExecutionConfig(StrictModel):
+    stream: bool | Literal["auto"] = Field(
+        "auto",
+        description="Stream the weights of a checkpoint folder instead of loading the model: capture reads no "
+        "weight, calibration runs all samples through the graph one op at a time (each weight read once, then "
+        "dropped), low_rank and weight_clustering compress one layer's input at a time, and what the passes produce "
+        "is written to disk as it is made, so memory holds about one layer's weights and statistics. The result is "
+        "byte for byte the in-memory one. 'auto' streams a checkpoint folder whose weights exceed a quarter of the "
+        "memory available; true requires a checkpoint folder (safetensors saved by save_pretrained) and forward "
+        "capture.",
+    )
+
+
 class CalibrationConfig(StrictModel):
     samples: int = Field(8, ge=1, le=4096, description="Number of calibration batches.")
     seq_len: int = Field(
@@ -162,6 +175,7 @@ class Spec(StrictModel):
         None, description="What the spec is for, in a sentence or two (shown by `graphpress presets` and the report)."
     )
     capture: CaptureConfig = CaptureConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     passes: list[AnyPassConfig] = Field(default_factory=list)
     verify: VerifyConfig = VerifyConfig()

@@ -1,0 +1,172 @@
+"""Scale: compressing checkpoints bigger than memory, streamed vs loaded, peak resident memory and wall time.
+
+    PYTHONPATH=. .venv/bin/python -m benchmarks.scale --shape 1b            # 1.1B Llama shape, fp32 (~4.4 GB)
+    PYTHONPATH=. .venv/bin/python -m benchmarks.scale --shape 8b --modes stream   # Llama-3-8B shape, bf16 (~16 GB)
+
+Writes its own random-weight checkpoint (sharded safetensors, no download; reused from
+``--folder`` if already there) and a file of random token ids, then runs ``compress`` on
+the checkpoint folder once per mode, each in a fresh process so its peak resident memory
+(``ru_maxrss``) is its own: ``memory`` (``execution.stream`` false: the model loaded and
+captured in memory) and ``stream``. The specs:
+
+* ``1b`` (the shape of ``benchmarks/low_rank.py --big``): whitened low_rank, param_ratio
+  0.5 on every linear in ``layers.*``, 4 calibration samples x 128 tokens.
+* ``8b`` (issue 23): low_rank param_ratio 0.5 on the MLPs and 4-bit weight_clustering on
+  attention, 4 calibration samples x 256 tokens.
+
+Backends are off (``"backends": []``): they still build from the whole compressed model in
+memory, so the compressed tensors stay in ``OUT/.graphpress-store``. Weights are random, so
+the verification error is large and only warned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {
+    "200m": dict(
+        vocab_size=8000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    ),
+    "1b": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+    ),
+    "8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+    ),
+}
+DTYPES = {"200m": "float32", "1b": "float32", "8b": "bfloat16"}
+
+
+def spec(shape: str, tokens: Path, stream: bool) -> dict:
+    if shape == "8b":
+        passes = [
+            {"pass": "low_rank", "targets": ["mlp.*"], "rank": {"param_ratio": 0.5}},
+            {"pass": "weight_clustering", "targets": ["self_attn.*"], "bits": 4},
+        ]
+        samples, seq_len = 4, 256
+    else:
+        passes = [{"pass": "low_rank", "targets": "layers.*", "method": "whitened_svd", "rank": {"param_ratio": 0.5}}]
+        samples, seq_len = 4, 128
+    return {
+        "calibration": {"tokens": str(tokens), "samples": samples, "seq_len": seq_len},
+        "verify": {"samples": 1, "on_fail": "warn"},
+        "passes": passes,
+        "backends": [],
+        "execution": {"stream": stream},
+    }
+
+
+def prepare(shape: str, folder: Path) -> tuple[int, Path]:
+    """The checkpoint (written unless there) and a token file; returns the weights' bytes."""
+    import torch
+    import transformers
+
+    from tests.families import random_checkpoint
+
+    tokens = folder / "tokens.npy"
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        start = time.perf_counter()
+        config = transformers.LlamaConfig(**SHAPES[shape])
+        random_checkpoint(folder, config, dtype=getattr(torch, DTYPES[shape]), shard_bytes=2**31)
+        print(f"wrote {folder} in {time.perf_counter() - start:.0f} s", flush=True)
+    if not tokens.exists():
+        ids = np.random.default_rng(0).integers(0, SHAPES[shape]["vocab_size"], 1 << 16, dtype=np.int64)
+        np.save(tokens, ids)
+    return json.loads(index.read_text())["metadata"]["total_size"], tokens
+
+
+def run_one(folder: str, spec_json: str) -> None:
+    """Child process: one compress run; prints its wall time and its own peak resident memory."""
+    import warnings
+
+    from graphpress import compress
+
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    result = compress(folder, json.loads(spec_json), out_dir=tempfile.mkdtemp(prefix="scale-"), progress=False)
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "params_before": result.report.original["params"],
+                "params_after": result.report.compressed["params"],
+                "timings": result.report.timings,
+                "streamed": result.report.capture.get("streamed"),
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--folder", type=Path, help="checkpoint folder (written there if absent; default: a temp dir)")
+    ap.add_argument("--modes", default="memory,stream", help="comma-separated: memory, stream")
+    ap.add_argument("--run", nargs=2, metavar=("FOLDER", "SPEC"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        run_one(*args.run)
+        return
+    folder = args.folder or Path(tempfile.mkdtemp(prefix=f"scale-{args.shape}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    size, tokens = prepare(args.shape, folder)
+    print(f"\n## {args.shape}: {size / 2**30:.2f} GiB of {DTYPES[args.shape]} weights in {folder}")
+    print("| mode | wall s | peak RSS GiB | peak / weights | parameters | capture s | passes s |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for mode in args.modes.split(","):
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                "--run",
+                str(folder),
+                json.dumps(spec(args.shape, tokens, mode == "stream")),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode != 0:
+            print(
+                f"| {mode} | failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode} |"
+            )
+            continue
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        print(
+            f"| {mode} | {m['seconds']:.0f} | {m['peak'] / 2**30:.2f} | {m['peak'] / size:.2f} | "
+            f"{m['params_before'] / 1e9:.3f} B -> {m['params_after'] / 1e9:.3f} B | {m['timings'].get('capture', 0):.0f} | "
+            f"{m['timings'].get('passes', 0):.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
