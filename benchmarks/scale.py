@@ -7,7 +7,8 @@ Writes its own random-weight checkpoint (sharded safetensors, no download; reuse
 ``--folder`` if already there) and a file of random token ids, then runs ``compress`` on
 the checkpoint folder once per mode, each in a fresh process so its peak resident memory
 (``ru_maxrss``) is its own: ``memory`` (``execution.stream`` false: the model loaded and
-captured in memory) and ``stream``. The specs:
+captured in memory), ``stream``, and ``ray`` (streamed, low_rank's per-layer jobs on a local
+Ray runtime with 2 CPUs; the workers' memory is not in the figure). The specs:
 
 * ``1b`` (the shape of ``benchmarks/low_rank.py --big``): whitened low_rank, param_ratio
   0.5 on every linear in ``layers.*``, 4 calibration samples x 128 tokens.
@@ -62,7 +63,7 @@ SHAPES = {
 DTYPES = {"200m": "float32", "1b": "float32", "8b": "bfloat16"}
 
 
-def spec(shape: str, tokens: Path, stream: bool) -> dict:
+def spec(shape: str, tokens: Path, mode: str) -> dict:
     if shape == "8b":
         passes = [
             {"pass": "low_rank", "targets": ["mlp.*"], "rank": {"param_ratio": 0.5}},
@@ -77,7 +78,7 @@ def spec(shape: str, tokens: Path, stream: bool) -> dict:
         "verify": {"samples": 1, "on_fail": "warn"},
         "passes": passes,
         "backends": [],
-        "execution": {"stream": stream},
+        "execution": {"stream": mode != "memory", **({"engine": "ray", "num_cpus": 2} if mode == "ray" else {})},
     }
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--folder", type=Path, help="checkpoint folder (written there if absent; default: a temp dir)")
-    ap.add_argument("--modes", default="memory,stream", help="comma-separated: memory, stream")
+    ap.add_argument("--modes", default="memory,stream,ray", help="comma-separated: memory, stream, ray")
     ap.add_argument("--run", nargs=2, metavar=("FOLDER", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -149,7 +150,7 @@ def main() -> None:
                 "benchmarks.scale",
                 "--run",
                 str(folder),
-                json.dumps(spec(args.shape, tokens, mode == "stream")),
+                json.dumps(spec(args.shape, tokens, mode)),
             ],
             capture_output=True,
             text=True,

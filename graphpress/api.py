@@ -18,6 +18,7 @@ from .backends import build_backend
 from .backends.base import tensor_leaves
 from .calibration import calibration_from_files
 from .errors import CaptureError
+from .execution import engine
 from .fileio import claimed_output, previous_run_files, publish_all, remove_stale, staging_dir, write_manifest
 from .ir import Graph, capture
 from .ir.decode import STEP_INPUTS
@@ -124,7 +125,8 @@ def _run(model, spec: Spec, example_inputs, calibration_data, out: Path) -> Comp
 def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, stream: bool, spill) -> CompressionResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    source = model if isinstance(model, ModelSource) else _source(model, example_inputs, stream)
+    dtype = None if spec.capture.dtype == "model" else getattr(torch, spec.capture.dtype)
+    source = model if isinstance(model, ModelSource) else _source(model, example_inputs, stream, dtype)
     if source.example_inputs is None:
         raise CaptureError("compress() needs example_inputs for an nn.Module (a tuple of positional inputs)")
     calibration, verification, calibration_source, verified_on, warnings = _calibration(source, spec, calibration_data)
@@ -158,10 +160,10 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
         )
 
     t = time.perf_counter()
-    ctx = PassContext(calibration, seed=spec.calibration.seed)
     verifier = Verifier(spec.verify, original, verification)
     pipeline = PassManager([build_pass(p) for p in spec.passes], verifier)
-    result = pipeline.run(original, ctx)
+    with engine(spec.execution) as runner:
+        result = pipeline.run(original, PassContext(calibration, seed=spec.calibration.seed, engine=runner))
     timings["passes"] = time.perf_counter() - t
 
     with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all
@@ -215,7 +217,7 @@ def _report(source, spec, original, result, records, calibration, calibration_so
         capture={
             "mode": spec.capture.mode,
             "dtype": _graph_dtype(original),
-            "model_dtype": _dtype(source.model),
+            "model_dtype": _stored_dtype(source.weights) if source.weights is not None else _dtype(source.model),
             "inputs": original.input_ranges(),
             "streamed": original.spill is not None,
         },
@@ -251,17 +253,25 @@ def _graph_dtype(graph: Graph) -> str:
     return "/".join(dtypes) or "none"
 
 
+def _stored_dtype(weights) -> str:
+    """The floating-point dtype a streamed checkpoint is stored in (its model may be read in another)."""
+    dtypes = {str(s.dtype).removeprefix("torch.") for s in weights.entries.values() if s.dtype.is_floating_point}
+    return "/".join(sorted(dtypes)) or "none"
+
+
 def _dtype(model: torch.nn.Module) -> str:
     """The floating-point dtype the model's parameters are stored in (the one the passes store in)."""
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     return "/".join(dtypes) or "none"
 
 
-def _source(model, example_inputs, stream: bool) -> ModelSource:
+def _source(model, example_inputs, stream: bool, dtype: torch.dtype | None) -> ModelSource:
+    """A streamed checkpoint is opened in the capture dtype (each tensor converted as read); others are converted
+    after loading, by :func:`_in_dtype`."""
     if isinstance(model, torch.nn.Module):
         source = ModelSource(model, name=type(model).__name__)
     else:
-        source = load_source(model, lazy=stream)
+        source = load_source(model, lazy=stream, dtype=dtype if stream else None)
     if example_inputs is not None:
         source.example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return source

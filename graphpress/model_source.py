@@ -74,13 +74,13 @@ def is_checkpoint(source) -> bool:
     )
 
 
-def load_source(source: str | Path, lazy: bool = False) -> ModelSource:
+def load_source(source: str | Path, lazy: bool = False, dtype: torch.dtype | None = None) -> ModelSource:
     """A ModelSource from a model directory path or a 'module:factory' reference (``lazy``: a checkpoint
-    folder is opened without reading its weights)."""
+    folder is opened without reading its weights, its floating-point tensors read as ``dtype`` if given)."""
     path = Path(source)
     factory = "load_model"
     if is_checkpoint(path):
-        return load_checkpoint(path, lazy)
+        return load_checkpoint(path, lazy, dtype)
     if path.is_dir():
         module, name = _import_directory(path), path.resolve().name
     elif ":" in str(source):
@@ -109,7 +109,7 @@ def load_source(source: str | Path, lazy: bool = False) -> ModelSource:
     )
 
 
-def load_checkpoint(path: Path, lazy: bool = False) -> ModelSource:
+def load_checkpoint(path: Path, lazy: bool = False, dtype: torch.dtype | None = None) -> ModelSource:
     """A transformers checkpoint folder, loaded offline; example inputs are 16 token ids."""
     try:
         import transformers
@@ -128,7 +128,7 @@ def load_checkpoint(path: Path, lazy: bool = False) -> ModelSource:
     source = ModelSource(None, (example,), name=path.resolve().name, tokenize=_tokenizer(path), directory=path)
     if lazy:
         source.weights = _safetensors(path)
-        source.model, source.checkpoint_keys = _fake_model(path, config, classes, source.weights)
+        source.model, source.checkpoint_keys = _fake_model(path, config, classes, source.weights, dtype)
         return source
     failures = []
     for cls in filter(None, classes):
@@ -147,8 +147,11 @@ def _safetensors(path: Path) -> Safetensors:
         raise CaptureError(f"--model {path}: its weights cannot be opened lazily: {first_line(exc)}") from exc
 
 
-def _fake_model(path: Path, config, classes, weights: Safetensors) -> tuple[nn.Module, dict[str, str]]:
-    """The checkpoint's model with fake parameters of the stored shapes and dtypes, and where each one is.
+def _fake_model(
+    path: Path, config, classes, weights: Safetensors, dtype: torch.dtype | None
+) -> tuple[nn.Module, dict[str, str]]:
+    """The checkpoint's model with fake parameters of the stored shapes and dtypes (floating ones in ``dtype``
+    if given, buffers too, as ``model.to(dtype)`` would have them), and where each one is.
 
     Built with parameters on the meta device (no allocation, no initialisation), then each
     parameter becomes a FakeTensor on the CPU: capture traces through it as through a real
@@ -178,10 +181,16 @@ def _fake_model(path: Path, config, classes, weights: Safetensors) -> tuple[nn.M
             key = keys[f"{module_name}.{name}" if module_name else name]
             if key not in fakes:
                 stored = weights.entries[key]
+                kind = dtype if dtype is not None and stored.dtype.is_floating_point else stored.dtype
                 with mode:
-                    fake = torch.empty(stored.shape, dtype=stored.dtype)
+                    fake = torch.empty(stored.shape, dtype=kind)
                 fakes[key] = nn.Parameter(fake, requires_grad=param.requires_grad)
             module._parameters[name] = fakes[key]
+    if dtype is not None:
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
     return model, keys
 
 

@@ -54,10 +54,6 @@ def _why_not(spec: Spec, model) -> str | None:
         )
     if spec.capture.mode != "forward":
         return "decode capture is not streamed yet; use capture.mode 'forward' or set execution.stream to false"
-    if spec.capture.dtype != "model":
-        return (
-            f"a streamed checkpoint is captured in its stored dtype; capture.dtype {spec.capture.dtype!r} needs 'model'"
-        )
     if spec.evaluate is not None:
         return "evaluate is not streamed yet; drop it or set execution.stream to false"
     return None

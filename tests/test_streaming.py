@@ -165,6 +165,18 @@ def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp
     assert torch.equal(streamed.model(ids()).logits, in_memory.model(ids()).logits)
 
 
+def test_a_bf16_checkpoint_streamed_in_float32_is_converted_as_read(tmp_path):
+    folder = tmp_path / "bf16"
+    build("llama").to(torch.bfloat16).save_pretrained(folder)
+    spec = {**SPEC, "capture": {"dtype": "float32"}}
+    streamed, in_memory = streamed_and_in_memory(folder, tmp_path, spec)
+    assert streamed.report.capture["dtype"] == in_memory.report.capture["dtype"] == "float32"
+    assert streamed.report.capture["model_dtype"] == "bfloat16"
+    ours, theirs = streamed.graph.tensors(), in_memory.graph.tensors()
+    assert all(torch.equal(materialize(ours[k]), theirs[k]) for k in ours)
+    assert streamed.artifacts["onnx"].read_bytes() == in_memory.artifacts["onnx"].read_bytes()
+
+
 def test_a_failed_streamed_run_leaves_no_store(llama_folder, tmp_path):
     spec = {**SPEC, "verify": {"max": 1e-9, "on_fail": "error"}, "execution": {"stream": True}}
     with pytest.raises(VerificationError):
@@ -177,7 +189,6 @@ def test_a_failed_streamed_run_leaves_no_store(llama_folder, tmp_path):
     [
         ("module", {}, r"execution.stream: streaming reads the weights of a checkpoint folder .*got LlamaForCausalLM"),
         ("folder", {"capture": {"mode": "decode"}}, r"execution.stream: decode capture is not streamed yet"),
-        ("folder", {"capture": {"dtype": "float16"}}, r"execution.stream: .*capture.dtype 'float16' needs 'model'"),
     ],
 )
 def test_streaming_that_cannot_be_done_is_refused_by_field(llama_folder, tmp_path, model, spec, match):

@@ -104,7 +104,8 @@ def _attach(program, stored: dict[str, Stored]) -> None:
     canonicalisation, asks). Buffers the model computed itself stay as captured."""
     for name, tensor in list(program.state_dict.items()):
         if name in stored:
-            program.state_dict[name] = lazy(stored[name], parameter=isinstance(tensor, torch.nn.Parameter))
+            parameter = isinstance(tensor, torch.nn.Parameter)
+            program.state_dict[name] = lazy(stored[name], parameter, dtype=tensor.dtype)
         elif isinstance(tensor, FakeTensor):
             raise CaptureError(f"the model's tensor {name!r} has no data: nothing on disk stands for it")
 

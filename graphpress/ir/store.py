@@ -80,9 +80,10 @@ class Stored:
         return torch.frombuffer(buffer, dtype=self.dtype).reshape(self.shape)
 
 
-def lazy(stored: Stored, parameter: bool = False) -> torch.Tensor:
-    """A meta tensor standing for ``stored`` (a Parameter if ``parameter``)."""
-    meta = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
+def lazy(stored: Stored, parameter: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A meta tensor standing for ``stored`` (a Parameter if ``parameter``), read as ``dtype`` if given (a bf16
+    checkpoint captured in float32: each tensor converted as it is read)."""
+    meta = torch.empty(stored.shape, dtype=dtype or stored.dtype, device="meta")
     if parameter:
         meta = torch.nn.Parameter(meta, requires_grad=meta.is_floating_point())
     meta._graphpress_stored = stored
@@ -103,6 +104,8 @@ def materialize(tensor: torch.Tensor) -> torch.Tensor:
     if stored is None:
         return tensor
     value = stored.read()
+    if value.dtype != tensor.dtype:
+        value = value.to(tensor.dtype)
     return torch.nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else value
 
 

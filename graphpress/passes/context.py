@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PassPreconditionError
+from ..execution import InProcess, RayEngine
 from ..ir import Graph, Linear
 from ..ir.stream import Sweep, give_back_freed_memory
 from ..metrics import logits_of
@@ -89,6 +90,15 @@ def available_memory() -> int | None:
     return None
 
 
+def by_input(graph: Graph, linears: Sequence[Linear]) -> list[list[Linear]]:
+    """The linears grouped by the value they read (q/k/v, gate/up), groups and members in graph order."""
+    order = {node: i for i, node in enumerate(graph.fx.nodes)}
+    groups: dict[object, list[Linear]] = {}
+    for lin in sorted(linears, key=lambda lin: (order[lin.node.args[0]], order[lin.node])):
+        groups.setdefault(lin.node.args[0], []).append(lin)
+    return list(groups.values())
+
+
 class _InputCollector:
     """Taps that gather the rows and X^T X of each named value, one calibration input after another."""
 
@@ -124,6 +134,8 @@ class PassContext:
     seed: int = 0
     max_rows: int = 2048
     spec_path: str = "passes"
+    engine: InProcess | RayEngine = field(default_factory=InProcess)
+    """Where passes' per-layer jobs run (``execution.engine``)."""
     _inputs: dict[tuple[int, str], LinearInputs] = field(default_factory=dict, repr=False)
     _grad_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -155,24 +167,20 @@ class PassContext:
         has been computed for every calibration input, and are dropped when the next group is asked
         for: the caller may rewrite the graph between groups. ``what`` names the work in the progress bar.
         """
-        order = {node: i for i, node in enumerate(graph.fx.nodes)}
-        groups: dict[object, list[Linear]] = {}
-        for lin in sorted(linears, key=lambda lin: (order[lin.node.args[0]], order[lin.node])):
-            groups.setdefault(lin.node.args[0], []).append(lin)
+        groups = by_input(graph, linears)
         if not graph.lazy:
             inputs = self.linear_inputs(graph, linears)
-            for group in track(list(groups.values()), f"{self.spec_path} {what}"):
+            for group in track(groups, f"{self.spec_path} {what}"):
                 yield group, {lin.node.name: inputs[lin.node.name] for lin in group}
             return
         snapshot = graph.clone()  # node for node the same graph: the sweep reads it while the caller rewrites
         same = dict(zip(graph.fx.nodes, snapshot.fx.nodes))
-        producers = {same[node].name: node.name for node in groups}
-        collector = _InputCollector(set(producers))
+        collector = _InputCollector({same[group[0].node.args[0]].name for group in groups})
         sweep = Sweep(snapshot, self.calibration_inputs, collector.taps)
-        for producer, group in track(list(groups.items()), f"{self.spec_path} {what} (streamed)"):
-            ours = same[producer].name
-            sweep.run_until([ours])
-            inputs = collector.inputs(ours, self.seed, self.max_rows, name=producer.name)
+        for group in track(groups, f"{self.spec_path} {what} (streamed)"):
+            producer = group[0].node.args[0]
+            sweep.run_until([same[producer].name])
+            inputs = collector.inputs(same[producer].name, self.seed, self.max_rows, name=producer.name)
             yield group, {lin.node.name: inputs for lin in group}
             del inputs
             give_back_freed_memory()

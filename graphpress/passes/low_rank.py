@@ -25,6 +25,7 @@ output error <= plain output error on the calibration data; a budget is never ex
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,9 @@ import torch
 from ..errors import PassPreconditionError
 from ..ir import Graph, Linear
 from ..progress import track
-from ..schema import GlobalBudget, LowRankConfig, ParamRatio
+from ..schema import Energy, GlobalBudget, LowRankConfig, ParamRatio
 from .base import LayerReport, Pass, PassReport
-from .context import LinearInputs, PassContext
+from .context import LinearInputs, PassContext, by_input
 from .registry import register
 
 SPECTRUM_POINTS = 512  # singular values kept in the report (enough to plot; evenly subsampled beyond)
@@ -59,6 +60,48 @@ class Scaled:
         if self.row_scale is not None:
             b = b / self.row_scale[:, None]
         return a, b
+
+
+@dataclass
+class LayerJob:
+    """One linear's factoring and everything it reads: a pure job, picklable, that an engine may run elsewhere."""
+
+    path: str
+    weight: torch.Tensor
+    inputs: LinearInputs
+    grad_sq: torch.Tensor | None
+    rank: int | None
+    """The rank (before rounding to ``rank_multiple``); None: the budget keeps the layer dense."""
+    energy: float | None
+    """Set: the rank comes from this layer's own spectrum instead."""
+    plain: bool
+    """No calibration signal reached the layer: plain SVD."""
+    has_bias: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.has_bias else 0)
+
+
+@dataclass
+class LayerResult:
+    report: LayerReport
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(A, B), in the weight's dtype; None: the layer stays dense."""
+
+
+def factor_group(config: LowRankConfig, jobs: list[LayerJob], seed: int) -> list[LayerResult]:
+    """The factors of linears that read one input (so one whitener serves them all): what an engine runs."""
+    low_rank, whiteners = LowRank(config), {}
+    return [low_rank.factor(job, seed, whiteners) for job in jobs]
 
 
 @register
@@ -113,10 +156,10 @@ class LowRank(Pass):
             )
         return None
 
-    def clamp(self, linear: Linear, rank: int) -> int:
+    def clamp(self, linear: Linear | LayerJob, rank: int) -> int:
         return max(self.config.min_rank, min(rank, linear.in_features, linear.out_features))
 
-    def round(self, linear: Linear, rank: int | None) -> int | None:
+    def round(self, linear: Linear | LayerJob, rank: int | None) -> int | None:
         """Down to a multiple of ``rank_multiple``, so budgets still hold; a smaller rank is raised to it."""
         multiple = self.config.rank_multiple
         if rank is None or multiple == 1:
@@ -178,101 +221,107 @@ class LowRank(Pass):
 
     # ------------------------------------------------------------------ the pass
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        """Jobs per group of linears reading one input, run by ``ctx.engine`` while the sweep goes on; the
+        graph is rewritten here, in order, as their results come back."""
         report = self.new_report()
         report.details["method"] = self.config.method
+        report.details["engine"] = ctx.engine.name
         linears = self.selected_linears(graph, ctx)
-        if isinstance(self.config.rank, GlobalBudget):
-            inputs = ctx.linear_inputs(graph, linears)
-            grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
-            whiteners: dict[int, torch.Tensor] = {}
-            scaled = {}
-            spectra = {}
-            for lin in track(linears, f"{ctx.spec_path} low_rank: spectra"):
-                scaled[lin.node.name] = self.scaled(
-                    graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners
-                )
-                spectra[lin.node.name] = torch.linalg.svdvals(scaled.pop(lin.node.name).matrix)
-            ranks = self.budget_ranks(graph, linears, spectra, ctx, report)
-            for lin in track(linears, f"{ctx.spec_path} low_rank: factoring"):
-                self.factor_or_skip(graph, lin, ranks[lin.node.name], inputs, grads, whiteners, ctx, report)
-            return report
         grads = ctx.weight_grad_squares(graph, linears) if self.config.method == "fisher_svd" else {}
-        for group, inputs in ctx.linear_input_groups(
-            graph, linears, "low_rank: factoring"
-        ):  # one input's statistics at a time
-            whiteners = {}
-            for lin in group:
-                rank = self.fixed_rank(lin)
-                if rank is None:  # energy: this layer's own spectrum
-                    spectrum = torch.linalg.svdvals(self.scaled_of(graph, lin, inputs, grads, whiteners).matrix)
-                    rank = energy_rank(spectrum, self.config.rank.energy)
-                self.factor_or_skip(graph, lin, self.clamp(lin, rank), inputs, grads, whiteners, ctx, report)
+        ranks = None
+        if isinstance(self.config.rank, GlobalBudget):  # every layer's spectrum before the first is factored
+            inputs = ctx.linear_inputs(graph, linears)
+            whiteners: dict[int, torch.Tensor] = {}
+            spectra = {
+                lin.node.name: torch.linalg.svdvals(
+                    self.scaled(
+                        graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners
+                    ).matrix
+                )
+                for lin in track(linears, f"{ctx.spec_path} low_rank: spectra")
+            }
+            ranks = self.budget_ranks(graph, linears, spectra, ctx, report)
+            groups = (
+                (group, inputs) for group in track(by_input(graph, linears), f"{ctx.spec_path} low_rank: factoring")
+            )
+        else:  # one input's statistics at a time: a streamed graph never holds every layer's X^T X
+            groups = ctx.linear_input_groups(graph, linears, "low_rank: factoring")
+        pending: deque = deque()
+        for group, inputs in groups:
+            jobs = [self.job(graph, lin, inputs[lin.node.name], grads.get(lin.weight), ranks, report) for lin in group]
+            pending.append((group, ctx.engine.submit(factor_group, self.config, jobs, ctx.seed)))
+            while len(pending) > ctx.engine.in_flight:
+                self.rewrite(graph, *pending.popleft(), ctx, report)
+        while pending:
+            self.rewrite(graph, *pending.popleft(), ctx, report)
         return report
 
-    def scaled_of(self, graph: Graph, lin: Linear, inputs: dict, grads: dict, whiteners: dict) -> Scaled:
-        return self.scaled(graph.weight(lin.weight), inputs[lin.node.name], grads.get(lin.weight), whiteners)
-
-    def factor_or_skip(self, graph, lin, rank, inputs, grads, whiteners, ctx, report) -> None:
-        """Factor ``lin`` at ``rank`` (rounded), or report why it stays dense."""
-        rank = self.round(lin, rank)
-        if rank is None:
-            reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
-            report.layers.append(
-                LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": None, "reason": reason})
-            )
-            return
-        factored = rank * (lin.in_features + lin.out_features)
-        if factored >= lin.in_features * lin.out_features and self.config.only_if_smaller:
-            reason = f"rank {rank} x (in + out) = {factored} >= in x out = {lin.in_features * lin.out_features}"
-            report.layers.append(
-                LayerReport(lin.path, "skipped", lin.params, lin.params, {"rank": rank, "reason": reason})
-            )
-            return
+    def job(self, graph: Graph, lin: Linear, inputs: LinearInputs, grad_sq, ranks, report: PassReport) -> LayerJob:
         plain = self.data_free(
             report,
             lin,
-            self.has_data(inputs[lin.node.name], grads.get(lin.weight)),
+            self.has_data(inputs, grad_sq),
             f"plain SVD factors it, not {self.config.method}",
             "input" if self.config.method == "whitened_svd" else "gradient",
         )
-        scaled = self.scaled_of(graph, lin, inputs, grads, whiteners)
-        layer = self.factor_layer(graph, lin, rank, scaled, inputs[lin.node.name], ctx)
-        layer.details["method"] = "svd" if plain else self.config.method
-        report.layers.append(layer)
+        energy = self.config.rank.energy if isinstance(self.config.rank, Energy) else None
+        if ranks is not None:
+            rank = ranks[lin.node.name]
+        else:
+            rank = None if energy is not None else self.clamp(lin, self.fixed_rank(lin))
+        return LayerJob(lin.path, graph.weight(lin.weight), inputs, grad_sq, rank, energy, plain, lin.bias is not None)
 
-    def factor_layer(
-        self, graph: Graph, lin: Linear, rank: int, scaled: Scaled, inputs: LinearInputs, ctx: PassContext
-    ) -> LayerReport:
-        weight = graph.weight(lin.weight)
-        bias = graph.weight(lin.bias) if lin.bias else None
-        kind = self.svd_kind(lin, rank)
+    def rewrite(self, graph: Graph, group: list[Linear], job, ctx: PassContext, report: PassReport) -> None:
+        for lin, result in zip(group, ctx.engine.result(job), strict=True):
+            if result.factors is not None:
+                bias = graph.weight(lin.bias) if lin.bias else None
+                graph.replace_linear(lin, two_linears(*result.factors, bias))
+            report.layers.append(result.report)
+
+    def factor(self, job: LayerJob, seed: int, whiteners: dict) -> LayerResult:
+        """One linear's factors and report (pure: what a job runs)."""
+        rank = job.rank
+        if job.energy is not None:  # this layer's own spectrum
+            spectrum = torch.linalg.svdvals(self.scaled(job.weight, job.inputs, job.grad_sq, whiteners).matrix)
+            rank = self.clamp(job, energy_rank(spectrum, job.energy))
+        rank = self.round(job, rank)
+        if rank is None:
+            reason = "the budget keeps this layer dense (its whole spectrum is worth the parameters)"
+            return LayerResult(
+                LayerReport(job.path, "skipped", job.params, job.params, {"rank": None, "reason": reason})
+            )
+        factored = rank * (job.in_features + job.out_features)
+        if factored >= job.in_features * job.out_features and self.config.only_if_smaller:
+            reason = f"rank {rank} x (in + out) = {factored} >= in x out = {job.in_features * job.out_features}"
+            return LayerResult(
+                LayerReport(job.path, "skipped", job.params, job.params, {"rank": rank, "reason": reason})
+            )
+        scaled = self.scaled(job.weight, job.inputs, job.grad_sq, whiteners)
+        kind = self.svd_kind(job, rank)
         if kind == "randomized":
-            gen = torch.Generator().manual_seed(ctx.seed)
+            gen = torch.Generator().manual_seed(seed)
             u, s, vh = randomized_svd(scaled.matrix, rank + self.config.oversample, self.config.power_iters, gen)
         else:
             u, s, vh = torch.linalg.svd(scaled.matrix, full_matrices=False)
         a, b = scaled.factors(u[:, :rank], s[:rank], vh[:rank])
-        graph.replace_linear(lin, two_linears(a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous(), bias))
-        approx, exact = (b @ a).float(), weight.detach().float()
-        x = inputs.rows
-        return LayerReport(
-            lin.path,
-            "factored",
-            lin.params,
-            rank * (lin.in_features + lin.out_features) + (lin.out_features if bias is not None else 0),
-            {
-                "rank": rank,
-                "full_rank": min(lin.in_features, lin.out_features),
-                "method": self.config.method,
-                "svd": kind,
-                "weight_error": relative_error(approx, exact),
-                "output_error": relative_error(x @ approx.T, x @ exact.T),
-                "spectrum": subsample(s, SPECTRUM_POINTS),
-                "spectrum_complete": kind == "exact",
-            },
-        )
+        approx, exact = (b @ a).float(), job.weight.detach().float()
+        x = job.inputs.rows
+        details = {
+            "rank": rank,
+            "full_rank": min(job.in_features, job.out_features),
+            "method": "svd" if job.plain else self.config.method,
+            "svd": kind,
+            "weight_error": relative_error(approx, exact),
+            "output_error": relative_error(x @ approx.T, x @ exact.T),
+            "spectrum": subsample(s, SPECTRUM_POINTS),
+            "spectrum_complete": kind == "exact",
+        }
+        params = rank * (job.in_features + job.out_features) + (job.out_features if job.has_bias else 0)
+        dtype = job.weight.dtype
+        factors = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+        return LayerResult(LayerReport(job.path, "factored", job.params, params, details), factors)
 
-    def svd_kind(self, lin: Linear, rank: int) -> str:
+    def svd_kind(self, lin: Linear | LayerJob, rank: int) -> str:
         if self.config.svd != "auto":
             return self.config.svd
         smaller = min(lin.in_features, lin.out_features)

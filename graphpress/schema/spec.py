@@ -47,6 +47,21 @@ class ExecutionConfig(StrictModel):
         "memory available; true requires a checkpoint folder (safetensors saved by save_pretrained) and forward "
         "capture.",
     )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Where per-layer jobs run (low_rank's factorizations): 'local' in this process; 'ray' as Ray "
+        "tasks (pip install 'graphpress[ray]'), their tensors passed through Ray's object store, while this process "
+        "goes on calibrating the next layer. The result is byte for byte the local one.",
+    )
+    address: str = Field(
+        "local",
+        description="engine 'ray': 'local' starts a Ray runtime on this machine for the run (stopped after it); "
+        "'auto' joins the cluster this machine is part of; 'ray://HOST:10001' connects a Ray client to a remote "
+        "cluster (its workers need graphpress installed). A runtime already started in this process is used as is.",
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, le=4096, description="engine 'ray', address 'local': CPUs the local runtime gets (default: all)."
+    )
 
 
 class CalibrationConfig(StrictModel):

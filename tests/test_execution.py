@@ -1,0 +1,72 @@
+"""execution.engine: low_rank's per-layer jobs as Ray tasks give the in-process result byte for byte."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from graphpress import compress
+from graphpress.errors import SpecError
+from graphpress.execution import InProcess, engine
+from graphpress.ir.store import materialize
+from graphpress.schema import load_spec
+
+from .families import build
+
+pytest.importorskip("transformers")
+
+
+def ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "rank",
+    [{"energy": 0.9}, {"budget": {"param_ratio": 0.6}}],  # per layer as the sweep goes; all spectra first
+)
+def test_local_ray_is_byte_identical_to_in_process(tmp_path, rank):
+    pytest.importorskip("ray")
+    folder = tmp_path / "ckpt"
+    build("llama").save_pretrained(folder)
+    spec = {
+        "calibration": {"samples": 3, "seq_len": 16},
+        "passes": [{"pass": "low_rank", "targets": "layers.*", "method": "whitened_svd", "rank": rank}],
+        "verify": {"max": 10},
+        "backends": [],
+    }
+    stream = {"stream": "energy" in rank}  # the streamed sweep feeding Ray tasks, and the in-memory path
+    data = [(ids(i),) for i in range(4)]
+    local = compress(str(folder), {**spec, "execution": stream}, calibration_data=data, out_dir=tmp_path / "a")
+    remote = compress(
+        str(folder),
+        {**spec, "execution": {**stream, "engine": "ray", "num_cpus": 2}},
+        calibration_data=data,
+        out_dir=tmp_path / "b",
+    )
+    ours, theirs = remote.graph.tensors(), local.graph.tensors()
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(materialize(ours[k]), materialize(theirs[k])) for k in ours)
+    assert remote.report.passes[0]["layers"] == local.report.passes[0]["layers"]
+    assert (remote.report.passes[0]["details"]["engine"], local.report.passes[0]["details"]["engine"]) == (
+        "ray",
+        "local",
+    )
+    assert any(layer["action"] == "factored" for layer in local.report.passes[0]["layers"])
+
+
+def test_ray_not_installed_is_a_spec_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    config = load_spec({"execution": {"engine": "ray"}}).execution
+    with (
+        pytest.raises(SpecError, match=r"execution.engine: 'ray' needs Ray installed: pip install 'graphpress\[ray\]'"),
+        engine(config),
+    ):
+        pass
+
+
+def test_the_default_engine_runs_jobs_where_they_are_submitted():
+    with engine(load_spec({}).execution) as runner:
+        assert isinstance(runner, InProcess)
+        assert runner.result(runner.submit(lambda x: x + 1, 1)) == 2
