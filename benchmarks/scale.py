@@ -33,15 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.families import SHAPE_200M
+
 SHAPES = {
-    "200m": dict(
-        vocab_size=8000,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-    ),
+    "200m": SHAPE_200M,
     "1b": dict(
         vocab_size=32000,
         hidden_size=2048,
@@ -82,7 +77,7 @@ def spec(shape: str, tokens: Path, mode: str) -> dict:
     }
 
 
-def prepare(shape: str, folder: Path) -> tuple[int, Path]:
+def prepare(shape: str, folder: Path, layers: int | None) -> tuple[int, Path]:
     """The checkpoint (written unless there) and a token file; returns the weights' bytes."""
     import torch
     import transformers
@@ -93,7 +88,7 @@ def prepare(shape: str, folder: Path) -> tuple[int, Path]:
     index = folder / "model.safetensors.index.json"
     if not index.exists():
         start = time.perf_counter()
-        config = transformers.LlamaConfig(**SHAPES[shape])
+        config = transformers.LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
         random_checkpoint(folder, config, dtype=getattr(torch, DTYPES[shape]), shard_bytes=2**31)
         print(f"wrote {folder} in {time.perf_counter() - start:.0f} s", flush=True)
     if not tokens.exists():
@@ -130,6 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--folder", type=Path, help="checkpoint folder (written there if absent; default: a temp dir)")
+    ap.add_argument(
+        "--layers", type=int, help="fewer decoder layers of the same shape (memory is per layer; time scales with it)"
+    )
     ap.add_argument("--modes", default="memory,stream,ray", help="comma-separated: memory, stream, ray")
     ap.add_argument("--run", nargs=2, metavar=("FOLDER", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,8 +136,9 @@ def main() -> None:
         return
     folder = args.folder or Path(tempfile.mkdtemp(prefix=f"scale-{args.shape}-"))
     folder.mkdir(parents=True, exist_ok=True)
-    size, tokens = prepare(args.shape, folder)
-    print(f"\n## {args.shape}: {size / 2**30:.2f} GiB of {DTYPES[args.shape]} weights in {folder}")
+    size, tokens = prepare(args.shape, folder, args.layers)
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    print(f"\n## {args.shape} ({layers} layers): {size / 2**30:.2f} GiB of {DTYPES[args.shape]} weights in {folder}")
     print("| mode | wall s | peak RSS GiB | peak / weights | parameters | capture s | passes s |")
     print("|---|---:|---:|---:|---|---:|---:|")
     for mode in args.modes.split(","):

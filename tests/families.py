@@ -35,6 +35,14 @@ FAMILIES = {
     ),
 }
 MOE = {"mixtral", "qwen2moe"}
+SHAPE_200M = dict(  # a ~200M-parameter Llama (760 MB in fp32): streaming's memory test and benchmarks/scale.py
+    vocab_size=8000,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+)
 ENCODERS = {  # name -> (model class, config class, config kwargs, example input shape)
     "bert": ("BertModel", "BertConfig", SIZES, None),
     "vit": ("ViTModel", "ViTConfig", dict(SIZES, image_size=32, patch_size=8, vocab_size=None), (3, 32, 32)),

@@ -16,7 +16,7 @@ from graphpress.model_source import load_checkpoint, stored_weights
 from graphpress.schema import load_spec
 from graphpress.streaming import STORE_DIR, streams
 
-from .families import build, random_checkpoint
+from .families import SHAPE_200M, build, random_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -230,14 +230,7 @@ def test_a_streamed_run_holds_far_less_than_the_model(tmp_path):
     import subprocess
     import sys
 
-    config = transformers.LlamaConfig(
-        vocab_size=8000,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-    )
+    config = transformers.LlamaConfig(**SHAPE_200M)
     size = random_checkpoint(tmp_path / "ckpt", config, shard_bytes=2**28)
     spec = {
         "calibration": {"samples": 2, "seq_len": 64},
