@@ -6,7 +6,7 @@
 Writes its own random-weight checkpoint (sharded safetensors, no download; reused from
 ``--folder`` if already there) and a file of random token ids, then runs ``compress`` on
 the checkpoint folder once per mode, each in a fresh process so its peak resident memory
-(``ru_maxrss``) is its own: ``memory`` (``execution.stream`` false: the model loaded and
+(``VmHWM``) is its own: ``memory`` (``execution.stream`` false: the model loaded and
 captured in memory), ``stream``, and ``ray`` (streamed, low_rank's per-layer jobs on a local
 Ray runtime with 2 CPUs; the workers' memory is not in the figure). The specs:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -97,6 +96,12 @@ def prepare(shape: str, folder: Path, layers: int | None) -> tuple[int, Path]:
     return json.loads(index.read_text())["metadata"]["total_size"], tokens
 
 
+def peak_resident() -> int:
+    """This process's own peak resident bytes (VmHWM; ``ru_maxrss`` would carry the parent's across fork/exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def run_one(folder: str, spec_json: str) -> None:
     """Child process: one compress run; prints its wall time and its own peak resident memory."""
     import warnings
@@ -111,7 +116,7 @@ def run_one(folder: str, spec_json: str) -> None:
         json.dumps(
             {
                 "seconds": seconds,
-                "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak": peak_resident(),
                 "params_before": result.report.original["params"],
                 "params_after": result.report.compressed["params"],
                 "timings": result.report.timings,
