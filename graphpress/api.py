@@ -246,23 +246,23 @@ def _in_dtype(dtype: str, model: torch.nn.Module, example_inputs: tuple, calibra
 
 def _graph_dtype(graph: Graph) -> str:
     """The floating-point dtype the graph's parameters are stored in (read from their stand-ins, not their data)."""
-    names = graph.program.graph_signature.parameters
-    dtypes = sorted(
-        {str(graph.stored(n).dtype).removeprefix("torch.") for n in names if graph.stored(n).is_floating_point()}
-    )
-    return "/".join(dtypes) or "none"
+    return _dtype_names(graph.stored(n).dtype for n in graph.program.graph_signature.parameters)
 
 
 def _stored_dtype(weights) -> str:
     """The floating-point dtype a streamed checkpoint is stored in (its model may be read in another)."""
-    dtypes = {str(s.dtype).removeprefix("torch.") for s in weights.entries.values() if s.dtype.is_floating_point}
-    return "/".join(sorted(dtypes)) or "none"
+    return _dtype_names(s.dtype for s in weights.entries.values())
 
 
 def _dtype(model: torch.nn.Module) -> str:
     """The floating-point dtype the model's parameters are stored in (the one the passes store in)."""
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    return "/".join(dtypes) or "none"
+    return _dtype_names(p.dtype for p in model.parameters())
+
+
+def _dtype_names(dtypes) -> str:
+    """The floating-point ones among ``dtypes``, named and joined ('bfloat16', 'float16/float32'; 'none')."""
+    names = {str(d).removeprefix("torch.") for d in dtypes if d.is_floating_point}
+    return "/".join(sorted(names)) or "none"
 
 
 def _source(model, example_inputs, stream: bool, dtype: torch.dtype | None) -> ModelSource:

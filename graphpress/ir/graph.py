@@ -146,17 +146,18 @@ class Graph:
         }
 
     def weight(self, name: str) -> torch.Tensor:
-        tensors = self.tensors()
-        if name not in tensors:
-            raise KeyError(f"no tensor named {name!r} in the graph")
-        return materialize(tensors[name])
+        return materialize(self.stored(name))
 
     def stored(self, name: str) -> torch.Tensor:
         """The tensor as stored, a lazy one as its meta stand-in: its shape, dtype and size without reading it."""
-        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
-        if name not in store:
+        value = self._store_of(name).get(name)
+        if not isinstance(value, torch.Tensor):
             raise KeyError(f"no tensor named {name!r} in the graph")
-        return store[name]
+        return value
+
+    def _store_of(self, name: str) -> dict:
+        """The dict ``name`` is kept in: the state dict (parameters, buffers) or the lifted constants."""
+        return self._program.state_dict if name in self._program.state_dict else self._program.constants
 
     @property
     def lazy(self) -> bool:
@@ -304,8 +305,7 @@ class Graph:
             if spec.kind == InputKind.USER_INPUT:
                 feeds.append(next(user_inputs))
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                store = ep.state_dict if spec.target in ep.state_dict else ep.constants
-                feeds.append(materialize(store[spec.target]))
+                feeds.append(materialize(self._store_of(spec.target)[spec.target]))
             else:
                 feeds.append(materialize(ep.constants[spec.target]))
         return feeds
@@ -678,8 +678,7 @@ class Graph:
 
     def _rebind(self, name: str, old: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``value`` under ``name``, a parameter again if ``old`` was one (same requires_grad)."""
-        store = self._program.state_dict if name in self._program.state_dict else self._program.constants
-        store[name] = self._kept(
+        self._store_of(name)[name] = self._kept(
             torch.nn.Parameter(value.detach(), old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
         )
         self._changed()

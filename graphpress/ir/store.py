@@ -1,8 +1,7 @@
 """Tensors that live on disk until a pass asks for them.
 
 A model too big to hold twice (the user's copy and the captured one) is captured with
-its parameters on the meta device. Each stored tensor of the Graph is then a *lazy*
-meta tensor: it has a shape and a dtype, so capture, selection and size accounting work
+fake parameters (no data). Each stored tensor of the Graph is then a *lazy* meta tensor: it has a shape and a dtype, so capture, selection and size accounting work
 on it, and a :class:`Stored` record saying which bytes of which file hold its data.
 :func:`materialize` reads those bytes (``pread``, not ``mmap``: mapped file pages would count
 against resident memory for as long as the mapping lives).
@@ -20,6 +19,7 @@ ONNX external data is.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -62,7 +62,7 @@ class Stored:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return _nbytes(self.dtype, self.shape)
 
     def read(self) -> torch.Tensor:
         buffer = bytearray(self.nbytes)
@@ -162,7 +162,7 @@ class SpillStore:
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         value = tensor.detach().contiguous()
-        data = value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
+        data = _raw(value)
         offset = -(-self.size // ALIGN) * ALIGN
         with open(self.path, "r+b") as f:
             f.seek(offset)
@@ -178,7 +178,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[torch.dtype, tuple[int
     names = {dtype: key for key, dtype in DTYPES.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, (dtype, shape) in shapes.items():
-        nbytes = _numel(shape) * _itemsize(dtype)
+        nbytes = _nbytes(dtype, shape)
         header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -191,19 +191,16 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[torch.dtype, tuple[int
                 value = value_of(name).detach().to(dtype).contiguous()
                 if tuple(value.shape) != tuple(shape):
                     raise ValueError(f"{name}: value has shape {tuple(value.shape)}, the header says {tuple(shape)}")
-                if value.numel():
-                    f.write(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(_raw(value))
         os.replace(staged, path)
     finally:
         staged.unlink(missing_ok=True)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _raw(value: torch.Tensor) -> bytes:
+    """A contiguous tensor's bytes as stored (little-endian, row-major): what safetensors and the spill hold."""
+    return value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -57,10 +57,10 @@ class Sweep:
         self.leaves = [pytree.tree_leaves((args, {})) for args in inputs]
 
     @torch.no_grad()
-    def run_until(self, names: Iterable[str] = ()) -> None:
-        """Run nodes in order until every node in ``names`` has run (all of them: to the end)."""
-        wanted = set(names) - self.ran
-        while self.position < len(self.nodes) and (wanted or not names):
+    def run_until(self, names: Collection[str] | None = None) -> None:
+        """Run nodes in order until every node in ``names`` has run (None: to the end)."""
+        wanted = set(names or ()) - self.ran
+        while self.position < len(self.nodes) and (wanted or names is None):
             node = self.nodes[self.position]
             self._run(node)
             self.ran.add(node.name)

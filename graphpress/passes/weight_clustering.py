@@ -100,13 +100,12 @@ class WeightClustering(Pass):
                 "error_feedback: N:M-sparse linears are assigned without it (the sweep needs the same columns in "
                 f"every row): {', '.join(lin.path for lin in sparse)}"
             )
-        inputs = sparse_inputs
         for lin in track(sparse, f"{ctx.spec_path} weight_clustering: k-means (N:M values)"):
             # an N:M weight: its kept values are clustered, and nm_weight reads them from the LUT
             values_node, positions_node, n, m, in_features = lin.op.args
             values = graph.weight(graph.tensor_name(values_node))
             positions = graph.weight(graph.tensor_name(positions_node))
-            energy = self.energy(report, lin, inputs[lin.node.name])
+            energy = self.energy(report, lin, sparse_inputs[lin.node.name])
             kept = None if energy is None else energy[kept_columns(positions, n, m, values.shape[1])]
             palette = self.palettize(values, kept, gen)
 
@@ -116,7 +115,7 @@ class WeightClustering(Pass):
             before = nm_weight(values, positions, n, m, in_features)
             after = nm_weight(palette.rebuilt, positions, n, m, in_features)
             report.layers.append(
-                self.layer_report(lin.path, values, palette, inputs[lin.node.name].rows, before, after)
+                self.layer_report(lin.path, values, palette, sparse_inputs[lin.node.name].rows, before, after)
             )
         return report
 
