@@ -105,7 +105,8 @@ def claimed_output(out_dir: Path) -> Iterator[Path]:
     another run holds (an exclusive ``flock`` on ``OUT/.graphpress.lock``). While the lock
     is held, ``.staging-*`` directories left by killed runs are removed. Running out of
     space inside is an ``OutputError`` saying where. On failure a directory the run
-    created is removed again (if nothing else was put there); the lock file always goes.
+    created is removed again (if nothing else was put there); our lock file always goes, another
+    run's never.
     """
     out_dir = Path(out_dir)
     if out_dir.is_symlink() and not out_dir.exists():
@@ -113,35 +114,57 @@ def claimed_output(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory; give --out a directory")
     created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot write here: {exc.strerror or exc}") from None
-    try:
-        _lock(fd, out_dir)
-        for leftover in out_dir.glob(".staging-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    fd: int | None = None
 
-        def release() -> None:
+    def release() -> None:
+        """Our lock file and a directory we created, if still empty. Registered before either exists, so a
+        signal at any moment of the claim finds it; the lock file goes only once the lock is ours (or no one's)."""
+        if _unclaimed(fd, out_dir):
             (out_dir / LOCK_NAME).unlink(missing_ok=True)
-            if created and not any(out_dir.iterdir()):
-                out_dir.rmdir()
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
+    with _on_termination(release):
         try:
-            with _on_termination(release):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{out_dir}: cannot write here: {exc.strerror or exc}") from None
+        try:
+            _lock(fd, out_dir)
+            for leftover in out_dir.glob(".staging-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            try:
                 yield out_dir
-        except BaseException as exc:
-            release()
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                where = exc.filename or out_dir
-                raise OutputError(
-                    f"{out_dir}: no space left on the device (writing {where}); nothing was published"
-                ) from None
-            raise
+            except BaseException as exc:
+                release()
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    where = exc.filename or out_dir
+                    raise OutputError(
+                        f"{out_dir}: no space left on the device (writing {where}); nothing was published"
+                    ) from None
+                raise
+        finally:
+            if _unclaimed(fd, out_dir):
+                (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _unclaimed(fd: int | None, out_dir: Path) -> bool:
+    """Whether this process holds the lock on ``out_dir`` through ``fd``, or no one does (a signal came before
+    ``fd`` was ours): then its lock file may go. Another run's lock file stays."""
+    try:
+        probe = fd if fd is not None else os.open(out_dir / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
     finally:
-        (out_dir / LOCK_NAME).unlink(missing_ok=True)
-        os.close(fd)
+        if probe != fd:
+            os.close(probe)
 
 
 def _lock(fd: int, out_dir: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from graphpress import compress
 from graphpress.backends import OnnxBackend
-from graphpress.fileio import LOCK_NAME, OutputError, claimed_output
+from graphpress.fileio import LOCK_NAME, OutputError, claimed_output, clean_up_now
 
 CALIBRATION = [(torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1)),)]
 
@@ -57,9 +57,27 @@ def test_unusable_output_locations_are_refused_before_any_work(tiny_llama, tmp_p
 
 
 def test_a_busy_output_directory_is_refused(tiny_llama, tmp_path, no_capture):
-    with claimed_output(tmp_path / "out"), pytest.raises(OutputError, match="another graphpress run is writing here"):
-        run(tiny_llama, tmp_path / "out")
+    with claimed_output(tmp_path / "out"):
+        with pytest.raises(OutputError, match="another graphpress run is writing here"):
+            run(tiny_llama, tmp_path / "out")
+        assert (tmp_path / "out" / LOCK_NAME).exists()  # the holder's lock file stays: a third run is refused too
+        with pytest.raises(OutputError, match="another graphpress run is writing here"):
+            run(tiny_llama, tmp_path / "out")
     assert not (tmp_path / "out" / LOCK_NAME).exists()
+
+
+def test_a_signal_while_claiming_leaves_nothing(tmp_path, monkeypatch):
+    """The claim's clean-up is registered before the directory and lock file exist: a SIGTERM arriving while the
+    lock is taken (the CLI's handler cleans up and exits at once) leaves neither."""
+
+    def signalled(_fd, _out):
+        clean_up_now()
+        raise SystemExit(143)
+
+    monkeypatch.setattr("graphpress.fileio._lock", signalled)
+    with pytest.raises(SystemExit), claimed_output(tmp_path / "out"):
+        pass
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_full_disk_is_a_named_error_and_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
