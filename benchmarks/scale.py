@@ -15,9 +15,10 @@ Ray runtime with 2 CPUs; the workers' memory is not in the figure). The specs:
 * ``8b`` (issue 23): low_rank param_ratio 0.5 on the MLPs and 4-bit weight_clustering on
   attention, 4 calibration samples x 256 tokens.
 
-Backends are off (``"backends": []``): they still build from the whole compressed model in
-memory, so the compressed tensors stay in ``OUT/.graphpress-store``. Weights are random, so
-the verification error is large and only warned.
+``--onnx`` adds the ONNX backend (external data): a streamed run writes it from the store one
+tensor at a time and validates it in onnxruntime, whose session holds the compressed model
+(that is in the peak). Without it the compressed tensors stay in ``OUT/.graphpress-store``.
+Weights are random, so the verification error is large and only warned.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SHAPES = {
 DTYPES = {"200m": "float32", "1b": "float32", "8b": "bfloat16"}
 
 
-def spec(shape: str, tokens: Path, mode: str) -> dict:
+def spec(shape: str, tokens: Path, mode: str, onnx: bool = False) -> dict:
     if shape == "8b":
         passes = [
             {"pass": "low_rank", "targets": ["mlp.*"], "rank": {"param_ratio": 0.5}},
@@ -71,7 +72,7 @@ def spec(shape: str, tokens: Path, mode: str) -> dict:
         "calibration": {"tokens": str(tokens), "samples": samples, "seq_len": seq_len},
         "verify": {"samples": 1, "on_fail": "warn"},
         "passes": passes,
-        "backends": [],
+        "backends": [{"target": "onnx", "external_data": "always"}] if onnx else [],
         "execution": {"stream": mode != "memory", **({"engine": "ray", "num_cpus": 2} if mode == "ray" else {})},
     }
 
@@ -109,6 +110,15 @@ def run_one(folder: str, spec_json: str) -> None:
     from graphpress import compress
 
     warnings.simplefilter("ignore")
+    from graphpress.backends.onnx import OnnxBackend
+
+    before_onnxruntime, validate = [], OnnxBackend.validate
+
+    def validate_after_noting_the_peak(self, *args):  # the peak up to here: capture, passes, writing the file
+        before_onnxruntime.append(peak_resident())
+        return validate(self, *args)
+
+    OnnxBackend.validate = validate_after_noting_the_peak
     start = time.perf_counter()
     result = compress(folder, json.loads(spec_json), out_dir=tempfile.mkdtemp(prefix="scale-"), progress=False)
     seconds = time.perf_counter() - start
@@ -117,6 +127,7 @@ def run_one(folder: str, spec_json: str) -> None:
             {
                 "seconds": seconds,
                 "peak": peak_resident(),
+                "peak_before_onnxruntime": before_onnxruntime[0] if before_onnxruntime else None,
                 "params_before": result.report.original["params"],
                 "params_after": result.report.compressed["params"],
                 "timings": result.report.timings,
@@ -134,6 +145,7 @@ def main() -> None:
         "--layers", type=int, help="fewer decoder layers of the same shape (memory is per layer; time scales with it)"
     )
     ap.add_argument("--modes", default="memory,stream,ray", help="comma-separated: memory, stream, ray")
+    ap.add_argument("--onnx", action="store_true", help="also write and validate the ONNX artifact")
     ap.add_argument("--run", nargs=2, metavar=("FOLDER", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -144,8 +156,11 @@ def main() -> None:
     size, tokens = prepare(args.shape, folder, args.layers)
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     print(f"\n## {args.shape} ({layers} layers): {size / 2**30:.2f} GiB of {DTYPES[args.shape]} weights in {folder}")
-    print("| mode | wall s | peak RSS GiB | peak / weights | parameters | capture s | passes s |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print(
+        "| mode | wall s | peak RSS GiB | peak / weights | peak before onnxruntime GiB | parameters | capture s "
+        "| passes s | backends s |"
+    )
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for mode in args.modes.split(","):
         run = subprocess.run(
             [
@@ -154,7 +169,7 @@ def main() -> None:
                 "benchmarks.scale",
                 "--run",
                 str(folder),
-                json.dumps(spec(args.shape, tokens, mode)),
+                json.dumps(spec(args.shape, tokens, mode, args.onnx)),
             ],
             capture_output=True,
             text=True,
@@ -167,8 +182,9 @@ def main() -> None:
         m = json.loads(run.stdout.strip().splitlines()[-1])
         print(
             f"| {mode} | {m['seconds']:.0f} | {m['peak'] / 2**30:.2f} | {m['peak'] / size:.2f} | "
+            f"{m['peak_before_onnxruntime'] / 2**30 if m['peak_before_onnxruntime'] else float('nan'):.2f} | "
             f"{m['params_before'] / 1e9:.3f} B -> {m['params_after'] / 1e9:.3f} B | {m['timings'].get('capture', 0):.0f} | "
-            f"{m['timings'].get('passes', 0):.0f} |",
+            f"{m['timings'].get('passes', 0):.0f} | {m['timings'].get('backends', 0):.0f} |",
             flush=True,
         )
 

@@ -23,12 +23,13 @@ from .fileio import claimed_output, previous_run_files, publish_all, remove_stal
 from .ir import Graph, capture
 from .ir.decode import STEP_INPUTS
 from .ir.shapes import check_shapes
+from .journal import Journal, Journaled, run_identity
 from .model_source import ModelSource, load_source, stored_weights
 from .passes import PassContext, PassManager, Verifier, build_pass
 from .progress import Progress, step
 from .report import PLOTS_DIR, CompressionReport, write_report
 from .schema import Spec, load_spec
-from .streaming import in_memory, spill_store, streams
+from .streaming import JOBS_DIR, in_memory, spill_store, streams
 
 
 class CompressedModel(torch.nn.Module):
@@ -162,18 +163,26 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
     t = time.perf_counter()
     verifier = Verifier(spec.verify, original, verification)
     pipeline = PassManager([build_pass(p) for p in spec.passes], verifier)
+    journal = None
+    if spill is not None:  # a long run: its finished jobs are kept, so an interrupted run resumes from them
+        journal = Journal(spill.path.parent / JOBS_DIR, run_identity(spec, source.directory, calibration))
     with engine(spec.execution) as runner:
-        result = pipeline.run(original, PassContext(calibration, seed=spec.calibration.seed, engine=runner))
+        jobs = runner if journal is None else Journaled(runner, journal)
+        result = pipeline.run(original, PassContext(calibration, seed=spec.calibration.seed, engine=jobs))
     timings["passes"] = time.perf_counter() - t
 
     with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all
         artifacts: dict[str, Path] = {}
         records, backends = [], []
         t = time.perf_counter()
-        deployed = in_memory(result.graph, "backends") if spec.backends and result.graph.lazy else result.graph
+        whole = None  # the streamed graph read into memory, for the backends that build from the whole model
         for i, backend_config in enumerate(spec.backends):
             backend = build_backend(backend_config, f"backends[{i}]")
             backend.source = source
+            deployed = result.graph
+            if deployed.lazy and not backend.streams(deployed):
+                whole = whole or in_memory(deployed, f"backends[{i}] ({backend.target})")
+                deployed = whole
             record = backend.build(deployed, calibration, stage)
             record.artifact = str(out / Path(record.artifact).relative_to(stage))
             artifacts[record.target if record.target not in artifacts else f"backends[{i}]"] = Path(record.artifact)
@@ -193,6 +202,8 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
         timings["total"] = time.perf_counter() - start
         report = _report(source, spec, original, result, records, calibration, calibration_source, timings, warnings)
         report.evaluation = scores
+        if journal is not None:
+            report.capture["resumed_jobs"] = journal.resumed
         report.calibration["verification"] = {"samples": len(verification), "source": verified_on}
         with step("writing the report"):
             written = {name: out / p.relative_to(stage) for name, p in write_report(report, stage).items()}
@@ -201,6 +212,8 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
         previous = previous_run_files(out)
         publish_all(stage, out, last=[*artifacts.values(), *written.values(), manifest], mirror=[PLOTS_DIR])
         remove_stale(out, previous, {*files, manifest})
+    if journal is not None:
+        journal.close()
     artifacts.update(written)
     return CompressionResult(CompressedModel(result.graph), result.graph, report, artifacts, out)
 

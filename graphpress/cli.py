@@ -93,7 +93,7 @@ def _terminated(signum, _frame):
     from .fileio import clean_up_now
 
     clean_up_now()
-    print("graphpress: terminated; nothing of this run was kept", file=sys.stderr)
+    print("graphpress: terminated; no file of this run was published", file=sys.stderr)
     os._exit(128 + signum)
 
 

@@ -20,6 +20,15 @@ import torch
 
 from .errors import SpecError
 
+JOB_RESULTS: list[type] = []
+"""The classes a job returns (besides tensors and plain containers): what a journal may read back."""
+
+
+def job_result(*classes: type) -> None:
+    """Declare classes a job returns, so a :class:`~graphpress.journal.Journal` reads them back (``torch.load`` with
+    ``weights_only``: nothing else in a journal file can run code)."""
+    JOB_RESULTS.extend(c for c in classes if c not in JOB_RESULTS)
+
 
 def run_job(function: Callable, threads: int, *args) -> Any:
     """``function(*args)`` with torch using ``threads`` threads, as the submitting process does (what a Ray

@@ -29,7 +29,7 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
-        with _on_termination(lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        with on_termination(lambda: shutil.rmtree(tmp, ignore_errors=True)):
             yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -40,7 +40,8 @@ _CLEANUPS: list = []
 
 
 @contextlib.contextmanager
-def _on_termination(cleanup) -> Iterator[None]:
+def on_termination(cleanup) -> Iterator[None]:
+    """Run ``cleanup`` if the process is terminated (SIGTERM, see :func:`clean_up_now`) inside this block."""
     _CLEANUPS.append(cleanup)
     try:
         yield
@@ -124,7 +125,7 @@ def claimed_output(out_dir: Path) -> Iterator[Path]:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
 
-    with _on_termination(release):
+    with on_termination(release):
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BackendError, SpecError
+from .fileio import on_termination
 from .ir import Graph
 from .ir.store import Safetensors, SpillStore, is_lazy, materialize
 from .model_source import is_checkpoint
@@ -22,6 +23,7 @@ from .passes.context import available_memory
 from .schema import Spec
 
 STORE_DIR = ".graphpress-store"
+JOBS_DIR = "jobs"
 AUTO_SHARE = 0.25  # 'auto' streams weights larger than this share of the available memory
 IN_MEMORY_SHARE = 0.5  # a backend that needs the whole model in memory gets at most this share
 
@@ -61,17 +63,31 @@ def _why_not(spec: Spec, model) -> str | None:
 
 @contextlib.contextmanager
 def spill_store(out: Path, stream: bool) -> Iterator[SpillStore | None]:
-    """The run's spill store under ``out`` (None when not streaming); removed if the run fails."""
+    """The run's spill store under ``out`` (None when not streaming), replacing an earlier run's; removed if the
+    run fails. The journal of finished jobs (``JOBS_DIR``) stays either way: the run that finds it decides
+    whether it can resume from it (:mod:`graphpress.journal`)."""
     if not stream:
         yield None
         return
     folder = out / STORE_DIR
-    shutil.rmtree(folder, ignore_errors=True)
+    _clear(folder)
     try:
-        yield SpillStore(folder)
+        with on_termination(lambda: _clear(folder)):
+            yield SpillStore(folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        _clear(folder)
         raise
+
+
+def _clear(folder: Path) -> None:
+    """Everything in the store but the journal; the folder itself too if nothing else is left."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name != JOBS_DIR:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def in_memory(graph: Graph, what: str) -> Graph:
@@ -82,8 +98,9 @@ def in_memory(graph: Graph, what: str) -> Graph:
     if available is not None and need > IN_MEMORY_SHARE * available:
         raise BackendError(
             f"{what}: the compressed model holds {need / 2**30:.1f} GiB of tensors, more than half of the "
-            f"{available / 2**30:.1f} GiB available, and its backends build from the whole model in memory (streamed "
-            "export is not there yet). The compressed tensors are in the run's " + STORE_DIR + " folder"
+            f"{available / 2**30:.1f} GiB available, and this backend builds from the whole model in memory (the "
+            f"ONNX backend streams a forward graph's tensors instead). The compressed tensors are in the run's "
+            f"{STORE_DIR} folder"
         )
     copy = graph.clone()
     copy.spill = None

@@ -3,18 +3,21 @@ bitwise what the in-memory graph gives, spilled tensors come back as written."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from graphpress import compress
-from graphpress.errors import CaptureError, SpecError, VerificationError
+from graphpress.errors import BackendError, CaptureError, SpecError, VerificationError
 from graphpress.ir import capture
 from graphpress.ir.store import SpillStore, is_lazy, materialize
 from graphpress.ir.stream import Sweep
 from graphpress.metrics import logits_of
 from graphpress.model_source import load_checkpoint, stored_weights
+from graphpress.passes import low_rank
 from graphpress.schema import load_spec
-from graphpress.streaming import STORE_DIR, streams
+from graphpress.streaming import JOBS_DIR, STORE_DIR, streams
 
 from .families import SHAPE_200M, build, random_checkpoint
 
@@ -165,6 +168,21 @@ def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp
     assert torch.equal(streamed.model(ids()).logits, in_memory.model(ids()).logits)
 
 
+def test_the_onnx_backend_writes_a_streamed_graph_from_its_store(llama_folder, tmp_path, monkeypatch):
+    """With far less memory than the model, the ONNX file is still written (each initializer read from the store as
+    it is written) and validated (eager by a sweep); a backend that builds from the whole model is refused by name,
+    before it starts."""
+    monkeypatch.setattr("graphpress.streaming.available_memory", lambda: 100_000)
+    spec = {**SPEC, "execution": {"stream": True}, "backends": [{"target": "onnx", "external_data": "always"}]}
+    result = compress(str(llama_folder), spec, out_dir=tmp_path / "onnx")
+    assert result.graph.lazy and result.report.backends[0]["errors"]["rel_l2"] < 1e-4
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 0.9 * result.report.compressed["bytes"]
+    spec["backends"].append({"target": "tvm"})
+    with pytest.raises(BackendError, match=r"backends\[1\] \(tvm\): the compressed model holds .* this backend builds"):
+        compress(str(llama_folder), spec, out_dir=tmp_path / "tvm")
+    assert not (tmp_path / "tvm" / "model.onnx").exists()
+
+
 def test_a_bf16_checkpoint_streamed_in_float32_is_converted_as_read(tmp_path):
     folder = tmp_path / "bf16"
     build("llama").to(torch.bfloat16).save_pretrained(folder)
@@ -177,11 +195,53 @@ def test_a_bf16_checkpoint_streamed_in_float32_is_converted_as_read(tmp_path):
     assert streamed.artifacts["onnx"].read_bytes() == in_memory.artifacts["onnx"].read_bytes()
 
 
-def test_a_failed_streamed_run_leaves_no_store(llama_folder, tmp_path):
+def test_a_failed_streamed_run_leaves_only_its_journal(llama_folder, tmp_path):
     spec = {**SPEC, "verify": {"max": 1e-9, "on_fail": "error"}, "execution": {"stream": True}}
     with pytest.raises(VerificationError):
         compress(str(llama_folder), spec, out_dir=tmp_path)
-    assert not (tmp_path / STORE_DIR).exists()
+    assert [p.name for p in (tmp_path / STORE_DIR).iterdir()] == [JOBS_DIR]  # no spill, no artifact
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_interrupted_streamed_run_resumes_from_its_finished_jobs(llama_folder, tmp_path, monkeypatch):
+    """low_rank's jobs are journaled as they finish. Interrupted after two, a run of the same spec, model and data
+    runs only the others and writes the uninterrupted run's bytes; another spec does not reuse the journal; a
+    finished run leaves no journal."""
+    ran, real, stop = [], low_rank.factor_group, [None]
+
+    @functools.wraps(real)  # the journal knows a job by its position and function name
+    def counted(*args):
+        if len(ran) == stop[0]:
+            raise KeyboardInterrupt
+        ran.append(args[1][0].path)
+        return real(*args)
+
+    monkeypatch.setattr(low_rank, "factor_group", counted)
+    spec = {**SPEC, "execution": {"stream": True}}
+
+    def run(out, interrupt_after=None, **changes):
+        ran.clear()
+        stop[0] = interrupt_after
+        return compress(str(llama_folder), {**spec, **changes}, out_dir=tmp_path / out)
+
+    whole = run("whole")
+    jobs = len(ran)
+    assert whole.report.capture["resumed_jobs"] == 0 and not (whole.out_dir / STORE_DIR / JOBS_DIR).exists()
+    with pytest.raises(KeyboardInterrupt):
+        run("out", interrupt_after=2)
+    journal = tmp_path / "out" / STORE_DIR / JOBS_DIR
+    assert len(list(journal.glob("*.pt"))) == 2 and not (tmp_path / "out" / "model.onnx").exists()
+
+    resumed = run("out")
+    assert resumed.report.capture["resumed_jobs"] == 2 and len(ran) == jobs - 2
+    assert resumed.artifacts["onnx"].read_bytes() == whole.artifacts["onnx"].read_bytes()
+    assert resumed.report.passes[0]["layers"] == whole.report.passes[0]["layers"]
+    assert not journal.exists()
+
+    with pytest.raises(KeyboardInterrupt):
+        run("other", interrupt_after=1)
+    other = run("other", calibration={"samples": 2, "seq_len": 12})
+    assert other.report.capture["resumed_jobs"] == 0 and len(ran) == jobs
 
 
 @pytest.mark.parametrize(

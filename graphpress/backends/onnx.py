@@ -35,6 +35,7 @@ from .fuse_gqa import fuse_group_query_attention
 from .fuse_linear import fuse_format_linears
 from .fuse_norm import fuse_rms_norms
 from .latent_kv import latent_as_key_value
+from .onnx_store import fold_stored, holds_large_constant, read_lazily, with_placeholders
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
@@ -61,6 +62,10 @@ def _quiet_exporter_logs():
 class OnnxBackend(Backend):
     target = "onnx"
     Config = OnnxBackendConfig
+
+    def streams(self, graph: Graph) -> bool:
+        """A forward graph's initializers are written from the store one at a time (:mod:`.onnx_store`)."""
+        return graph.cache is None and self.config.runtime == "onnxruntime"
 
     def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
         import onnx
@@ -95,15 +100,17 @@ class OnnxBackend(Backend):
                     contextlib.redirect_stdout(io.StringIO()),
                     _quiet_exporter_logs(),
                 ):
-                    graph.forget_pending_symbols()
+                    exported, lazies = with_placeholders(graph) if graph.lazy else (graph, {})
+                    exported.forget_pending_symbols()
                     program = torch.onnx.export(
-                        graph.program,
+                        exported.program,
                         dynamo=True,
                         opset_version=cfg.opset,
                         verbose=False,
                         custom_translation_table=ops.onnx_translations(cfg.opset, cfg.matmul_accuracy_level),
                         optimize=False,
                     )
+                    read_lazily(program.model, lazies)
                     _optimize(program.model)
                     if not cfg.node_metadata:
                         _strip_node_metadata(program.model)
@@ -263,22 +270,27 @@ def _optimize(model) -> None:
 
     Constant folding would turn a compressed weight's rebuild (unpack + Gather/Scatter)
     into the dense weight and store that: the file would grow back. Folds whose result is
-    no bigger than their constant inputs (a transposed weight, a reshaped shape) still run.
+    no bigger than their constant inputs (a transposed weight, a reshaped shape) still run:
+    those of large stored tensors as lazy tensors (:func:`fold_stored`: computed as the file
+    is written, one at a time), the small rest in onnxscript's optimizer.
     """
     import onnxscript.optimizer
 
     quantized, sources = _dequantize_inputs(model.graph)
+    derived = _stored_sources(model.graph)
+    fold_stored(model, quantized)
 
     def should_fold(node) -> bool | None:
         if node in quantized:
             return True
+        if holds_large_constant(node):
+            return False
         out_bytes = sum(_nbytes(v) for v in node.outputs)
         in_bytes = sum(_nbytes(v) for v in node.inputs if v is not None)
         if out_bytes is None or in_bytes is None:
             return None
         return False if out_bytes > max(in_bytes, 1024) else None
 
-    derived = _stored_sources(model.graph)
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
     for (node, i), name in sources.items():  # a folded tensor takes the name of the stored one it replaces
         value = node.inputs[i]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PassPreconditionError
+from ..execution import job_result
 from ..ir import Graph, Linear
 from ..progress import track
 from ..schema import Energy, GlobalBudget, LowRankConfig, ParamRatio
@@ -96,6 +97,9 @@ class LayerResult:
     report: LayerReport
     factors: tuple[torch.Tensor, torch.Tensor] | None = None
     """(A, B), in the weight's dtype; None: the layer stays dense."""
+
+
+job_result(LayerResult, LayerReport)
 
 
 def factor_group(config: LowRankConfig, jobs: list[LayerJob], seed: int) -> list[LayerResult]:
