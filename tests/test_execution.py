@@ -1,4 +1,5 @@
-"""execution.engine: low_rank's per-layer jobs as Ray tasks give the in-process result byte for byte."""
+"""execution.engine: per-layer jobs (low_rank, weight_clustering) as Ray tasks give the in-process result byte for
+byte."""
 
 from __future__ import annotations
 
@@ -22,21 +23,30 @@ def ids(seed: int) -> torch.Tensor:
     return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
+LOW_RANK = {"pass": "low_rank", "targets": "layers.*", "method": "whitened_svd"}
+CLUSTERING = {
+    "pass": "weight_clustering",
+    "targets": "layers.*",
+    "group_size": 16,
+    "weighting": "activation",
+    "error_feedback": True,
+}
+
+
 @pytest.mark.parametrize(
-    "rank",
-    [{"energy": 0.9}, {"budget": {"param_ratio": 0.6}}],  # per layer as the sweep goes; all spectra first
+    ("job", "stream"),
+    [
+        ({**LOW_RANK, "rank": {"energy": 0.9}}, True),  # per layer as the sweep goes, Ray tasks fed by it
+        ({**LOW_RANK, "rank": {"budget": {"param_ratio": 0.6}}}, False),  # all spectra first, in memory
+        (CLUSTERING, True),  # k-means and error feedback per linear
+    ],
 )
-def test_local_ray_is_byte_identical_to_in_process(tmp_path, rank):
+def test_local_ray_is_byte_identical_to_in_process(tmp_path, job, stream):
     pytest.importorskip("ray")
     folder = tmp_path / "ckpt"
     build("llama").save_pretrained(folder)
-    spec = {
-        "calibration": {"samples": 3, "seq_len": 16},
-        "passes": [{"pass": "low_rank", "targets": "layers.*", "method": "whitened_svd", "rank": rank}],
-        "verify": {"max": 10},
-        "backends": [],
-    }
-    stream = {"stream": "energy" in rank}  # the streamed sweep feeding Ray tasks, and the in-memory path
+    spec = {"calibration": {"samples": 3, "seq_len": 16}, "passes": [job], "verify": {"max": 10}, "backends": []}
+    stream = {"stream": stream}
     data = [(ids(i),) for i in range(4)]
     local = compress(str(folder), {**spec, "execution": stream}, calibration_data=data, out_dir=tmp_path / "a")
     remote = compress(
@@ -53,7 +63,7 @@ def test_local_ray_is_byte_identical_to_in_process(tmp_path, rank):
         "ray",
         "local",
     )
-    assert any(layer["action"] == "factored" for layer in local.report.passes[0]["layers"])
+    assert any(layer["action"] in ("factored", "clustered") for layer in local.report.passes[0]["layers"])
 
 
 def test_ray_not_installed_is_a_spec_error(monkeypatch):

@@ -121,9 +121,15 @@ class _InputCollector:
         x = torch.cat(self.rows.pop(producer))
         total, count = x.double().sum(0), len(x)
         if len(x) > max_rows:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32((name or producer).encode()))
+            gen = torch.Generator().manual_seed(layer_seed(seed, name or producer))
             x = x[torch.randperm(len(x), generator=gen)[:max_rows].sort().values]
         return LinearInputs(x, self.grams.pop(producer), total, count)
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A seed for one layer's random choices, from the run's seed and the layer's name: the same whatever the
+    order layers are visited in or the process that draws."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
 
 
 @dataclass

@@ -28,18 +28,20 @@ calibration objective tr(dW H dW^T).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import PassPreconditionError
+from ..execution import job_result
 from ..ir import Graph
 from ..ir.ops.bitstream import pack_bits
 from ..ir.ops.nm_sparse import kept_columns, nm_weight
 from ..progress import track
 from ..schema import WeightClusteringConfig
 from .base import LayerReport, Pass, PassReport, stored_call
-from .context import PassContext
+from .context import PassContext, layer_seed
 from .low_rank import relative_error
 from .registry import register
 from .weight_quant import compensated_sweep, hessian
@@ -79,22 +81,33 @@ class WeightClustering(Pass):
                     )
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        """Each dense linear's k-means is a pure job for ``ctx.engine`` (in-process or a Ray task; journaled in a
+        streamed run), seeded by the layer's path so it does not depend on where or in which order it runs; the
+        graph is rewritten here, in order, as results come back."""
         report = self.new_report()
+        report.details["engine"] = ctx.engine.name
         dense, sparse = self.selected_linears(graph, ctx), self.selected_stored(graph, ctx)
-        gen = torch.Generator().manual_seed(ctx.seed)
         sparse_inputs = ctx.linear_inputs(graph, sparse)  # before the dense ones are rewritten
+        pending: deque = deque()
         for lin, inputs in self.one_by_one(ctx.linear_input_groups(graph, dense, "weight_clustering: k-means")):
-            weight = graph.weight(lin.weight)
-            energy = self.energy(report, lin, inputs[lin.node.name])
-            palette = self.palettize(weight, None if energy is None else energy.expand_as(weight), gen)
-            if self.config.error_feedback and not self.data_free(
-                report, lin, inputs[lin.node.name].reached, "its codes are assigned without error feedback"
-            ):
-                palette = self.compensate(palette, weight, inputs[lin.node.name].gram)
-            self.store_weight_as(graph, lin, LUT, palette.tensors, *palette.args)
-            layer = self.layer_report(lin.path, weight, palette, inputs[lin.node.name].rows, weight, palette.rebuilt)
-            layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
-            report.layers.append(layer)
+            x = inputs[lin.node.name]
+            feedback = self.config.error_feedback and not self.data_free(
+                report, lin, x.reached, "its codes are assigned without error feedback"
+            )
+            job = ClusterJob(
+                lin.path,
+                graph.weight(lin.weight),
+                self.energy(report, lin, x),
+                x.rows,
+                x.gram if feedback else None,
+                layer_seed(ctx.seed, lin.path),
+                (lin.params, lin.out_features if lin.bias else 0),
+            )
+            pending.append((lin, ctx.engine.submit(cluster_layer, self.config, job)))
+            while len(pending) > ctx.engine.in_flight:
+                self.rewrite(graph, *pending.popleft(), ctx, report)
+        while pending:
+            self.rewrite(graph, *pending.popleft(), ctx, report)
         if sparse and self.config.error_feedback:
             report.warnings.append(
                 "error_feedback: N:M-sparse linears are assigned without it (the sweep needs the same columns in "
@@ -107,7 +120,7 @@ class WeightClustering(Pass):
             positions = graph.weight(graph.tensor_name(positions_node))
             energy = self.energy(report, lin, sparse_inputs[lin.node.name])
             kept = None if energy is None else energy[kept_columns(positions, n, m, values.shape[1])]
-            palette = self.palettize(values, kept, gen)
+            palette = self.palettize(values, kept, torch.Generator().manual_seed(layer_seed(ctx.seed, lin.path)))
 
             graph.replace_input(
                 lin.op, 0, lin.path, lambda b, p=lin.path, s=palette: stored_call(graph, b, p, LUT, s.tensors, *s.args)
@@ -118,6 +131,11 @@ class WeightClustering(Pass):
                 self.layer_report(lin.path, values, palette, sparse_inputs[lin.node.name].rows, before, after)
             )
         return report
+
+    def rewrite(self, graph: Graph, lin, job, ctx: PassContext, report: PassReport) -> None:
+        result = ctx.engine.result(job)
+        self.store_weight_as(graph, lin, LUT, result.tensors, *result.args)
+        report.layers.append(result.report)
 
     @staticmethod
     def one_by_one(groups):
@@ -181,6 +199,45 @@ class WeightClustering(Pass):
                 "output_error": relative_error(x @ dense_after.T, x @ dense_before.T),
             },
         )
+
+
+@dataclass
+class ClusterJob:
+    """One dense linear's clustering and everything it reads: a pure job, picklable, that an engine may run
+    elsewhere."""
+
+    path: str
+    weight: torch.Tensor
+    energy: torch.Tensor | None
+    """E[x_j^2] per input channel (``weighting: activation``); None: every value counts the same."""
+    rows: torch.Tensor
+    """Sampled calibration inputs, for the layer's output error."""
+    gram: torch.Tensor | None
+    """X^T X for error feedback; None: codes by nearest centroid."""
+    seed: int
+    params: tuple[int, int]
+
+
+@dataclass
+class ClusterResult:
+    tensors: dict[str, torch.Tensor]
+    args: tuple[int, int, int]
+    report: LayerReport
+
+
+job_result(ClusterResult, LayerReport)
+
+
+def cluster_layer(config: WeightClusteringConfig, job: ClusterJob) -> ClusterResult:
+    """A linear's palette and report (what an engine runs)."""
+    clustering, weight = WeightClustering(config), job.weight
+    energy = None if job.energy is None else job.energy.expand_as(weight)
+    palette = clustering.palettize(weight, energy, torch.Generator().manual_seed(job.seed))
+    if job.gram is not None:
+        palette = clustering.compensate(palette, weight, job.gram)
+    layer = clustering.layer_report(job.path, weight, palette, job.rows, weight, palette.rebuilt)
+    layer.params_before, layer.params_after = job.params
+    return ClusterResult(palette.tensors, palette.args, layer)
 
 
 def cluster(

@@ -49,9 +49,9 @@ class ExecutionConfig(StrictModel):
     )
     engine: Literal["local", "ray"] = Field(
         "local",
-        description="Where per-layer jobs run (low_rank's factorizations): 'local' in this process; 'ray' as Ray "
-        "tasks (pip install 'graphpress[ray]'), their tensors passed through Ray's object store, while this process "
-        "goes on calibrating the next layer. The result is byte for byte the local one.",
+        description="Where per-layer jobs run (low_rank's factorizations, weight_clustering's k-means): 'local' in "
+        "this process; 'ray' as Ray tasks (pip install 'graphpress[ray]'), their tensors passed through Ray's object "
+        "store, while this process goes on calibrating the next layer. The result is byte for byte the local one.",
     )
     address: str = Field(
         "local",
