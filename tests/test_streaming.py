@@ -168,14 +168,18 @@ def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp
     assert torch.equal(streamed.model(ids()).logits, in_memory.model(ids()).logits)
 
 
-def test_the_onnx_backend_writes_a_streamed_graph_from_its_store(llama_folder, tmp_path, monkeypatch):
+def test_the_onnx_backend_writes_a_streamed_graph_from_its_store(llama_folder, tmp_path, monkeypatch, capsys):
     """With far less memory than the model, the ONNX file is still written (each initializer read from the store as
-    it is written) and validated (eager by a sweep); a backend that builds from the whole model is refused by name,
-    before it starts."""
+    it is written) and validated (eager by a sweep, with a bar of the ops left); a backend that builds from the
+    whole model is refused by name, before it starts."""
     monkeypatch.setattr("graphpress.streaming.available_memory", lambda: 100_000)
     spec = {**SPEC, "execution": {"stream": True}, "backends": [{"target": "onnx", "external_data": "always"}]}
-    result = compress(str(llama_folder), spec, out_dir=tmp_path / "onnx")
+    result = compress(str(llama_folder), spec, out_dir=tmp_path / "onnx", progress=True)
     assert result.graph.lazy and result.report.backends[0]["errors"]["rel_l2"] < 1e-4
+    shown = capsys.readouterr().err
+    ops = len(result.graph.nodes)
+    assert f"backends[0] onnx: eager reference (streamed):   0%| | 0/{ops}" in shown.replace("          ", " ")
+    assert "passes[1] (weight_clustering): verifying (streamed): done in" in shown
     assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 0.9 * result.report.compressed["bytes"]
     spec["backends"].append({"target": "tvm"})
     with pytest.raises(BackendError, match=r"backends\[1\] \(tvm\): the compressed model holds .* this backend builds"):

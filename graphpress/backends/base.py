@@ -127,7 +127,7 @@ class Backend(ABC):
                 return Comparison(
                     compare_outputs(outputs, references), _latency(ours_s / steps, ref_s / steps, "decode step")
                 )
-            eager, swept = _eager(graph, inputs)
+            eager, swept = _eager(graph, inputs, f"{self.spec_path} {self.target}: eager reference (streamed)")
             outputs, references, ours_s, ref_s = [], [], [], []
             for k, args in enumerate(inputs):
                 out, seconds = _timed(run, tensor_leaves(args))
@@ -154,14 +154,14 @@ class Backend(ABC):
             return Comparison(compare_outputs(outputs, references), _latency(median(ours_s), median(ref_s), "sample"))
 
 
-def _eager(graph: Graph, inputs: list[tuple]) -> tuple[Callable, list]:
+def _eager(graph: Graph, inputs: list[tuple], description: str) -> tuple[Callable, list]:
     """Eager execution of ``graph``, and for a streamed graph (tensors on disk) each input's outputs and share of
     the time from one :class:`~graphpress.ir.stream.Sweep` over them all, each weight read once."""
     if not graph.lazy:
         return graph.module(), []
     from ..ir.stream import Sweep
 
-    outputs, seconds = _timed(lambda: Sweep(graph, inputs).finish())
+    outputs, seconds = _timed(lambda: Sweep(graph, inputs).finish(description))
     return (lambda *args: Sweep(graph, [args]).finish()[0]), [(out, seconds / len(inputs)) for out in outputs]
 
 

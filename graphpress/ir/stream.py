@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch.export.graph_signature import InputKind, OutputKind
 
+from ..progress import track
 from .graph import Graph
 from .store import materialize
 
@@ -56,23 +57,30 @@ class Sweep:
         self.user_index = {name: k for k, name in enumerate(users)}
         self.leaves = [pytree.tree_leaves((args, {})) for args in inputs]
 
-    @torch.no_grad()
     def run_until(self, names: Collection[str] | None = None) -> None:
         """Run nodes in order until every node in ``names`` has run (None: to the end)."""
         wanted = set(names or ()) - self.ran
         while self.position < len(self.nodes) and (wanted or names is None):
-            node = self.nodes[self.position]
-            self._run(node)
-            self.ran.add(node.name)
-            wanted.discard(node.name)
-            for dead in self.dying.pop(self.position, ()):
-                self.values.pop(dead, None)
-            self.position += 1
+            wanted.discard(self._step())
 
-    def finish(self) -> list:
-        """Each input's outputs, structured as ``graph.module()`` returns them."""
-        self.run_until()
+    def finish(self, description: str | None = None) -> list:
+        """Each input's outputs, structured as ``graph.module()`` returns them; with a progress bar (ops run, and
+        the time left) named ``description`` when a run's progress is on."""
+        remaining = range(self.position, len(self.nodes))
+        for _ in track(remaining, description) if description else remaining:
+            self._step()
         return self.outputs
+
+    @torch.no_grad()
+    def _step(self) -> str:
+        """Run the next node, drop the values it was the last reader of; its name."""
+        node = self.nodes[self.position]
+        self._run(node)
+        self.ran.add(node.name)
+        for dead in self.dying.pop(self.position, ()):
+            self.values.pop(dead, None)
+        self.position += 1
+        return node.name
 
     def _run(self, node: fx.Node) -> None:
         if node.op == "placeholder":

@@ -16,7 +16,7 @@ from ..errors import PassPreconditionError, VerificationError
 from ..ir import Graph
 from ..ir.stream import Sweep, give_back_freed_memory
 from ..metrics import compare_outputs
-from ..progress import step, track
+from ..progress import track
 from ..schema import VerifyConfig
 from .base import Pass, PassReport, PassResult
 from .context import PassContext, run_calibration_sample
@@ -34,8 +34,7 @@ class Verifier:
     def outputs(self, graph: Graph, where: str = "original") -> list:
         """Outputs per calibration sample; decode graphs are scored token by token (their logits)."""
         if graph.lazy and graph.cache is None:  # a streamed graph: every input in one sweep, each weight read once
-            with step(f"{where}: verifying (streamed)"):
-                outputs = Sweep(graph, self.inputs).finish()
+            outputs = Sweep(graph, self.inputs).finish(f"{where}: verifying (streamed)")
             give_back_freed_memory()
             return outputs
         return [run_calibration_sample(graph, args) for args in track(self.inputs, f"{where}: verifying")]
