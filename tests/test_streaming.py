@@ -154,8 +154,16 @@ def streamed_and_in_memory(folder, tmp_path, spec=SPEC):
     ]
 
 
-def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp_path):
-    streamed, in_memory = streamed_and_in_memory(llama_folder, tmp_path)
+INTEGER = {
+    **SPEC,
+    "passes": [{"pass": "weight_quant", "method": "gptq", "bits": 4, "group_size": 16}],
+    "backends": [{"target": "onnx", "opset": 21, "ort_contrib_ops": True}],  # MatMulNBits, as stored
+}
+
+
+@pytest.mark.parametrize("spec", [SPEC, INTEGER], ids=["low_rank+clustering", "gptq"])
+def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp_path, spec):
+    streamed, in_memory = streamed_and_in_memory(llama_folder, tmp_path, spec)
     assert streamed.graph.lazy and not in_memory.graph.lazy
     assert streamed.report.capture["streamed"] and not in_memory.report.capture["streamed"]
     ours, theirs = streamed.graph.tensors(), in_memory.graph.tensors()

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, fx
 
 from ..errors import PassPreconditionError
+from ..execution import job_result
 from ..ir import Graph, Linear
 from ..ir.channels import channel_scale_site, scale_input_channels
 from ..ir.ops import int_weight
@@ -49,7 +51,7 @@ from ..ir.ops.nm_sparse import kept_columns
 from ..progress import track
 from ..schema import WeightQuantConfig
 from .base import LayerReport, Pass, PassReport, stored_call
-from .context import LinearInputs, PassContext
+from .context import LinearInputs, PassContext, by_input
 from .low_rank import relative_error
 from .registry import register
 
@@ -233,25 +235,33 @@ class WeightQuant(Pass):
         self.require_linears(graph, ctx)
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        """Each dense linear's quantization (GPTQ's sweep, or a grid fit) is a pure job for ``ctx.engine``; the graph
+        is rewritten here, in order. Without AWQ the statistics come one input at a time (a streamed graph never
+        holds every layer's X^T X); AWQ folds every input's scale into its producer before the first linear is
+        quantized, so it reads them all first."""
         cfg: WeightQuantConfig = self.config
         report = self.new_report()
+        report.details["engine"] = ctx.engine.name
         dense, sparse = self.selected_linears(graph, ctx), self.selected_stored(graph, ctx)
-        inputs = ctx.linear_inputs(graph, [*dense, *sparse])
-        scaled = self.activation_scales(graph, dense, inputs, report) if cfg.awq else {}
-        for lin in track(dense, f"{ctx.spec_path} weight_quant: {cfg.method}"):
-            x = inputs[lin.node.name]
-            s = scaled.get(lin.node.name)
-            seen = x if s is None else _scaled_inputs(x, s)
-            weight = graph.weight(lin.weight)
-            codes, grid = self.quantize(report, lin, weight, seen)
-            tensors = int_weight.pack(codes, grid.scales.to(weight.dtype), self.zeros(grid), cfg.bits, grid.block)
-            self.store_weight_as(graph, lin, INT, tensors, *self.args(grid.block, lin.in_features))
-            rebuilt = grid.values(codes, slice(0, lin.in_features)).to(weight.dtype)
-            rows = seen.rows.to(weight.dtype)
-            layer = self.layer_report(lin.path, weight, rebuilt, rows @ weight.T, rows @ rebuilt.T)
-            layer.details.update({"bytes": _bytes(tensors), **({"awq_scaled": True} if s is not None else {})})
-            layer.params_before, layer.params_after = lin.params, lin.out_features if lin.bias else 0
-            report.layers.append(layer)
+        if cfg.awq:
+            inputs = ctx.linear_inputs(graph, [*dense, *sparse])
+            scaled = self.activation_scales(graph, dense, inputs, report)
+            groups = ((group, inputs) for group in track(by_input(graph, dense), f"{ctx.spec_path} weight_quant"))
+        else:
+            inputs, scaled = ctx.linear_inputs(graph, sparse), {}  # before the dense ones are rewritten
+            groups = ctx.linear_input_groups(graph, dense, f"weight_quant: {cfg.method}")
+        pending: deque = deque()
+        for group, group_inputs in groups:
+            for lin in group:
+                s = scaled.get(lin.node.name)
+                x = group_inputs[lin.node.name] if s is None else _scaled_inputs(group_inputs[lin.node.name], s)
+                params = (lin.params, lin.out_features if lin.bias else 0)
+                job = QuantJob(lin.path, graph.weight(lin.weight), x, self.blind(report, lin, x), s is not None, params)
+                pending.append((lin, ctx.engine.submit(quantize_layer, cfg, job)))
+                while len(pending) > ctx.engine.in_flight:
+                    self.rewrite(graph, *pending.popleft(), ctx, report)
+        while pending:
+            self.rewrite(graph, *pending.popleft(), ctx, report)
         if sparse and cfg.method == "gptq":
             report.warnings.append(
                 "N:M-sparse linears: their kept values are rounded to nearest (GPTQ's column sweep needs the same "
@@ -261,12 +271,21 @@ class WeightQuant(Pass):
             self.quantize_sparse(graph, lin, inputs[lin.node.name], report)
         return report
 
-    def quantize(self, report: PassReport, lin: Linear, weight: Tensor, x: LinearInputs) -> tuple[Tensor, Grid]:
-        """Codes and grid of a dense weight by the configured method (round to nearest where no data reached it)."""
+    def rewrite(self, graph: Graph, lin: Linear, job, ctx: PassContext, report: PassReport) -> None:
+        result = ctx.engine.result(job)
+        self.store_weight_as(graph, lin, INT, result.tensors, *result.args)
+        report.layers.append(result.report)
+
+    def blind(self, report: PassReport, lin: Linear, x: LinearInputs) -> bool:
+        """No calibration input reached a linear whose method needs one: it is rounded to nearest (and warned)."""
         cfg: WeightQuantConfig = self.config
-        block = block_size(cfg, lin.in_features)
         aware = cfg.method == "gptq" or cfg.clip == "mse"
-        blind = aware and self.data_free(report, lin, x.reached, "it is rounded to nearest with min/max ranges")
+        return aware and self.data_free(report, lin, x.reached, "it is rounded to nearest with min/max ranges")
+
+    def quantize(self, weight: Tensor, x: LinearInputs, blind: bool) -> tuple[Tensor, Grid]:
+        """Codes and grid of a dense weight by the configured method (round to nearest with min/max if ``blind``)."""
+        cfg: WeightQuantConfig = self.config
+        block = block_size(cfg, weight.shape[1])
         w, dtype = weight.detach().double(), weight.dtype
         if cfg.method == "gptq" and not blind:
             return gptq(w, x.gram, cfg, block, dtype, cfg.act_order)
@@ -355,6 +374,44 @@ class WeightQuant(Pass):
                 f"only, or is read by other ops, so 1/s cannot be folded): {'; '.join(unscaled)}"
             )
         return scaled
+
+
+@dataclass
+class QuantJob:
+    """One dense linear's quantization and everything it reads: a pure job, picklable, that an engine may run
+    elsewhere."""
+
+    path: str
+    weight: Tensor
+    inputs: LinearInputs
+    """Its calibration inputs (divided by AWQ's scale where one was folded)."""
+    blind: bool
+    """No calibration input reached it: round to nearest with min/max ranges."""
+    awq_scaled: bool
+    params: tuple[int, int]
+
+
+@dataclass
+class QuantResult:
+    tensors: dict[str, Tensor]
+    args: tuple
+    report: LayerReport
+
+
+job_result(QuantResult, LayerReport)
+
+
+def quantize_layer(config: WeightQuantConfig, job: QuantJob) -> QuantResult:
+    """A linear's packed codes, scales and zero points, and its report (what an engine runs)."""
+    quant, weight = WeightQuant(config), job.weight
+    codes, grid = quant.quantize(weight, job.inputs, job.blind)
+    tensors = int_weight.pack(codes, grid.scales.to(weight.dtype), quant.zeros(grid), config.bits, grid.block)
+    rebuilt = grid.values(codes, slice(0, weight.shape[1])).to(weight.dtype)
+    rows = job.inputs.rows.to(weight.dtype)
+    layer = quant.layer_report(job.path, weight, rebuilt, rows @ weight.T, rows @ rebuilt.T)
+    layer.details.update({"bytes": _bytes(tensors), **({"awq_scaled": True} if job.awq_scaled else {})})
+    layer.params_before, layer.params_after = job.params
+    return QuantResult(tensors, quant.args(grid.block, weight.shape[1]), layer)
 
 
 def search_scale(
