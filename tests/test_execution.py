@@ -1,4 +1,4 @@
-"""execution.engine: per-layer jobs (low_rank, weight_clustering, weight_quant) as Ray tasks give the in-process result byte for
+"""execution.engine: per-layer jobs (low_rank, weight_clustering, weight_quant, nm_sparsity) as Ray tasks give the in-process result byte for
 byte."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ CLUSTERING = {
         ({**LOW_RANK, "rank": {"budget": {"param_ratio": 0.6}}}, False),  # all spectra first, in memory
         (CLUSTERING, True),  # k-means and error feedback per linear
         ({"pass": "weight_quant", "method": "gptq", "bits": 4, "group_size": 16}, True),  # GPTQ per linear
+        ({"pass": "nm_sparsity", "score": "activation", "update": True}, True),  # masks and refits per linear
     ],
 )
 def test_local_ray_is_byte_identical_to_in_process(tmp_path, job, stream):
@@ -64,7 +65,10 @@ def test_local_ray_is_byte_identical_to_in_process(tmp_path, job, stream):
         "ray",
         "local",
     )
-    assert any(layer["action"] in ("factored", "clustered", "quantized") for layer in local.report.passes[0]["layers"])
+    assert any(
+        layer["action"] in ("factored", "clustered", "quantized", "sparsified")
+        for layer in local.report.passes[0]["layers"]
+    )
 
 
 def test_ray_not_installed_is_a_spec_error(monkeypatch):

@@ -161,7 +161,10 @@ INTEGER = {
 }
 
 
-@pytest.mark.parametrize("spec", [SPEC, INTEGER], ids=["low_rank+clustering", "gptq"])
+SPARSE = {**SPEC, "passes": [{"pass": "nm_sparsity", "score": "activation", "update": True}]}
+
+
+@pytest.mark.parametrize("spec", [SPEC, INTEGER, SPARSE], ids=["low_rank+clustering", "gptq", "wanda+refit"])
 def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp_path, spec):
     streamed, in_memory = streamed_and_in_memory(llama_folder, tmp_path, spec)
     assert streamed.graph.lazy and not in_memory.graph.lazy

@@ -22,9 +22,13 @@ permuting alone leaves the function unchanged and never lowers the kept score.
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import PassPreconditionError
+from ..execution import job_result
 from ..ir import Graph, Linear
 from ..ir.channels import channel_producers, permute_input_channels
 from ..ir.ops.bitstream import pack_bits
@@ -32,7 +36,7 @@ from ..ir.ops.nm_sparse import position_bits
 from ..progress import track
 from ..schema import NmSparsityConfig
 from .base import LayerReport, Pass, PassReport
-from .context import PassContext
+from .context import LinearInputs, PassContext
 from .low_rank import relative_error
 from .registry import register
 
@@ -54,54 +58,42 @@ class NmSparsity(Pass):
                 )
 
     def apply(self, graph: Graph, ctx: PassContext) -> PassReport:
+        """Each linear's mask (and refit) is a pure job for ``ctx.engine``; the graph is rewritten here, in order.
+        Without ``permute`` the statistics come one input at a time (a streamed graph never holds every layer's
+        X^T X); the permutation search reads them all first, and its reordered graph is calibrated again."""
         cfg: NmSparsityConfig = self.config
         report = self.new_report()
+        report.details["engine"] = ctx.engine.name
         linears = self.selected_linears(graph, ctx)
         permuted = self.permute(graph, ctx, linears, report) if cfg.permute else {}
-        inputs = ctx.linear_inputs(graph, linears)  # after permuting: the graph's own channel order
-        for lin in track(linears, f"{ctx.spec_path} nm_sparsity: masks"):
-            weight = graph.weight(lin.weight)
-            w = weight.detach().double()
-            aware = cfg.score == "activation" or cfg.update
-            blind = aware and self.data_free(
-                report, lin, inputs[lin.node.name].reached, "magnitudes pick its weights, unrefit"
-            )
-            score = w.abs() if blind else self.score(w, inputs[lin.node.name].gram)
-            gram = inputs[lin.node.name].gram.double()
-            columns, within = keep(score, cfg.n, cfg.m)
-            if cfg.update and not blind:
-                w = refit(w, gram, columns, cfg.damping)
-            values = w.gather(1, columns).to(weight.dtype)
-            dense = torch.zeros_like(weight).scatter(1, columns, values)
-            x = inputs[lin.node.name].rows.to(weight.dtype)
-            positions = pack_bits(within, position_bits(cfg.m))
-            if cfg.storage == "dense":
-                graph.set_weight(lin.weight, dense)
-            else:
-                cfg_args = (cfg.n, cfg.m, lin.in_features)
-                tensors = {"nm_values": values, "nm_positions": positions}
-                self.store_weight_as(graph, lin, torch.ops.graphpress.nm_weight.default, tensors, *cfg_args)
-            bytes_before = weight.numel() * weight.element_size()
-            bytes_after = (
-                bytes_before if cfg.storage == "dense" else values.numel() * values.element_size() + positions.numel()
-            )
-            report.layers.append(
-                LayerReport(
-                    lin.path,
-                    "sparsified",
-                    lin.params,
-                    lin.params if cfg.storage == "dense" else values.numel() + (lin.out_features if lin.bias else 0),
-                    {
-                        "pattern": f"{cfg.n}:{cfg.m}",
-                        "kept_score": kept_fraction(score, columns),
-                        **({"kept_score_unpermuted": permuted[lin.path]} if lin.path in permuted else {}),
-                        "weight_bytes": (bytes_before, bytes_after),
-                        "weight_error": relative_error(dense, weight),
-                        "output_error": relative_error(x @ dense.T, x @ weight.T),
-                    },
+        pending: deque = deque()
+        for group, inputs in ctx.linear_input_groups(graph, linears, "nm_sparsity: masks"):
+            for lin in group:
+                x = inputs[lin.node.name]
+                blind = (cfg.score == "activation" or cfg.update) and self.data_free(
+                    report, lin, x.reached, "magnitudes pick its weights, unrefit"
                 )
-            )
+                job = MaskJob(
+                    lin.path, graph.weight(lin.weight), x, blind, lin.params, lin.out_features if lin.bias else 0
+                )
+                pending.append((lin, ctx.engine.submit(sparsify_layer, cfg, job)))
+                while len(pending) > ctx.engine.in_flight:
+                    self.rewrite(graph, *pending.popleft(), ctx, report, permuted)
+        while pending:
+            self.rewrite(graph, *pending.popleft(), ctx, report, permuted)
         return report
+
+    def rewrite(self, graph: Graph, lin: Linear, job, ctx: PassContext, report: PassReport, permuted) -> None:
+        cfg: NmSparsityConfig = self.config
+        result = ctx.engine.result(job)
+        if cfg.storage == "dense":
+            graph.set_weight(lin.weight, result.tensors["weight"])
+        else:
+            nm = torch.ops.graphpress.nm_weight.default
+            self.store_weight_as(graph, lin, nm, result.tensors, cfg.n, cfg.m, lin.in_features)
+        if lin.path in permuted:
+            result.report.details["kept_score_unpermuted"] = permuted[lin.path]
+        report.layers.append(result.report)
 
     def score(self, weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         if self.config.score == "magnitude":
@@ -163,6 +155,58 @@ def refit(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, damping: f
 
 
 PAIRS_PER_CHUNK = 256  # group pairs scored together in the permutation search
+
+
+@dataclass
+class MaskJob:
+    """One linear's N:M mask and everything it reads: a pure job, picklable, that an engine may run elsewhere."""
+
+    path: str
+    weight: torch.Tensor
+    inputs: LinearInputs
+    blind: bool
+    """No calibration input reached it: magnitudes pick its weights, unrefit."""
+    params: int
+    bias: int
+
+
+@dataclass
+class MaskResult:
+    tensors: dict[str, torch.Tensor]
+    """``weight`` (storage dense) or ``nm_values`` and ``nm_positions``."""
+    report: LayerReport
+
+
+job_result(MaskResult, LayerReport)
+
+
+def sparsify_layer(config: NmSparsityConfig, job: MaskJob) -> MaskResult:
+    """A linear's kept values and positions (refit on the calibration inputs if asked), and its report."""
+    weight, n, m = job.weight, config.n, config.m
+    w = weight.detach().double()
+    score = w.abs() if job.blind else NmSparsity(config).score(w, job.inputs.gram)
+    columns, within = keep(score, n, m)
+    if config.update and not job.blind:
+        w = refit(w, job.inputs.gram.double(), columns, config.damping)
+    values = w.gather(1, columns).to(weight.dtype)
+    dense = torch.zeros_like(weight).scatter(1, columns, values)
+    x = job.inputs.rows.to(weight.dtype)
+    positions = pack_bits(within, position_bits(m))
+    bytes_before = weight.numel() * weight.element_size()
+    if config.storage == "dense":
+        tensors, bytes_after, params_after = {"weight": dense}, bytes_before, job.params
+    else:
+        tensors = {"nm_values": values, "nm_positions": positions}
+        bytes_after = values.numel() * values.element_size() + positions.numel()
+        params_after = values.numel() + job.bias
+    details = {
+        "pattern": f"{n}:{m}",
+        "kept_score": kept_fraction(score, columns),
+        "weight_bytes": (bytes_before, bytes_after),
+        "weight_error": relative_error(dense, weight),
+        "output_error": relative_error(x @ dense.T, x @ weight.T),
+    }
+    return MaskResult(tensors, LayerReport(job.path, "sparsified", job.params, params_after, details))
 
 
 def search_permutation(score: torch.Tensor, n: int, m: int, rounds: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ class ExecutionConfig(StrictModel):
     engine: Literal["local", "ray"] = Field(
         "local",
         description="Where per-layer jobs run (low_rank's factorizations, weight_clustering's k-means, weight_quant's "
-        "GPTQ): 'local' in this process; 'ray' as Ray tasks (pip install 'graphpress[ray]'), their tensors passed through Ray's object "
+        "GPTQ, nm_sparsity's masks): 'local' in this process; 'ray' as Ray tasks (pip install 'graphpress[ray]'), their tensors passed through Ray's object "
         "store, while this process goes on calibrating the next layer. The result is byte for byte the local one.",
     )
     address: str = Field(
