@@ -162,11 +162,17 @@ INTEGER = {
 
 
 SPARSE = {**SPEC, "passes": [{"pass": "nm_sparsity", "score": "activation", "update": True}]}
+GPT2 = {**SPEC, "passes": [SPEC["passes"][0], {**SPEC["passes"][1], "targets": ["attn.*"]}]}
 
 
-@pytest.mark.parametrize("spec", [SPEC, INTEGER, SPARSE], ids=["low_rank+clustering", "gptq", "wanda+refit"])
-def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp_path, spec):
-    streamed, in_memory = streamed_and_in_memory(llama_folder, tmp_path, spec)
+@pytest.mark.parametrize(
+    "family, spec",
+    [("llama", SPEC), ("llama", INTEGER), ("llama", SPARSE), ("gpt2", GPT2), ("gemma", SPEC)],
+    ids=["low_rank+clustering", "gptq", "wanda+refit", "gpt2", "gemma"],  # Conv1D canonicalised; tied embeddings
+)
+def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp_path_factory, family, spec):
+    folder = llama_folder if family == "llama" else checkpoint(tmp_path_factory, family)
+    streamed, in_memory = streamed_and_in_memory(folder, tmp_path_factory.mktemp("out"), spec)
     assert streamed.graph.lazy and not in_memory.graph.lazy
     assert streamed.report.capture["streamed"] and not in_memory.report.capture["streamed"]
     ours, theirs = streamed.graph.tensors(), in_memory.graph.tensors()
@@ -177,6 +183,8 @@ def test_a_streamed_run_is_byte_identical_to_the_in_memory_run(llama_folder, tmp
     assert (streamed.out_dir / STORE_DIR / "spill.bin").stat().st_size > 0  # what result.model reads
     assert not (in_memory.out_dir / STORE_DIR).exists()
     assert torch.equal(streamed.model(ids()).logits, in_memory.model(ids()).logits)
+    assert streamed.report.backends[0]["latency"]["pieces"] >= 1  # validated in pieces, to the same errors
+    assert streamed.report.backends[0]["errors"] == in_memory.report.backends[0]["errors"]
 
 
 def test_the_onnx_backend_writes_a_streamed_graph_from_its_store(llama_folder, tmp_path, monkeypatch, capsys):
@@ -186,7 +194,8 @@ def test_the_onnx_backend_writes_a_streamed_graph_from_its_store(llama_folder, t
     monkeypatch.setattr("graphpress.streaming.available_memory", lambda: 100_000)
     spec = {**SPEC, "execution": {"stream": True}, "backends": [{"target": "onnx", "external_data": "always"}]}
     result = compress(str(llama_folder), spec, out_dir=tmp_path / "onnx", progress=True)
-    assert result.graph.lazy and result.report.backends[0]["errors"]["rel_l2"] < 1e-4
+    record = result.report.backends[0]
+    assert result.graph.lazy and record["errors"]["rel_l2"] < 1e-4 and record["latency"]["pieces"] == 1
     shown = capsys.readouterr().err
     ops = len(result.graph.nodes)
     assert f"backends[0] onnx: eager reference (streamed):   0%| | 0/{ops}" in shown.replace("          ", " ")

@@ -97,7 +97,8 @@ class Backend(ABC):
         """An artifact vs eager execution of ``graph``.
 
         Forward graphs: ``run(tensors) -> outputs`` on every calibration input's tensor
-        leaves. Decode graphs: ``decoder()`` (a runtime decoder of the artifact) fed the
+        leaves, or ``run.sweep([tensors, ...]) -> [(outputs, seconds), ...]`` where ``run`` has one (an artifact
+        run in pieces, each piece loaded once for all inputs). Decode graphs: ``decoder()`` (a runtime decoder of the artifact) fed the
         first sample's first tokens one by one, its logits against the eager step's.
         """
         import torch
@@ -128,9 +129,11 @@ class Backend(ABC):
                     compare_outputs(outputs, references), _latency(ours_s / steps, ref_s / steps, "decode step")
                 )
             eager, swept = _eager(graph, inputs, f"{self.spec_path} {self.target}: eager reference (streamed)")
+            leaves = [tensor_leaves(args) for args in inputs]
+            ours = run.sweep(leaves) if hasattr(run, "sweep") else [_timed(run, tensors) for tensors in leaves]
             outputs, references, ours_s, ref_s = [], [], [], []
             for k, args in enumerate(inputs):
-                out, seconds = _timed(run, tensor_leaves(args))
+                out, seconds = ours[k]
                 outputs.append(out)
                 ours_s.append(seconds)
                 ref, seconds = swept[k] if swept else _timed(eager, *args)

@@ -35,10 +35,12 @@ from .fuse_gqa import fuse_group_query_attention
 from .fuse_linear import fuse_format_linears
 from .fuse_norm import fuse_rms_norms
 from .latent_kv import latent_as_key_value
-from .onnx_store import fold_stored, holds_large_constant, read_lazily, with_placeholders
+from .onnx_pieces import Pieces
+from .onnx_store import LARGE, fold_stored, holds_large_constant, nbytes, read_lazily, with_placeholders
 
 INT_WEIGHT = torch.ops.graphpress.int_weight.default
 
+STREAMED_PIECE_MB = 256  # a streamed run's model is validated in pieces of this many MiB of weights
 EXTERNAL_ABOVE = 64 * 2**20  # onnxruntime maps external weights; inline ones it holds twice at load
 GENAI_TOKENS = 16  # greedy tokens onnxruntime-genai must agree on
 
@@ -81,6 +83,11 @@ class OnnxBackend(Backend):
             graph, latent, not_lowered = latent_as_key_value(graph)
         if genai:
             onnx_genai.check(graph, self.spec_path, tuple(not_lowered))
+        if cfg.validation_piece_mb is not None and graph.cache is not None:
+            raise BackendError(
+                f"{self.spec_path}.validation_piece_mb: a decode graph is validated step by step in one session; "
+                "pieces are for forward graphs"
+            )
         fused: Counter[str] = Counter()
         contrib = cfg.ort_contrib_ops or genai  # onnxruntime-genai is onnxruntime: MatMulNBits as stored
         if contrib:
@@ -168,7 +175,7 @@ class OnnxBackend(Backend):
                     else {}
                 ),
             },
-            latency=comparison.latency,
+            latency={**comparison.latency, **({"pieces": self.pieces} if self.pieces else {})},
             warnings=self.unpacked_at_load(graph) + notes,
         )
 
@@ -231,11 +238,21 @@ class OnnxBackend(Backend):
             )
         return warnings
 
+    pieces = 0
+    """How many pieces the file was validated in (0: one session)."""
+
     def validate(self, path: Path, graph: Graph, inputs: list[tuple]) -> Comparison:
+        """The file against eager on ``inputs``: a forward graph's in one session, or piece by piece
+        (:mod:`.onnx_pieces`) when it is streamed or the spec sets ``validation_piece_mb``."""
         import onnxruntime as ort
 
         from ..runtime import OnnxDecoder, session_options
 
+        piece_mb = self.config.validation_piece_mb or (STREAMED_PIECE_MB if graph.lazy else None)
+        if graph.cache is None and piece_mb is not None:
+            pieces = Pieces(path, int(piece_mb * 2**20), self.spec_path)
+            self.pieces = len(pieces)
+            return self.compare_with_eager(graph, inputs, pieces, lambda: OnnxDecoder(path))
         session = None
         if graph.cache is None:
             session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
@@ -285,11 +302,10 @@ def _optimize(model) -> None:
             return True
         if holds_large_constant(node):
             return False
-        out_bytes = sum(_nbytes(v) for v in node.outputs)
-        in_bytes = sum(_nbytes(v) for v in node.inputs if v is not None)
-        if out_bytes is None or in_bytes is None:
+        sizes = [nbytes(v) for v in node.outputs], [nbytes(v) for v in node.inputs if v is not None]
+        if None in sizes[0] or None in sizes[1]:
             return None
-        return False if out_bytes > max(in_bytes, 1024) else None
+        return False if sum(sizes[0]) > max(sum(sizes[1]), LARGE) else None
 
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
     for (node, i), name in sources.items():  # a folded tensor takes the name of the stored one it replaces
@@ -369,15 +385,6 @@ def _strip_node_metadata(model) -> None:
     for function in model.functions.values():
         for node in function:
             node.metadata_props.clear()
-
-
-def _nbytes(value) -> int | None:
-    if value is None or value.shape is None or value.dtype is None or not value.shape.is_static():
-        return None
-    count = 1
-    for d in value.shape:
-        count *= int(d)
-    return count * value.dtype.itemsize
 
 
 def _name_decode_io(model, layout) -> None:

@@ -136,13 +136,18 @@ def _evaluator(node, k: int) -> Callable:
     return compute
 
 
-def _nbytes(value) -> int:
+def nbytes(value) -> int | None:
+    """A value's bytes: its constant's, else its static shape's; None when its shape or type is unknown."""
     tensor = value.const_value
     if tensor is not None:
         return tensor.nbytes
     if value.shape is None or not value.shape.is_static() or value.dtype is None:
-        return 0
+        return None
     count = 1
     for d in value.shape:
         count *= int(d)
     return count * value.dtype.itemsize
+
+
+def _nbytes(value) -> int:
+    return nbytes(value) or 0

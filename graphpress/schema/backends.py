@@ -57,6 +57,15 @@ class OnnxBackendConfig(BackendConfig):
         "static-scale codes (the op's quantized cache), or gqa_to_mla's absorbed latent (one KV head of [latent, RoPE key]; KIVI's dynamic layouts are refused). Validated by greedy generation through onnxruntime-genai "
         "where it is installed (pip install 'graphpress[genai]').",
     )
+    validation_piece_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Validate the file in onnxruntime piece by piece: its nodes cut, in order, into pieces reading "
+        "at most this many MiB of weights each (a larger single weight is a piece of its own), run one session at a "
+        "time, so the check never holds the whole model. Unset: 256 for a streamed run (execution.stream: its "
+        "model may not fit in memory), one session of the whole file otherwise. Forward graphs only (a decode "
+        "graph is checked step by step in one session).",
+    )
     node_metadata: bool = Field(
         False,
         description="Keep the exporter's per-node metadata (source stack traces, module paths; about 1.4 KB a node) "
