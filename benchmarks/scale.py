@@ -68,7 +68,10 @@ def spec(shape: str, tokens: Path, mode: str, onnx: bool = False) -> dict:
     else:
         passes = [{"pass": "low_rank", "targets": "layers.*", "method": "whitened_svd", "rank": {"param_ratio": 0.5}}]
         samples, seq_len = 4, 128
+    # onnxruntime's CPU kernels mostly lack bf16: the ONNX file of a bf16 checkpoint is written in float32
+    capture = {"capture": {"dtype": "float32"}} if onnx and DTYPES[shape] != "float32" else {}
     return {
+        **capture,
         "calibration": {"tokens": str(tokens), "samples": samples, "seq_len": seq_len},
         "verify": {"samples": 1, "on_fail": "warn"},
         "passes": passes,

@@ -60,6 +60,8 @@ class Pieces:
                     piece.inputs.append(name)
         for name in self.outputs:
             last_read[name] = len(self.pieces)
+        if len(self.pieces) == 1:  # run as the file itself, which takes every graph input
+            self.pieces[0].inputs = list(self.inputs)
         for k, piece in enumerate(self.pieces):
             piece.outputs = [name for n in piece.nodes for name in n.output if name and last_read.get(name, k) > k]
         self.last_read = last_read
@@ -91,7 +93,7 @@ class Pieces:
         seconds = [0.0] * len(inputs)
         for k, piece in enumerate(self.pieces):
             session = self._session(piece, live[0])
-            for values, i in zip(live, range(len(inputs))):
+            for i, values in enumerate(live):
                 start = time.perf_counter()
                 results = session.run(piece.outputs, {name: values[name] for name in piece.inputs})
                 seconds[i] += time.perf_counter() - start
