@@ -8,6 +8,10 @@
    original decode graph vs the converted one (decoupled, absorbed), measured interleaved
    in this run.
 3. Absorbed vs non-absorbed: teacher-forced decode logits, eager and onnxruntime.
+4. TransMLA's options in decoupled mode, perplexity side by side: FreqFold (``rope.freqfold``
+   1 / 2 / 4) and balanced KV PCA (``balance_kv`` on / off), at -87.5% and -75% KV cache.
+
+``--sections`` picks which of grid (1), decode (2 and 3) and options (4) run.
 """
 
 from __future__ import annotations
@@ -35,10 +39,14 @@ GRID = [("after_up_projection", None, rank) for rank in (96, 64, 48, 32, 16, 8)]
 ]
 
 
-def convert(graph, calibration, rope: str, dims: int | None, rank: int, absorb: bool | None = None):
+def convert(graph, calibration, rope: str, dims: int | None, rank: int, absorb: bool | None = None, **options):
     fields = {"pass": "gqa_to_mla", "kv_rank": rank, "rope": {"mode": rope, "dims": dims}}
     if absorb is not None:
         fields["absorb"] = absorb
+    fold = options.pop("freqfold", 1)
+    if fold != 1:
+        fields["rope"]["freqfold"] = fold
+    fields.update(options)
     return build_pass(GqaToMlaConfig(**fields)).run(graph, PassContext(calibration)).graph
 
 
@@ -52,7 +60,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
+    ap.add_argument("--sections", default="grid,decode,options", help="comma-separated: grid, decode, options")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(2)
 
     model = load_model()
@@ -60,15 +70,43 @@ def main() -> None:
     heldout = load_split("heldout")[: args.tokens]
     forward = capture(model, calibration[0])
 
-    print("## held-out perplexity vs KV cache (no fine-tuning)")
     print(f"original: {perplexity(forward.module(), heldout):.4f}  (cache {ORIGINAL_NUMBERS} numbers/token/layer)")
-    print("| rope | rope dims | kv_rank | cache numbers/token/layer | cache cut | perplexity |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for rope, dims, rank in GRID:
-        graph = convert(forward, calibration, rope, dims, rank)
-        numbers = rank + (dims or 0)
-        ppl = perplexity(graph.module(), heldout)
-        print(f"| {rope} | {dims or '-'} | {rank} | {numbers} | {1 - numbers / ORIGINAL_NUMBERS:.1%} | {ppl:.4f} |")
+    if "grid" in sections:
+        print("## held-out perplexity vs KV cache (no fine-tuning)")
+        print("| rope | rope dims | kv_rank | cache numbers/token/layer | cache cut | perplexity |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for rope, dims, rank in GRID:
+            graph = convert(forward, calibration, rope, dims, rank)
+            numbers = rank + (dims or 0)
+            ppl = perplexity(graph.module(), heldout)
+            print(f"| {rope} | {dims or '-'} | {rank} | {numbers} | {1 - numbers / ORIGINAL_NUMBERS:.1%} | {ppl:.4f} |")
+    if "options" in sections:
+        options(forward, calibration, heldout)
+    if "decode" in sections:
+        decode_latency(model, calibration, heldout, args)
+
+
+def options(forward, calibration, heldout) -> None:
+    """FreqFold and balanced KV PCA, decoupled (absorbed), held-out perplexity side by side."""
+    print("\n## TransMLA's options, decoupled + absorbed: held-out perplexity (no fine-tuning)")
+    print("| rope dims + kv_rank | cache cut | balance_kv | freqfold 1 | freqfold 2 | freqfold 4 |")
+    print("|---|---:|---|---:|---:|---:|")
+    for dims, rank in ((8, 8), (16, 16), (8, 24)):
+        cut = 1 - (dims + rank) / ORIGINAL_NUMBERS
+        for balance in (True, False):
+            ppl = [
+                perplexity(
+                    convert(forward, calibration, "decoupled", dims, rank, freqfold=f, balance_kv=balance).module(),
+                    heldout,
+                )
+                for f in (1, 2, 4)
+            ]
+            print(
+                f"| {dims} + {rank} | {cut:.1%} | {balance} | " + " | ".join(f"{p:.4f}" for p in ppl) + " |", flush=True
+            )
+
+
+def decode_latency(model, calibration, heldout, args) -> None:
 
     decode = capture(model, calibration[0], mode="decode")
     absorbed = convert(decode, calibration, "decoupled", 16, 32)

@@ -72,9 +72,12 @@ class ToyAttention(torch.nn.Module):
     """One GQA attention layer with a choice of position encoding: 'half' (Llama), 'interleaved' (GPT-J),
     'reversed' (a rotation no pass knows: x * cos - flip(x) * sin) or none."""
 
-    def __init__(self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2, bias: bool = False):
+    def __init__(
+        self, rope: str | None, d: int = 32, heads: int = 4, kv_heads: int = 2, bias: bool = False, freqs=None
+    ):
         super().__init__()
         self.rope, self.heads, self.kv_heads, self.hd = rope, heads, kv_heads, d // heads
+        self.freqs = 0.1 * torch.arange(1, self.hd // 2 + 1) if freqs is None else freqs  # one per rotated pair
         self.q_proj = torch.nn.Linear(d, heads * self.hd, bias=bias)
         self.k_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=bias)
         self.v_proj = torch.nn.Linear(d, kv_heads * self.hd, bias=bias)
@@ -95,7 +98,7 @@ class ToyAttention(torch.nn.Module):
         k = self.k_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.hd).transpose(1, 2)
         if self.rope:
-            freqs = 0.1 * torch.arange(1, self.hd // 2 + 1)  # one frequency per rotated pair
+            freqs = self.freqs
             pairs = freqs.repeat_interleave(2) if self.rope == "interleaved" else torch.cat((freqs, freqs))
             angles = torch.arange(s)[:, None] * pairs
             q, k = self._rotate(q, angles.cos(), angles.sin()), self._rotate(k, angles.cos(), angles.sin())

@@ -164,6 +164,37 @@ def test_toy_rope_attention_converts_exactly(toy_input, rope):
     assert errors[0] > errors[1] > 1e-4
 
 
+@pytest.mark.parametrize("rope", ["half", "interleaved"])
+def test_freqfold_is_exact_when_the_folded_frequencies_are_equal(toy_input, rope):
+    """FreqFold treats neighbouring frequencies as one: with every position dim kept, exact when they are equal
+    (0.1, 0.1, 0.3, 0.3 folded by 2), off by their spread when they are not; folding by 1 is RoRoPE."""
+    torch.manual_seed(0)
+    paired = ToyAttention(rope, freqs=torch.tensor([0.1, 0.1, 0.3, 0.3])).eval()
+    torch.manual_seed(0)
+    spread = ToyAttention(rope).eval()  # 0.1, 0.2, 0.3, 0.4
+    errors = {}
+    for name, model in (("paired", paired), ("spread", spread)):
+        graph = capture(model, (toy_input,))
+        for fold in (1, 2):
+            rope_fields = {"mode": "decoupled", "dims": 16, "freqfold": fold}
+            out = convert(graph, [(toy_input,)], rope=rope_fields).graph.module()(toy_input)
+            errors[name, fold] = rel_err(out, model(toy_input))
+    assert max(errors["paired", 1], errors["paired", 2], errors["spread", 1]) < 1e-5
+    assert errors["spread", 2] > 1e-3
+
+
+def test_freqfold_concentrates_the_keys_in_fewer_rope_dims(trained_llama, calibration):
+    """On the example LM, 8 RoPE dims folded over 4 neighbouring frequencies hold more of the position-carrying
+    score energy than RoRoPE's 8 per-frequency components (the kept share the report records)."""
+    graph = capture(trained_llama, (calibration[0][0],))
+    kept = {}
+    for fold in (1, 4):
+        rope = {"mode": "decoupled", "dims": 8, "freqfold": fold}
+        report = convert(graph, calibration, kv_rank=32, rope=rope).report
+        kept[fold] = sum(layer.details["position_energy_kept"] for layer in report.layers)
+    assert kept[4] > kept[1]
+
+
 def test_no_rope_is_exact_after_up_and_refused_decoupled(toy_input):
     """after_up_projection copies the graph's own ops onto the rebuilt keys; decoupled needs a RoPE to split."""
     model = ToyAttention(None).eval()
@@ -200,6 +231,8 @@ def test_models_without_attention_are_refused():
         ({"absorb": True}, "absorb needs rope.mode 'decoupled'"),
         ({"rope": {"mode": "decoupled", "dims": 15}}, "rope.dims must be even"),
         ({"rope": {"mode": "after_up_projection", "dims": 16}}, "decoupled' only"),
+        ({"rope": {"mode": "after_up_projection", "freqfold": 2}}, "freqfold applies to rope.mode 'decoupled' only"),
+        ({"rope": {"mode": "decoupled", "freqfold": 0}}, "greater than or equal to 1"),
         ({"kv_rank": 0}, "greater than or equal to 1"),
         ({"rope": {"mode": "nope"}}, "after_up_projection"),
     ],

@@ -117,7 +117,9 @@ class GqaToMla(Pass):
             else:
                 cos, sin = tables[site.q_rope.cos.name], tables[site.q_rope.sin.name]
                 damage = 1 - (cos.square() + sin.square())
-                plan = plan_decoupled(block, site.k_rope, weights, gram, rank, rope_dims, cfg.balance_kv, damage)
+                plan = plan_decoupled(
+                    block, site.k_rope, weights, gram, rank, rope_dims, cfg.balance_kv, damage, cfg.rope.freqfold
+                )
                 o_weight = graph.weight(block.o_proj.weight).double()
                 if block.o_proj.bias is not None:
                     o_weight = torch.cat([o_weight, graph.weight(block.o_proj.bias).double()[:, None]], 1)
@@ -314,6 +316,7 @@ def plan_decoupled(
     rope_dims: int,
     balance: bool,
     damage: torch.Tensor,
+    fold: int = 1,
 ) -> Plan:
     """RoRoPE: per frequency, PCA across KV heads; the rope_dims/2 components that matter most keep RoPE.
 
@@ -322,31 +325,46 @@ def plan_decoupled(
     frequency moves over the calibration positions (1 - |mean e^{i theta_i p}|^2; ~0 for
     frequencies too slow to turn within the context, where dropping RoPE costs nothing).
     Dims RoPE does not turn (partial rotary) follow the dropped components into the latent.
+
+    FreqFold (TransMLA v3, ``fold`` > 1): the PCA runs across the KV heads *and* ``fold``
+    neighbouring frequencies at once, treating them as one, so fewer components hold more
+    of the key energy; a component then turns at the frequency it weighs most. Exact when
+    the folded frequencies are equal; otherwise RoPE is off on the others by their spread.
     """
     n_kv, hd, heads, group = block.num_kv_heads, block.head_dim, block.num_heads, block.group_size
     d, pairs = n_kv * hd, rope_pairs(rope, hd)
     cov_k = w["k_proj"] @ gram @ w["k_proj"].T
     cov_q = w["q_proj"] @ gram @ w["q_proj"].T
+    groups = [list(range(len(pairs)))[f : f + fold] for f in range(0, len(pairs), fold)]
     candidates, mixes = [], []
-    for i, (a, p) in enumerate(pairs):
-        re = [g * hd + a for g in range(n_kv)]
-        im = [g * hd + p for g in range(n_kv)]
+    for i, members in enumerate(groups):
+        re = [g * hd + pairs[b][0] for g in range(n_kv) for b in members]
+        im = [g * hd + pairs[b][1] for g in range(n_kv) for b in members]
         cov = cov_k[re][:, re] + cov_k[im][:, im]
         vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
         vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
         mixes.append((re, im, vecs))
-        for j in range(n_kv):
-            # query energy on component (i, j): each query head h sees it with weight vecs[g(h), j]
+        for j in range(vecs.shape[1]):
+            # FreqFold: a component mixing frequencies turns at the one it weighs most
+            weight = vecs[:, j].square().reshape(n_kv, len(members)).sum(0)
+            f = members[int(weight.argmax())]
+            a, p = pairs[f]
+            # query energy on component (i, j): query head h sees it through its KV head's coefficients
             q_energy = sum(
-                vecs[h // group, j].square() * (cov_q[h * hd + a, h * hd + a] + cov_q[h * hd + p, h * hd + p])
+                vecs[(h // group) * len(members) + k, j].square()
+                * (
+                    cov_q[h * hd + pairs[b][0], h * hd + pairs[b][0]]
+                    + cov_q[h * hd + pairs[b][1], h * hd + pairs[b][1]]
+                )
                 for h in range(heads)
+                for k, b in enumerate(members)
             )
             score = (damage[a].clamp_min(0) * vals[j] * q_energy).item()
-            candidates.append((-score, -vals[j].item(), i, j))
+            candidates.append((-score, -vals[j].item(), i, j, f))
     candidates.sort()
     m = rope_dims // 2
-    kept = sorted((i, j) for *_, i, j in candidates[:m])
-    dropped = sorted((i, j) for *_, i, j in candidates[m:])
+    kept = sorted((i, j, f) for *_, i, j, f in candidates[:m])
+    dropped = sorted((i, j) for *_, i, j, _ in candidates[m:])
     total = -sum(c[0] for c in candidates)
     position_energy = -sum(c[0] for c in candidates[:m]) / total if total > 0 else 1.0
 
@@ -356,7 +374,7 @@ def plan_decoupled(
         r[im if imaginary else re] = vecs[:, j]
         return r
 
-    rows = [row(i, j, False) for i, j in kept] + [row(i, j, True) for i, j in kept]
+    rows = [row(i, j, False) for i, j, _ in kept] + [row(i, j, True) for i, j, _ in kept]
     rows += [row(i, j, part) for i, j in dropped for part in (False, True)]
     unturned = [g * hd + t for g in range(n_kv) for t in range(2 * len(pairs), hd)]
     rows += list(torch.eye(d, dtype=gram.dtype)[unturned])
@@ -367,7 +385,7 @@ def plan_decoupled(
         [mix[:, (h // group) * hd : (h // group + 1) * hd] @ w["q_proj"][h * hd : (h + 1) * hd] for h in range(heads)]
     )  # (H, D, d): each query head against the rotated key of its KV head
     w_down, (k_up, v_up), energy = joint_pca([k_rot[rope_dims:], w["v_proj"]], gram, rank, balance)
-    freqs = torch.tensor([pairs[i][0] for i, _ in kept] + [pairs[i][1] for i, _ in kept], dtype=torch.long)
+    freqs = torch.tensor([pairs[f][0] for *_, f in kept] + [pairs[f][1] for *_, f in kept], dtype=torch.long)
     return Plan(
         rank,
         rope_dims,

@@ -146,6 +146,14 @@ class RopeHandling(StrictModel):
         description="decoupled: dimensions of the shared RoPE key (even; default: head_dim). All of "
         "num_kv_heads * head_dim keeps every position-carrying dimension (exact at full kv_rank).",
     )
+    freqfold: int = Field(
+        1,
+        ge=1,
+        description="decoupled: FreqFold (TransMLA v3): the per-frequency PCA across KV heads also spans this many "
+        "neighbouring RoPE frequencies, treated as one, so rope.dims holds more of the key energy; each kept "
+        "component turns at the frequency it weighs most (approximate unless the folded frequencies are equal). "
+        "1: RoRoPE as published first (exact at full rope.dims).",
+    )
 
 
 class GqaToMlaConfig(PassConfig):
@@ -193,6 +201,8 @@ class GqaToMlaConfig(PassConfig):
                 raise ValueError("absorb needs rope.mode 'decoupled' (RoPE on the rebuilt K prevents absorbing W_uk)")
             if self.rope.dims is not None:
                 raise ValueError("rope.dims applies to rope.mode 'decoupled' only")
+            if self.rope.freqfold != 1:
+                raise ValueError("rope.freqfold applies to rope.mode 'decoupled' only")
         if self.rope.dims is not None and self.rope.dims % 2:
             raise ValueError(f"rope.dims must be even (RoPE rotates pairs of dimensions), got {self.rope.dims}")
         return self
