@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from .base import Backend, BackendRecord
 from .cuda import CudaBackend
+from .hf import HfBackend
 from .mlir import MlirBackend
 from .onnx import OnnxBackend
 from .tvm import TvmBackend
@@ -15,6 +16,7 @@ BACKENDS: dict[str, type[Backend]] = {
     TvmBackend.target: TvmBackend,
     MlirBackend.target: MlirBackend,
     CudaBackend.target: CudaBackend,
+    HfBackend.target: HfBackend,
 }
 
 
@@ -27,6 +29,7 @@ __all__ = [
     "Backend",
     "BackendRecord",
     "CudaBackend",
+    "HfBackend",
     "MlirBackend",
     "OnnxBackend",
     "TvmBackend",

@@ -167,10 +167,7 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
         },
     }
     (folder / CONFIG).write_text(json.dumps(body, indent=2) + "\n")
-    directory = getattr(source, "directory", None)
-    copied = [name for name in TOKENIZER_FILES if directory is not None and (Path(directory) / name).is_file()]
-    for name in copied:
-        shutil.copyfile(Path(directory) / name, folder / name)
+    copied = copy_tokenizer(source, folder)
     warnings = [
         f"{CONFIG}: the model's {name} {t} is outside its vocabulary of {vocab}: left out"
         for name, t in outside.items()
@@ -180,6 +177,15 @@ def write(folder: Path, graph: Graph, filename: str, source) -> list[str]:
     if not copied:
         warnings.append(f"{CONFIG}: no tokenizer files (the model is not a checkpoint that has them): feed token ids")
     return warnings
+
+
+def copy_tokenizer(source, folder: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer files (those it has) into ``folder``; their names."""
+    directory = getattr(source, "directory", None)
+    copied = [name for name in TOKENIZER_FILES if directory is not None and (Path(directory) / name).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(directory) / name, folder / name)
+    return copied
 
 
 def greedy_agreement(folder: Path, graph: Graph, prompt: torch.Tensor, new_tokens: int) -> dict:

@@ -1,6 +1,13 @@
 """The spec: pydantic models for everything a user writes, and their JSON Schema."""
 
-from .backends import BACKEND_CONFIGS, CudaBackendConfig, MlirBackendConfig, OnnxBackendConfig, TvmBackendConfig
+from .backends import (
+    BACKEND_CONFIGS,
+    CudaBackendConfig,
+    HfBackendConfig,
+    MlirBackendConfig,
+    OnnxBackendConfig,
+    TvmBackendConfig,
+)
 from .loading import json_schema, load_spec
 from .passes import (
     PASS_CONFIGS,
@@ -42,6 +49,7 @@ __all__ = [
     "RopeHandling",
     "ShiftAddConfig",
     "CudaBackendConfig",
+    "HfBackendConfig",
     "MlirBackendConfig",
     "TvmBackendConfig",
     "Spec",

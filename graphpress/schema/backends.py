@@ -135,11 +135,30 @@ class CudaBackendConfig(BackendConfig):
     )
 
 
+class HfBackendConfig(BackendConfig):
+    """Write a Hugging Face transformers checkpoint of the compressed model, loaded back and validated."""
+
+    target: Literal["hf"]
+    folder: str = Field(
+        "hf", pattern=r"^[\w.-]+$", description="Folder in the output directory that holds the checkpoint."
+    )
+    max_error: float = Field(
+        1e-4,
+        gt=0,
+        description="Largest rel_l2 between the logits of the checkpoint, loaded by transformers, and the graph's.",
+    )
+
+    @property
+    def output_file(self) -> str:
+        return self.folder
+
+
 BACKEND_CONFIGS = {
     "onnx": OnnxBackendConfig,
     "tvm": TvmBackendConfig,
     "mlir": MlirBackendConfig,
     "cuda": CudaBackendConfig,
+    "hf": HfBackendConfig,
 }
 
 AnyBackendConfig = Annotated[Union[tuple(BACKEND_CONFIGS.values())], Field(discriminator="target")]  # noqa: UP007

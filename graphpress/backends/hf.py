@@ -1,0 +1,168 @@
+"""hf backend: the compressed model as a Hugging Face transformers checkpoint, where transformers can express it.
+
+A pass that changes weights but not the architecture (``qkvo_lock``; any pass at a
+setting that leaves every layer as it was) gives a model transformers runs as it is: the
+same class and config, new weights. The backend writes that checkpoint with
+``save_pretrained`` (safetensors, the config, the checkpoint's tokenizer files), loads it
+back with ``from_pretrained`` from the folder alone, and holds its logits to the graph's.
+
+The rule is the graph's tensors, not the pass names: the compressed graph's parameters
+and buffers must be exactly the model's own state (same names and shapes). New tensors (low-rank factors,
+packed codes, a latent projection) have no place in the class, and are refused by name.
+A change the architecture cannot express without new tensors (a quantized KV cache) is
+caught by the logits check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import BackendError
+from ..fileio import publish_all, staging_dir
+from ..ir import Graph
+from ..metrics import compare_outputs, logits_of
+from ..progress import step
+from ..schema import HfBackendConfig
+from .base import Backend, BackendRecord, Comparison, tensor_leaves
+from .onnx_genai import copy_tokenizer
+
+SHOWN = 5  # tensors named in a refusal
+
+
+class HfBackend(Backend):
+    target = "hf"
+    Config = HfBackendConfig
+
+    def build(self, graph: Graph, inputs: list[tuple], out_dir: Path) -> BackendRecord:
+        cfg: HfBackendConfig = self.config
+        start = time.perf_counter()
+        model = self._transformers_model()
+        state = self._state(graph, model)
+        with staging_dir(out_dir) as tmp:
+            folder = tmp / cfg.folder
+            with step(f"{self.spec_path} hf: writing {cfg.folder}/"), _no_transformers_bars():
+                _save(model, state, folder)
+                copied = copy_tokenizer(self.source, folder)
+                loaded = type(model).from_pretrained(folder, dtype=next(iter(state.values())).dtype).eval()
+            comparison = self.validate(loaded, graph, inputs)
+            if comparison.errors["rel_l2"] > cfg.max_error:
+                raise BackendError(
+                    f"{self.spec_path}: {type(model).__name__} with the compressed weights differs from the compressed "
+                    f"graph: rel_l2 = {comparison.errors['rel_l2']:.3g} > max_error = {cfg.max_error:g} (the graph "
+                    "changes what the architecture computes, not only its weights)"
+                )
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+            publish_all(tmp, out_dir, last=[out_dir / cfg.folder])
+        return BackendRecord(
+            target=self.target,
+            artifact=str(out_dir / cfg.folder),
+            files=files,
+            errors=comparison.errors,
+            tolerance=cfg.max_error,
+            seconds=time.perf_counter() - start,
+            details={"class": type(model).__name__, "tensors": len(state)},
+            latency=comparison.latency,
+            warnings=[] if copied else [f"{self.spec_path}: no tokenizer files (the model is not a checkpoint's)"],
+        )
+
+    def _transformers_model(self):
+        model = getattr(self.source, "model", None)
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # pragma: no cover - transformers is a dependency of the hf target's users
+            PreTrainedModel = ()  # noqa: N806
+        if not isinstance(model, PreTrainedModel):
+            raise BackendError(
+                f"{self.spec_path}: the hf target writes transformers checkpoints; the model compressed is "
+                f"{type(model).__name__}, not a transformers PreTrainedModel"
+            )
+        return model
+
+    def _state(self, graph: Graph, model) -> dict[str, torch.Tensor]:
+        """The model's state, every tensor taken from the compressed graph; refused, naming tensors, when the graph
+        holds others."""
+        from ..ir.store import materialize
+
+        tensors = dict(graph.program.state_dict)  # lifted constants (a decode graph's scalars) are not state
+        ours = model.state_dict()
+        for key, alias in _aliases(model).items():  # a tied weight is captured under one of its names
+            if key not in tensors and alias in tensors:
+                tensors[key] = tensors[alias]
+        buffers = {name for name, _ in model.named_buffers()}
+        new = sorted(set(tensors) - set(ours) - buffers)
+        gone = sorted(k for k in ours if k not in tensors)
+        reshaped = sorted(k for k in ours if k in tensors and tuple(tensors[k].shape) != tuple(ours[k].shape))
+        if new or gone or reshaped:
+            why = [
+                f"{label} {', '.join(names[:SHOWN])}{f' (+{len(names) - SHOWN} more)' if len(names) > SHOWN else ''}"
+                for label, names in (("new tensors", new), ("tensors gone", gone), ("reshaped", reshaped))
+                if names
+            ]
+            raise BackendError(
+                f"{self.spec_path}: transformers' {type(model).__name__} cannot hold this compressed model: "
+                f"{'; '.join(why)}. The hf target writes models whose passes change weights only (e.g. qkvo_lock)"
+            )
+        return {k: materialize(tensors[k]).detach() for k in ours}
+
+    def validate(self, loaded, graph: Graph, inputs: list[tuple]) -> Comparison:
+        """The loaded checkpoint's logits against the graph's on the calibration inputs (a decode graph: its
+        teacher-forced logits over the first sample's first tokens)."""
+        from ..runtime import TorchDecoder, teacher_forced_logits
+        from .base import DECODE_VALIDATION_TOKENS
+
+        outputs, references = [], []
+        with torch.no_grad(), step(f"{self.spec_path} hf: validating the loaded checkpoint"):
+            if graph.cache is not None:
+                ids = inputs[0][0][:, :DECODE_VALIDATION_TOKENS]
+                references.append(teacher_forced_logits(TorchDecoder(graph), ids))
+                outputs.append(logits_of(loaded(ids)))
+            else:
+                eager = graph.module()
+                for args in inputs:
+                    references.append(logits_of(eager(*args)))
+                    outputs.append(logits_of(loaded(*tensor_leaves(args))))
+        self.validated_shapes = sorted({"x".join(map(str, o.shape[:-1])) for o in outputs})
+        return Comparison(compare_outputs(outputs, references))
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers' own bars (writing shards, loading weights) would print inside graphpress's step."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
+def _aliases(model) -> dict[str, str]:
+    """Each tied weight's other name, both ways (``lm_head.weight`` <-> ``model.embed_tokens.weight`` of a model
+    that ties its embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    pairs = tied.items() if isinstance(tied, dict) else ()
+    return {**dict(pairs), **{source: target for target, source in pairs}}
+
+
+def _save(model, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """``model``'s class and config with ``state``'s weights, saved by transformers itself (shared tensors, the
+    config's dtype, the generation config as it does for any model)."""
+    from transformers.initialization import no_init_weights
+
+    config = copy.deepcopy(model.config)
+    config.dtype = next(iter(state.values())).dtype
+    with no_init_weights():
+        fresh = type(model)(config)
+    fresh.load_state_dict(state, strict=False)
+    fresh.tie_weights()
+    fresh.save_pretrained(folder, safe_serialization=True)
