@@ -117,20 +117,9 @@ class Pieces:
         ``values`` (what earlier pieces computed) and its outputs left for onnxruntime to infer. Its file sits
         beside the model's for the external data's relative paths, and is removed once onnxruntime has read it."""
         import onnx
-        import onnxruntime as ort
-
-        from ..runtime import session_options
-
-        def session(file: Path):
-            options = session_options()
-            options.add_session_config_entry("session.disable_prepacking", "1")
-            options.enable_cpu_mem_arena = False
-            return ort.InferenceSession(
-                str(file), options, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"]
-            )
 
         if len(self.pieces) == 1:
-            return session(self.path)
+            return lean_session(self.path)
         infos, typed = self.infos, onnx.helper.make_tensor_value_info
         inputs = [
             infos.get(n) or typed(n, onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype), None) for n in piece.inputs
