@@ -57,6 +57,15 @@ def test_new_tensors_are_refused_by_name_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_two_backends_writing_one_folder_are_refused_by_field():
+    from graphpress.errors import SpecError
+    from graphpress.schema import load_spec
+
+    with pytest.raises(SpecError, match=r"backends\[1\]\.folder: 'hf' is also written by backends\[0\]"):
+        load_spec({"backends": [{"target": "hf"}, {"target": "hf"}]})
+    load_spec({"backends": [{"target": "hf"}, {"target": "hf", "folder": "hf2"}]})
+
+
 def test_a_model_that_is_not_transformers_is_refused(tiny_llama, tmp_path):
     with pytest.raises(
         BackendError, match=r"backends\[0\]: the hf target writes transformers checkpoints; .* TinyLlama"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -11,6 +11,9 @@ from .base import StrictModel
 
 class BackendConfig(StrictModel):
     """What every backend config has: the file it writes, checked unique across a spec."""
+
+    output_field: ClassVar[str] = "filename"
+    """The field that names what the backend writes (for errors)."""
 
     @property
     def output_file(self) -> str:
@@ -137,6 +140,8 @@ class CudaBackendConfig(BackendConfig):
 
 class HfBackendConfig(BackendConfig):
     """Write a Hugging Face transformers checkpoint of the compressed model, loaded back and validated."""
+
+    output_field: ClassVar[str] = "folder"
 
     target: Literal["hf"]
     folder: str = Field(

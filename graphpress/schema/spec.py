@@ -206,7 +206,8 @@ class Spec(StrictModel):
             name = backend.output_file
             if name in writers:
                 raise ValueError(
-                    f"backends[{i}].filename: {name!r} is also written by backends[{writers[name]}]; give one another name"
+                    f"backends[{i}].{backend.output_field}: {name!r} is also written by backends[{writers[name]}]; "
+                    "give one another name"
                 )
             writers[name] = i
         return self
