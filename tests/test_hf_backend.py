@@ -86,3 +86,17 @@ def test_a_checkpoint_that_computes_something_else_fails_the_logits_check(tmp_pa
     with pytest.raises(BackendError, match=r"LlamaForCausalLM with the compressed weights differs .* rel_l2 = "):
         compress(build("llama"), LOCK, (ids(),), out_dir=tmp_path, progress=False)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_checkpoint_folder_streamed_or_loaded_gives_the_same_bytes(tmp_path):
+    """From a checkpoint folder (with its tokenizer file carried over), streamed or loaded in memory: one
+    checkpoint, byte for byte."""
+    build("llama").save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text('{"model": {}}')
+    spec = {**LOCK, "calibration": {"samples": 2, "seq_len": 12}}
+    for stream in (True, False):
+        compress(str(tmp_path / "ckpt"), {**spec, "execution": {"stream": stream}}, out_dir=tmp_path / str(stream))
+    streamed, loaded = (tmp_path / str(s) / "hf" for s in (True, False))
+    assert (streamed / "tokenizer.json").read_text() == '{"model": {}}'
+    for name in ("model.safetensors", "config.json"):
+        assert (streamed / name).read_bytes() == (loaded / name).read_bytes()
