@@ -100,3 +100,41 @@ def test_a_checkpoint_folder_streamed_or_loaded_gives_the_same_bytes(tmp_path):
     assert (streamed / "tokenizer.json").read_text() == '{"model": {}}'
     for name in ("model.safetensors", "config.json"):
         assert (streamed / name).read_bytes() == (loaded / name).read_bytes()
+
+
+NM = {"pass": "nm_sparsity", "targets": "*", "exclude": ["lm_head"]}
+LUT = {"pass": "weight_clustering", "bits": 4, "group_size": 16}
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        [LUT],
+        [NM],
+        [NM, {**LUT, "targets": "*", "exclude": ["lm_head"]}],  # N:M whose kept values are palettized: nested
+        [{"pass": "weight_quant", "bits": 4, "group_size": 16}],
+        [{"pass": "shift_add", "targets": "*", "exclude": ["lm_head"]}],
+    ],
+    ids=["lut", "nm", "nm+lut", "int4", "shift"],
+)
+def test_dense_rebuilds_every_format_into_weights_transformers_holds(tmp_path, passes):
+    """``dense``: a compressed-format model is refused without it (with the hint), and with it written as the dense
+    weights it stands for: the loaded checkpoint computes the compressed graph's logits."""
+    model, spec = build("llama"), {"passes": passes, "verify": {"max": 10.0}, "backends": [{"target": "hf"}]}
+    with pytest.raises(BackendError, match=r'cannot hold .* "dense": true writes compressed-format weights'):
+        compress(model, spec, (ids(),), out_dir=tmp_path / "refused", progress=False)
+    spec["backends"] = [{"target": "hf", "dense": True}]
+    result = compress(model, spec, (ids(),), out_dir=tmp_path / "dense", progress=False)
+    assert result.report.backends[0]["errors"]["rel_l2"] < 1e-5
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense" / "hf").eval()
+    with torch.no_grad():
+        expected = logits_of(result.model(ids()))
+        assert ((loaded(ids()).logits - expected).norm() / expected.norm()) < 1e-5
+    weight = loaded.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    if passes[0] is NM:  # 2:4 by default: two of every four inputs zero
+        assert torch.equal(
+            (weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1),
+            torch.full((weight.shape[0], weight.shape[1] // 4), 2),
+        )
+    if passes == [LUT]:  # at most 16 values per group of 16 rows
+        assert weight[:16].unique().numel() <= 16

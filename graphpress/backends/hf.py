@@ -8,7 +8,9 @@ back with ``from_pretrained`` from the folder alone, and holds its logits to the
 
 The rule is the graph's tensors, not the pass names: the compressed graph's parameters
 and buffers must be exactly the model's own state (same names and shapes). New tensors (low-rank factors,
-packed codes, a latent projection) have no place in the class, and are refused by name.
+packed codes, a latent projection) have no place in the class, and are refused by name;
+with ``dense``, weights in a compressed format (LUT, N:M, shift, integer codes) are rebuilt
+into the dense weights they stand for, which the class does hold.
 A change the architecture cannot express without new tensors (a quantized KV cache) is
 caught by the logits check.
 """
@@ -25,6 +27,7 @@ import torch
 from ..errors import BackendError
 from ..fileio import publish_all, staging_dir
 from ..ir import Graph
+from ..ir.ops.fused import FUSED
 from ..metrics import compare_outputs, logits_of
 from ..progress import step
 from ..schema import HfBackendConfig
@@ -90,6 +93,11 @@ class HfBackend(Backend):
 
         tensors = dict(graph.program.state_dict)  # lifted constants (a decode graph's scalars) are not state
         ours = model.state_dict()
+        if self.config.dense:
+            for name, (weight, stored) in _dense_weights(graph, set(ours) - set(tensors)).items():
+                tensors[name] = weight
+                for key in stored:
+                    tensors.pop(key, None)
         for key, alias in _aliases(model).items():  # a tied weight is captured under one of its names
             if key not in tensors and alias in tensors:
                 tensors[key] = tensors[alias]
@@ -103,9 +111,11 @@ class HfBackend(Backend):
                 for label, names in (("new tensors", new), ("tensors gone", gone), ("reshaped", reshaped))
                 if names
             ]
+            formats = not self.config.dense and any(n.target in FUSED for n in graph.nodes)
             raise BackendError(
                 f"{self.spec_path}: transformers' {type(model).__name__} cannot hold this compressed model: "
                 f"{'; '.join(why)}. The hf target writes models whose passes change weights only (e.g. qkvo_lock)"
+                + ('; "dense": true writes compressed-format weights rebuilt dense' if formats else "")
             )
         return {k: materialize(tensors[k]).detach() for k in ours}
 
@@ -142,6 +152,38 @@ def _no_transformers_bars():
     finally:
         if shown:
             logging.enable_progress_bar()
+
+
+def _dense_weights(graph: Graph, missing: set[str]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Per linear whose weight is a compressed format rebuilt from stored tensors (``linear(x, lut_weight(...))``,
+    an N:M weight of palettized values included), ``<layer>.weight`` -> (the dense weight, the stored tensors it
+    replaces). The layer is the longest prefix of a stored tensor's name that names a missing weight."""
+    from ..ir.store import materialize
+    from .fuse_linear import fusable
+
+    def value(arg, stored: list[str]):
+        if not isinstance(arg, torch.fx.Node):
+            return arg
+        name = graph.tensor_name(arg)
+        if name is not None:
+            stored.append(name)
+            return materialize(graph.stored(name))
+        return arg.target(*(value(a, stored) for a in arg.args))
+
+    dense = {}
+    for node in graph.nodes:
+        if not fusable(node):
+            continue
+        stored: list[str] = []
+        weight = value(node.args[1], stored)
+        parts = stored[0].split(".")
+        layer = next(
+            (".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) + ".weight" in missing),
+            None,
+        )
+        if layer is not None:
+            dense[f"{layer}.weight"] = (weight.detach(), stored)
+    return dense
 
 
 def _aliases(model) -> dict[str, str]:

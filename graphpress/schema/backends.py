@@ -152,6 +152,13 @@ class HfBackendConfig(BackendConfig):
         gt=0,
         description="Largest rel_l2 between the logits of the checkpoint, loaded by transformers, and the graph's.",
     )
+    dense: bool = Field(
+        False,
+        description="Rebuild weights stored in a compressed format (LUT, N:M, shift, integer codes) into the dense "
+        "weights they stand for, so transformers holds them as its own: the file is as large as the original's, "
+        "the values are the compressed ones (to evaluate, fine-tune or serve them elsewhere). Off: such weights are "
+        "refused by name.",
+    )
 
     @property
     def output_file(self) -> str:
