@@ -36,6 +36,8 @@ def test_weights_only_compression_is_a_checkpoint_transformers_loads(tmp_path, f
     assert record["errors"]["rel_l2"] < 1e-5 and record["details"]["class"] == type(model).__name__
     folder = tmp_path / "hf"
     assert result.artifacts["hf"] == folder and (folder / "model.safetensors").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "## backend: hf" in report and "`hf/model.safetensors`" in report and "Ops:" not in report
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(loaded) is type(model)
     ours, theirs = loaded.state_dict(), model.state_dict()

@@ -219,7 +219,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
             f"Parity with eager on calibration inputs: rel_l2 {_g(b['errors'].get('rel_l2'), 3)}, "
             f"max_abs {_g(b['errors'].get('max_abs'), 3)} (tolerance rel_l2 <= {b['tolerance']:g}).",
             *_shapes_line(b.get("details", {}).get("validated_shapes")),
-            f"Ops: {top_ops}.",
+            *([f"Ops: {top_ops}."] if top_ops else []),  # a checkpoint (hf) has weights, not ops
             f"Time {b['seconds']:.2f} s." + _latency_sentence(b.get("latency")),
             "",
         ]
