@@ -195,6 +195,19 @@ def test_freqfold_concentrates_the_keys_in_fewer_rope_dims(trained_llama, calibr
     assert kept[4] > kept[1]
 
 
+def test_per_frequency_turns_every_frequency_once(trained_llama, calibration):
+    """rope.dims = head_dim (32: 16 frequencies): the free choice turns some frequencies twice (one per KV head) and
+    others not at all; per_frequency turns each exactly once, as one original head does."""
+    graph = capture(trained_llama, (calibration[0][0],))
+    turned = {}
+    for per_frequency in (False, True):
+        rope = {"mode": "decoupled", "dims": 32, "per_frequency": per_frequency}
+        layers = convert(graph, calibration, kv_rank=32, rope=rope).report.layers
+        turned[per_frequency] = [layer.details["frequencies_turned"] for layer in layers]
+    assert turned[True] == [16] * len(turned[True])
+    assert min(turned[False]) < 16
+
+
 def test_no_rope_is_exact_after_up_and_refused_decoupled(toy_input):
     """after_up_projection copies the graph's own ops onto the rebuilt keys; decoupled needs a RoPE to split."""
     model = ToyAttention(None).eval()
@@ -231,7 +244,11 @@ def test_models_without_attention_are_refused():
         ({"absorb": True}, "absorb needs rope.mode 'decoupled'"),
         ({"rope": {"mode": "decoupled", "dims": 15}}, "rope.dims must be even"),
         ({"rope": {"mode": "after_up_projection", "dims": 16}}, "decoupled' only"),
-        ({"rope": {"mode": "after_up_projection", "freqfold": 2}}, "freqfold applies to rope.mode 'decoupled' only"),
+        ({"rope": {"mode": "after_up_projection", "freqfold": 2}}, "freqfold and rope.per_frequency apply to"),
+        (
+            {"rope": {"mode": "after_up_projection", "per_frequency": True}},
+            "per_frequency apply to rope.mode 'decoupled'",
+        ),
         ({"rope": {"mode": "decoupled", "freqfold": 0}}, "greater than or equal to 1"),
         ({"kv_rank": 0}, "greater than or equal to 1"),
         ({"rope": {"mode": "nope"}}, "after_up_projection"),

@@ -118,7 +118,16 @@ class GqaToMla(Pass):
                 cos, sin = tables[site.q_rope.cos.name], tables[site.q_rope.sin.name]
                 damage = 1 - (cos.square() + sin.square())
                 plan = plan_decoupled(
-                    block, site.k_rope, weights, gram, rank, rope_dims, cfg.balance_kv, damage, cfg.rope.freqfold
+                    block,
+                    site.k_rope,
+                    weights,
+                    gram,
+                    rank,
+                    rope_dims,
+                    cfg.balance_kv,
+                    damage,
+                    cfg.rope.freqfold,
+                    cfg.rope.per_frequency,
                 )
                 o_weight = graph.weight(block.o_proj.weight).double()
                 if block.o_proj.bias is not None:
@@ -137,6 +146,7 @@ class GqaToMla(Pass):
                         "cache_numbers_per_token": (2 * block.num_kv_heads * block.head_dim, rank + plan.rope_dims),
                         "kv_energy_kept": round(plan.energy_kept, 6),
                         "position_energy_kept": round(plan.position_energy_kept, 6),
+                        "frequencies_turned": _frequencies_turned(plan),
                         "absorbed": absorb,
                     },
                 )
@@ -194,6 +204,12 @@ class GqaToMla(Pass):
                 + f" = {full}"
             )
         return rank, rope_dims
+
+
+def _frequencies_turned(plan: Plan) -> int | None:
+    """How many distinct RoPE frequencies the new RoPE key turns at (decoupled mode)."""
+    freqs = getattr(plan, "rope_freqs", None)
+    return None if freqs is None else len(set(freqs[: plan.rope_dims // 2].tolist()))
 
 
 def decoupled_obstacle(site: Site) -> str | None:
@@ -317,6 +333,7 @@ def plan_decoupled(
     balance: bool,
     damage: torch.Tensor,
     fold: int = 1,
+    per_frequency: bool = False,
 ) -> Plan:
     """RoRoPE: per frequency, PCA across KV heads; the rope_dims/2 components that matter most keep RoPE.
 
@@ -330,6 +347,10 @@ def plan_decoupled(
     neighbouring frequencies at once, treating them as one, so fewer components hold more
     of the key energy; a component then turns at the frequency it weighs most. Exact when
     the folded frequencies are equal; otherwise RoPE is off on the others by their spread.
+
+    ``per_frequency`` keeps at most one component per frequency, the strongest (TransMLA's
+    choice: its RoPE key is a "head 0" of the rotated keys). With rope_dims = head_dim that key
+    turns like one original head, frequency for frequency: the layout DeepSeek's MLA runs.
     """
     n_kv, hd, heads, group = block.num_kv_heads, block.head_dim, block.num_heads, block.group_size
     d, pairs = n_kv * hd, rope_pairs(rope, hd)
@@ -362,11 +383,16 @@ def plan_decoupled(
             score = (damage[a].clamp_min(0) * vals[j] * q_energy).item()
             candidates.append((-score, -vals[j].item(), i, j, f))
     candidates.sort()
-    m = rope_dims // 2
-    kept = sorted((i, j, f) for *_, i, j, f in candidates[:m])
-    dropped = sorted((i, j) for *_, i, j, _ in candidates[m:])
+    chosen, turning = [], set()
+    for c in candidates:  # the strongest rope_dims/2, at most one per frequency when asked
+        if len(chosen) < rope_dims // 2 and not (per_frequency and c[-1] in turning):
+            chosen.append(c)
+            turning.add(c[-1])
+    kept = sorted((i, j, f) for *_, i, j, f in chosen)
+    picked = {(i, j) for _, _, i, j, _ in chosen}
+    dropped = sorted((i, j) for _, _, i, j, _ in candidates if (i, j) not in picked)
     total = -sum(c[0] for c in candidates)
-    position_energy = -sum(c[0] for c in candidates[:m]) / total if total > 0 else 1.0
+    position_energy = -sum(c[0] for c in chosen) / total if total > 0 else 1.0
 
     def row(i: int, j: int, imaginary: bool) -> torch.Tensor:
         re, im, vecs = mixes[i]

@@ -154,6 +154,12 @@ class RopeHandling(StrictModel):
         "component turns at the frequency it weighs most (approximate unless the folded frequencies are equal). "
         "1: RoRoPE as published first (exact at full rope.dims).",
     )
+    per_frequency: bool = Field(
+        False,
+        description="decoupled: keep at most one RoPE component per frequency, the strongest (TransMLA's choice), so "
+        "with rope.dims = head_dim the RoPE key turns like one original head, frequency for frequency, as "
+        "DeepSeek's MLA layout needs. Off: the strongest rope.dims/2 components wherever they are.",
+    )
 
 
 class GqaToMlaConfig(PassConfig):
@@ -201,8 +207,8 @@ class GqaToMlaConfig(PassConfig):
                 raise ValueError("absorb needs rope.mode 'decoupled' (RoPE on the rebuilt K prevents absorbing W_uk)")
             if self.rope.dims is not None:
                 raise ValueError("rope.dims applies to rope.mode 'decoupled' only")
-            if self.rope.freqfold != 1:
-                raise ValueError("rope.freqfold applies to rope.mode 'decoupled' only")
+            if self.rope.freqfold != 1 or self.rope.per_frequency:
+                raise ValueError("rope.freqfold and rope.per_frequency apply to rope.mode 'decoupled' only")
         if self.rope.dims is not None and self.rope.dims % 2:
             raise ValueError(f"rope.dims must be even (RoPE rotates pairs of dimensions), got {self.rope.dims}")
         return self
