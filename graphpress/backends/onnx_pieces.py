@@ -40,10 +40,6 @@ class Piece:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(_tensor_bytes(t) for t in self.initializers.values())
-
 
 class Pieces:
     """``path``'s model as consecutive pieces; ``sweep`` runs inputs through them, ``__call__`` one input."""
@@ -163,15 +159,17 @@ def lean_session(path: Path):
 
 
 def _cut(nodes, stored: dict, budget: int) -> list[Piece]:
-    pieces = [Piece()]
+    pieces, held = [Piece()], 0  # held: the last piece's initializer bytes
     for node in nodes:
         new = {n: stored[n] for n in _reads(node) if n in stored and n not in pieces[-1].initializers}
         size = sum(_tensor_bytes(t) for t in new.values())
-        if pieces[-1].nodes and pieces[-1].nbytes + size > budget and size:
+        if pieces[-1].nodes and held + size > budget and size:
             pieces.append(Piece())
             new = {n: stored[n] for n in _reads(node) if n in stored}
+            held, size = 0, sum(_tensor_bytes(t) for t in new.values())
         pieces[-1].nodes.append(node)
         pieces[-1].initializers.update(new)
+        held += size
     return pieces
 
 

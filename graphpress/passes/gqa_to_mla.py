@@ -208,8 +208,9 @@ class GqaToMla(Pass):
 
 def _frequencies_turned(plan: Plan) -> int | None:
     """How many distinct RoPE frequencies the new RoPE key turns at (decoupled mode)."""
-    freqs = getattr(plan, "rope_freqs", None)
-    return None if freqs is None else len(set(freqs[: plan.rope_dims // 2].tolist()))
+    if plan.rope_freqs is None:
+        return None
+    return len(set(plan.rope_freqs[: plan.rope_dims // 2].tolist()))
 
 
 def decoupled_obstacle(site: Site) -> str | None:

@@ -17,7 +17,7 @@ class BackendConfig(StrictModel):
 
     @property
     def output_file(self) -> str:
-        return self.filename
+        return getattr(self, self.output_field)
 
 
 class OnnxBackendConfig(BackendConfig):
@@ -159,10 +159,6 @@ class HfBackendConfig(BackendConfig):
         "the values are the compressed ones (to evaluate, fine-tune or serve them elsewhere). Off: such weights are "
         "refused by name.",
     )
-
-    @property
-    def output_file(self) -> str:
-        return self.folder
 
 
 BACKEND_CONFIGS = {
