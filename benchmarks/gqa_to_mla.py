@@ -10,8 +10,12 @@
 3. Absorbed vs non-absorbed: teacher-forced decode logits, eager and onnxruntime.
 4. TransMLA's options in decoupled mode, perplexity side by side: FreqFold (``rope.freqfold``
    1 / 2 / 4) and balanced KV PCA (``balance_kv`` on / off), at -87.5% and -75% KV cache.
+5. DeepSeek's layout: the example LM as a transformers Llama checkpoint, converted (decoupled,
+   ``rope.per_frequency``, a 32-dim RoPE key) and written by the ``hf`` backend as a
+   DeepseekV3ForCausalLM checkpoint; that checkpoint loaded and scored by transformers, next to
+   the graph's own perplexity and the two's logit difference.
 
-``--sections`` picks which of grid (1), decode (2 and 3) and options (4) run.
+``--sections`` picks which of grid (1), decode (2 and 3), options (4) and deepseek (5) run.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
-    ap.add_argument("--sections", default="grid,decode,options", help="comma-separated: grid, decode, options")
+    ap.add_argument(
+        "--sections", default="grid,decode,options,deepseek", help="comma-separated: grid, decode, options, deepseek"
+    )
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(2)
@@ -84,6 +90,8 @@ def main() -> None:
         options(forward, calibration, heldout)
     if "decode" in sections:
         decode_latency(model, calibration, heldout, args)
+    if "deepseek" in sections:
+        deepseek(model, calibration, heldout)
 
 
 def options(forward, calibration, heldout) -> None:
@@ -104,6 +112,43 @@ def options(forward, calibration, heldout) -> None:
             print(
                 f"| {dims} + {rank} | {cut:.1%} | {balance} | " + " | ".join(f"{p:.4f}" for p in ppl) + " |", flush=True
             )
+
+
+def deepseek(model, calibration, heldout) -> None:
+    """The hf backend's DeepSeek-format checkpoint, run by transformers: perplexity next to the graph's."""
+    import transformers
+
+    from benchmarks.weight_quant import hf_llama_dir
+    from graphpress import compress
+
+    transformers.utils.logging.disable_progress_bar()
+
+    print("\n## DeepSeek-format checkpoint (DeepseekV3ForCausalLM, loaded by transformers from the folder alone)")
+    print("| rope dims + kv_rank | cache cut | absorbed | graph perplexity | checkpoint perplexity | logits rel_l2 |")
+    print("|---|---:|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = hf_llama_dir(model, Path(tmp) / "llama")
+        for rank in (32, 96):  # -50% and +0% KV numbers per token (96 = the full latent beside a 32-dim key)
+            for absorb in (False, True):
+                out = Path(tmp) / f"mla-{rank}-{absorb}"
+                spec = {
+                    "passes": [
+                        {
+                            "pass": "gqa_to_mla",
+                            "kv_rank": rank,
+                            "absorb": absorb,
+                            "rope": {"mode": "decoupled", "dims": 32, "per_frequency": True},
+                        }
+                    ],
+                    "verify": {"max": 1.0, "on_fail": "warn"},
+                    "backends": [{"target": "hf"}],
+                }
+                result = compress(str(source), spec, calibration_data=calibration, out_dir=out, progress=False)
+                loaded = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+                ours, theirs = perplexity(result.model, heldout), perplexity(loaded, heldout)
+                cut = 1 - (rank + 32) / ORIGINAL_NUMBERS
+                error = result.report.backends[0]["errors"]["rel_l2"]
+                print(f"| 32 + {rank} | {cut:.1%} | {absorb} | {ours:.4f} | {theirs:.4f} | {error:.1e} |", flush=True)
 
 
 def decode_latency(model, calibration, heldout, args) -> None:

@@ -10,7 +10,7 @@ from graphpress import BackendError, compress
 from graphpress.backends import HfBackend
 from graphpress.metrics import logits_of
 
-from .families import build
+from .families import SIZES, build
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,15 +76,15 @@ def test_a_model_that_is_not_transformers_is_refused(tiny_llama, tmp_path):
 
 
 def test_a_checkpoint_that_computes_something_else_fails_the_logits_check(tmp_path, monkeypatch):
-    real = HfBackend._state
+    real = HfBackend._checkpoint
 
     def perturbed(self, graph, model):
-        state = real(self, graph, model)
+        cls, config, state = real(self, graph, model)
         key = next(k for k in state if k.endswith("mlp.up_proj.weight"))
         state[key] = state[key] * 1.5
-        return state
+        return cls, config, state
 
-    monkeypatch.setattr(HfBackend, "_state", perturbed)
+    monkeypatch.setattr(HfBackend, "_checkpoint", perturbed)
     with pytest.raises(BackendError, match=r"LlamaForCausalLM with the compressed weights differs .* rel_l2 = "):
         compress(build("llama"), LOCK, (ids(),), out_dir=tmp_path, progress=False)
     assert not (tmp_path / "hf").exists()
@@ -140,3 +140,106 @@ def test_dense_rebuilds_every_format_into_weights_transformers_holds(tmp_path, p
         )
     if passes == [LUT]:  # at most 16 values per group of 16 rows
         assert weight[:16].unique().numel() <= 16
+
+
+def mla(kv_rank: int, absorb: bool, **rope) -> dict:
+    """gqa_to_mla as DeepSeek's layout needs it: decoupled RoPE on a key that turns like one head (16 dims)."""
+    rope = {"mode": "decoupled", "dims": 16, "per_frequency": True, **rope}
+    return {"pass": "gqa_to_mla", "kv_rank": kv_rank, "absorb": absorb, "rope": rope}
+
+
+def mqa_llama() -> torch.nn.Module:
+    """Llama with one KV head: RoRoPE keeps all of its RoPE in DeepSeek's one-head key, so the conversion is exact."""
+    config = transformers.LlamaConfig(**{**SIZES, "num_key_value_heads": 1})
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "kv_heads, kv_rank, absorb, mode",
+    [(1, 16, False, "forward"), (1, 16, True, "forward"), (2, 8, False, "forward"), (2, 8, True, "decode")],
+    ids=["mqa-exact", "mqa-exact-absorbed", "gqa-lossy", "gqa-lossy-absorbed-decode"],
+)
+def test_gqa_to_mla_is_a_deepseek_checkpoint_transformers_runs(tmp_path, kv_heads, kv_rank, absorb, mode):
+    """TransMLA's deliverable: DeepseekV3ForCausalLM, loaded from the folder alone, computes the converted graph's
+    logits; where the conversion is exact (one KV head, full rank), the original's logits and greedy tokens."""
+    model = mqa_llama() if kv_heads == 1 else build("llama")
+    spec = {"passes": [mla(kv_rank, absorb)], "capture": {"mode": mode}, "verify": {"max": 10.0}}
+    result = compress(model, {**spec, "backends": [{"target": "hf"}]}, (ids(),), out_dir=tmp_path, progress=False)
+    record = result.report.backends[0]
+    assert record["errors"]["rel_l2"] < 1e-5 and record["details"]["class"] == "DeepseekV3ForCausalLM"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    # non-absorbed: the rotated keys of all KV heads (16 each) less the RoPE key's 16; values per KV head
+    nope, v_dim = (kv_rank, kv_rank) if absorb else (kv_heads * 16 - 16, 16)
+    config = loaded.config
+    assert (config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim) == (
+        kv_rank,
+        16,
+        nope,
+        v_dim,
+    )
+    assert config.q_lora_rank is None and config.first_k_dense_replace == 2 and not config.rope_interleave
+    with torch.no_grad():
+        ours = loaded(ids()).logits
+        if mode == "forward":  # the graph's logits, independently of the backend's own check
+            expected = logits_of(result.model(ids()))
+            assert ((ours - expected).norm() / expected.norm()) < 1e-5
+        if kv_heads == 1:  # an exact conversion: the original model's logits and tokens
+            original = model(ids()).logits
+            assert ((ours - original).norm() / original.norm()) < 1e-5
+            prompt = ids(1, 6)
+            assert torch.equal(
+                loaded.generate(prompt, max_new_tokens=8, do_sample=False),
+                model.generate(prompt, max_new_tokens=8, do_sample=False),
+            )
+
+
+@pytest.mark.parametrize(
+    "family, conversion, error",
+    [
+        (
+            "llama",
+            {"pass": "gqa_to_mla", "kv_rank": 16, "rope": {"mode": "after_up_projection"}},
+            r"after_up_projection.* convert with rope.mode 'decoupled'",
+        ),
+        ("llama", mla(16, False, dims=8), r"turns at table columns .* rope.per_frequency true and rope.dims equal"),
+        (
+            "llama",
+            {**mla(16, False), "targets": "layers.0.*"},
+            r"model\.layers\.1\.self_attn is not converted by gqa_to_mla",
+        ),
+        ("qwen2", mla(16, False), r"the query has a bias \(q_rope\.bias\); DeepSeek's q_proj has none"),
+        ("mistral", mla(16, False), r"MistralConfig\.sliding_window = 8: DeepSeek's attention is global"),
+    ],
+    ids=["after-up", "rope-dims", "some-layers", "query-bias", "sliding-window"],
+)
+def test_what_deepseeks_layout_cannot_express_is_refused_with_the_reason(tmp_path, family, conversion, error):
+    spec = {"passes": [conversion], "verify": {"max": 10.0}, "backends": [{"target": "hf"}]}
+    with pytest.raises(BackendError, match=r"backends\[0\]\.layout: .*" + error):
+        compress(build(family), spec, (ids(),), out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_layout_same_refuses_mla_tensors_naming_deepseek(tmp_path):
+    spec = {"passes": [mla(16, False)], "verify": {"max": 10.0}, "backends": [{"target": "hf", "layout": "same"}]}
+    with pytest.raises(
+        BackendError, match=r"cannot hold .* new tensors .*kv_down.* layout \(\"layout\": \"deepseek_v3\"\)"
+    ):
+        compress(build("llama"), spec, (ids(),), out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("rms", [1e-3, 1.0, 1e3])
+def test_deepseeks_latent_norm_is_the_identity_on_the_scaled_latent(rms):
+    """kv_a_layernorm (eps fixed at 1e-6) on sigma c with weight sqrt(eps) / sigma gives c back: the relative error
+    sigma^2 mean(c^2) / (2 eps) is below float32's resolution for latents of any scale here."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from graphpress.backends.hf_deepseek import LATENT_EPS, SIGMA
+
+    norm = DeepseekV3RMSNorm(64)
+    assert norm.variance_epsilon == LATENT_EPS
+    norm.weight.data.fill_(LATENT_EPS**0.5 / SIGMA)
+    c = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * rms
+    with torch.no_grad():
+        assert ((norm(c * SIGMA) - c).norm() / c.norm()) < 1e-6

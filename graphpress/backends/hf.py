@@ -12,7 +12,8 @@ packed codes, a latent projection) have no place in the class, and are refused b
 with ``dense``, weights in a compressed format (LUT, N:M, shift, integer codes) are rebuilt
 into the dense weights they stand for, which the class does hold.
 A change the architecture cannot express without new tensors (a quantized KV cache) is
-caught by the logits check.
+caught by the logits check. One rewrite has a class of its own: ``gqa_to_mla``'s MLA is written
+in DeepSeek's layout (``hf_deepseek``), loaded back and checked the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..metrics import compare_outputs, logits_of
 from ..progress import step
 from ..schema import HfBackendConfig
 from .base import Backend, BackendRecord, Comparison, tensor_leaves
+from .hf_deepseek import MLA_LINEARS, deepseek_v3, layout_details, mla_paths
 from .onnx_genai import copy_tokenizer
 
 SHOWN = 5  # tensors named in a refusal
@@ -45,17 +47,17 @@ class HfBackend(Backend):
         cfg: HfBackendConfig = self.config
         start = time.perf_counter()
         model = self._transformers_model()
-        state = self._state(graph, model)
+        cls, config, state = self._checkpoint(graph, model)
         with staging_dir(out_dir) as tmp:
             folder = tmp / cfg.folder
             with step(f"{self.spec_path} hf: writing {cfg.folder}/"), _no_transformers_bars():
-                _save(model, state, folder)
+                _save(cls, config, state, folder)
                 copied = copy_tokenizer(self.source, folder)
-                loaded = type(model).from_pretrained(folder, dtype=next(iter(state.values())).dtype).eval()
+                loaded = cls.from_pretrained(folder, dtype=next(iter(state.values())).dtype).eval()
             comparison = self.validate(loaded, graph, inputs)
             if comparison.errors["rel_l2"] > cfg.max_error:
                 raise BackendError(
-                    f"{self.spec_path}: {type(model).__name__} with the compressed weights differs from the compressed "
+                    f"{self.spec_path}: {cls.__name__} with the compressed weights differs from the compressed "
                     f"graph: rel_l2 = {comparison.errors['rel_l2']:.3g} > max_error = {cfg.max_error:g} (the graph "
                     "changes what the architecture computes, not only its weights)"
                 )
@@ -68,7 +70,7 @@ class HfBackend(Backend):
             errors=comparison.errors,
             tolerance=cfg.max_error,
             seconds=time.perf_counter() - start,
-            details={"class": type(model).__name__, "tensors": len(state)},
+            details={"class": cls.__name__, "tensors": len(state), **layout_details(config)},
             latency=comparison.latency,
             warnings=[] if copied else [f"{self.spec_path}: no tokenizer files (the model is not a checkpoint's)"],
         )
@@ -86,36 +88,65 @@ class HfBackend(Backend):
             )
         return model
 
-    def _state(self, graph: Graph, model) -> dict[str, torch.Tensor]:
-        """The model's state, every tensor taken from the compressed graph; refused, naming tensors, when the graph
-        holds others."""
-        from ..ir.store import materialize
+    def _checkpoint(self, graph: Graph, model):
+        """(class, config, state dict) of the checkpoint: the model's own class, or DeepSeek's MLA layout for a
+        ``gqa_to_mla`` conversion (``layout``)."""
+        tensors = self._tensors(graph, model)
+        layout = self.config.layout
+        if layout == "deepseek_v3" or (layout == "auto" and mla_paths(tensors)):
+            from transformers import DeepseekV3ForCausalLM
 
+            config, tensors = deepseek_v3(graph, tensors, model.config, self.spec_path)
+            cls = DeepseekV3ForCausalLM
+        else:
+            cls, config = type(model), model.config
+        hints = []
+        if mla_paths(tensors):
+            hints.append('and gqa_to_mla\'s MLA in DeepSeek\'s layout ("layout": "deepseek_v3")')
+        if not self.config.dense and any(n.target in FUSED for n in graph.nodes):
+            hints.append('"dense": true writes compressed-format weights rebuilt dense')
+        return cls, config, self._state(tensors, cls, config, hints)
+
+    def _tensors(self, graph: Graph, model) -> dict[str, torch.Tensor]:
+        """The graph's state by name: formats rebuilt dense (``dense``), each tied weight under both names."""
         tensors = dict(graph.program.state_dict)  # lifted constants (a decode graph's scalars) are not state
-        ours = model.state_dict()
+        ours = set(model.state_dict())
         if self.config.dense:
-            for name, (weight, stored) in _dense_weights(graph, set(ours) - set(tensors)).items():
+            attention = {k[: -len(".q_proj.weight")] for k in ours if k.endswith(".q_proj.weight")}
+            wanted = ours | {f"{p}.{part}.weight" for p in attention for part in MLA_LINEARS}
+            for name, (weight, stored) in _dense_weights(graph, wanted - set(tensors)).items():
                 tensors[name] = weight
                 for key in stored:
                     tensors.pop(key, None)
         for key, alias in _aliases(model).items():  # a tied weight is captured under one of its names
             if key not in tensors and alias in tensors:
                 tensors[key] = tensors[alias]
-        buffers = {name for name, _ in model.named_buffers()}
+        return tensors
+
+    def _state(self, tensors: dict[str, torch.Tensor], cls, config, hints: list[str]) -> dict[str, torch.Tensor]:
+        """``cls(config)``'s state, every tensor taken from ``tensors``; refused, naming tensors (and ``hints``),
+        when they differ."""
+        from transformers.initialization import no_init_weights
+
+        from ..ir.store import materialize
+
+        with torch.device("meta"), no_init_weights():
+            skeleton = cls(config)
+        ours = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        buffers = {name for name, _ in skeleton.named_buffers()}
         new = sorted(set(tensors) - set(ours) - buffers)
         gone = sorted(k for k in ours if k not in tensors)
-        reshaped = sorted(k for k in ours if k in tensors and tuple(tensors[k].shape) != tuple(ours[k].shape))
+        reshaped = sorted(k for k in ours if k in tensors and tuple(tensors[k].shape) != ours[k])
         if new or gone or reshaped:
             why = [
                 f"{label} {', '.join(names[:SHOWN])}{f' (+{len(names) - SHOWN} more)' if len(names) > SHOWN else ''}"
                 for label, names in (("new tensors", new), ("tensors gone", gone), ("reshaped", reshaped))
                 if names
             ]
-            formats = not self.config.dense and any(n.target in FUSED for n in graph.nodes)
             raise BackendError(
-                f"{self.spec_path}: transformers' {type(model).__name__} cannot hold this compressed model: "
+                f"{self.spec_path}: transformers' {cls.__name__} cannot hold this compressed model: "
                 f"{'; '.join(why)}. The hf target writes models whose passes change weights only (e.g. qkvo_lock)"
-                + ('; "dense": true writes compressed-format weights rebuilt dense' if formats else "")
+                + "".join(f"; {hint}" for hint in hints)
             )
         return {k: materialize(tensors[k]).detach() for k in ours}
 
@@ -196,15 +227,15 @@ def _aliases(model) -> dict[str, str]:
     return {**dict(pairs), **{source: target for target, source in pairs}}
 
 
-def _save(model, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """``model``'s class and config with ``state``'s weights, saved by transformers itself (shared tensors, the
-    config's dtype, the generation config as it does for any model)."""
+def _save(cls, config, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """``cls(config)`` with ``state``'s weights, saved by transformers itself (shared tensors, the config's dtype,
+    the generation config as it does for any model)."""
     from transformers.initialization import no_init_weights
 
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(config)
     config.dtype = next(iter(state.values())).dtype
     with no_init_weights():
-        fresh = type(model)(config)
+        fresh = cls(config)
     fresh.load_state_dict(state, strict=False)
     fresh.tie_weights()
     fresh.save_pretrained(folder, safe_serialization=True)

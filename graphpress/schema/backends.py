@@ -159,6 +159,13 @@ class HfBackendConfig(BackendConfig):
         "the values are the compressed ones (to evaluate, fine-tune or serve them elsewhere). Off: such weights are "
         "refused by name.",
     )
+    layout: Literal["auto", "same", "deepseek_v3"] = Field(
+        "auto",
+        description="'same': the model's own class and config. 'deepseek_v3': DeepSeek's MLA layout "
+        "(DeepseekV3ForCausalLM: kv_a_proj_with_mqa, kv_b_proj, ...) for a gqa_to_mla conversion (decoupled RoPE, "
+        "rope.per_frequency, rope.dims = a head's rotary dims, every layer). 'auto': deepseek_v3 when the graph holds "
+        "gqa_to_mla's latent projections, else same.",
+    )
 
 
 BACKEND_CONFIGS = {
