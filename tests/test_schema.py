@@ -114,8 +114,9 @@ def test_every_pass_has_an_example_spec():
     from graphpress.passes.registry import registered
 
     assert len(EXAMPLE_SPECS) >= 10
-    alone = {load_spec(p).passes[0].pass_ for p in EXAMPLE_SPECS if len(load_spec(p).passes) == 1}
-    assert alone >= set(registered())
+    # a pass alone, or after the one pass it needs before it (distill recovers what a lossy pass lost)
+    last = {load_spec(p).passes[-1].pass_ for p in EXAMPLE_SPECS if len(load_spec(p).passes) <= 2}
+    assert last >= set(registered())
 
 
 def test_gqa_to_mla_errors_name_the_json_path():

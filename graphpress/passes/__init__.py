@@ -1,6 +1,7 @@
 """Passes: the Pass base class, the registry, the PassManager, and one module per pass."""
 
 from . import (  # noqa: F401  (register the passes)
+    distill,
     gqa_to_mla,
     kv_cache_quant,
     low_rank,

@@ -142,6 +142,8 @@ class PassContext:
     spec_path: str = "passes"
     engine: InProcess | RayEngine = field(default_factory=InProcess)
     """Where passes' per-layer jobs run (``execution.engine``)."""
+    reference: Graph | None = None
+    """The original graph, before any pass (a teacher for passes that train against it)."""
     _inputs: dict[tuple[int, str], LinearInputs] = field(default_factory=dict, repr=False)
     _grad_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)

@@ -206,7 +206,7 @@ def render_markdown(report: CompressionReport, figures: list[Figure] = ()) -> st
             reason = prose(skipped[0]["details"].get("reason", ""))
             lines += ["", f"Skipped {len(skipped)} layer(s): {reason} (first shown)."]
         lines.append("")
-        lines += _images(figures, layers_figure(i, p["name"]), f"passes-{i}-spectra.png")
+        lines += _images(figures, layers_figure(i, p["name"]), f"passes-{i}-spectra.png", f"passes-{i}-loss.png")
     if report.backends:
         lines += _images(figures, "latency.png")
     for b in report.backends:

@@ -50,7 +50,7 @@ def render_plots(report: CompressionReport) -> list[Figure]:
     with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):  # names are data, not TeX
         figures = [_evaluation(report), _verification(report), _kv_cache(report), _latency(report)]
         for i, p in enumerate(report.passes):
-            figures += [_layers(i, p), _spectra(i, p)]
+            figures += [_layers(i, p), _spectra(i, p), _loss_curve(i, p)]
     return [f for f in figures if f is not None]
 
 
@@ -165,6 +165,24 @@ def _spectra(index: int, p: dict) -> Figure | None:
     if len(layers) <= 12:
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return Figure(f"passes-{index}-spectra.png", f"passes[{index}] low_rank: singular spectra", _png(fig))
+
+
+def _loss_curve(index: int, p: dict) -> Figure | None:
+    """distill: the training loss over the steps, and the KL on the data before and after (the verification figure
+    has the error vs the original before the pass and after it)."""
+    curve = p.get("details", {}).get("loss_curve")
+    if not isinstance(curve, list) or not curve:
+        return None
+    steps = _number(p["details"].get("steps")) or len(curve)
+    fig, (ax,) = _figure(6, 3.2)
+    xs = [steps * (i + 0.5) / len(curve) for i in range(len(curve))]
+    ax.plot(xs, [_number(v) for v in curve], linewidth=1.2, label="training loss (KL, mean per point)")
+    for key, style in (("kl_before", "--"), ("kl_after", ":")):
+        ax.axhline(_number(p["details"].get(key)), color="gray", linestyle=style, label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(teacher || student)")
+    _legend(ax, 3)
+    return Figure(f"passes-{index}-loss.png", f"passes[{index}] distill: loss curve", _png(fig))
 
 
 def _verification(report: CompressionReport) -> Figure | None:

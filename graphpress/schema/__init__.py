@@ -12,6 +12,7 @@ from .loading import json_schema, load_spec
 from .passes import (
     PASS_CONFIGS,
     Budget,
+    DistillConfig,
     Energy,
     GlobalBudget,
     GqaToMlaConfig,
@@ -32,6 +33,7 @@ from .spec import CalibrationConfig, CaptureConfig, Spec, VerifyConfig
 __all__ = [
     "BACKEND_CONFIGS",
     "Budget",
+    "DistillConfig",
     "Energy",
     "GlobalBudget",
     "GqaToMlaConfig",

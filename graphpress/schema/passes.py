@@ -489,6 +489,39 @@ class ShiftAddConfig(PassConfig):
         return self
 
 
+class DistillConfig(PassConfig):
+    """Knowledge distillation (Hinton et al. 2015) of the compressed graph from the original on the calibration
+    data: KL divergence of the logits at a temperature, AdamW, a warm-up and cosine schedule.
+
+    Only float tensors train, so every compressed format stays intact: codes, indices and
+    positions (integer tensors) are fixed; codebooks, kept values, scales, factors train.
+    """
+
+    pass_: Literal["distill"] = Field(alias="pass")
+    targets: Targets = Field("*", description="Glob pattern(s) over module paths whose tensors may train.")
+    train: list[Literal["compressed", "norms", "dense"]] = Field(
+        default_factory=lambda: ["compressed", "norms"],
+        min_length=1,
+        description="Which float tensors train: 'compressed' (those an earlier pass created or changed: low-rank "
+        "factors, MLA projections, LUT codebooks, N:M kept values, shift and quantization scales), 'norms' (every "
+        "1-D tensor: norm weights, biases), 'dense' (the rest: weights no pass touched, embeddings).",
+    )
+    steps: int = Field(100, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Calibration samples per step (cycled, seeded order).")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW's peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW's decoupled weight decay.")
+    warmup: int = Field(0, ge=0, description="Steps of linear warm-up before the schedule.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning rate after warm-up.")
+    temperature: float = Field(1.0, gt=0, le=100.0, description="Softmax temperature of the KL (scaled by T^2).")
+    min_kl: float = Field(
+        1e-7,
+        ge=0,
+        description="Leave the graph as it is when its mean KL on the data is already below this (an exact rewrite: "
+        "Adam would move weights by about lr even on rounding-noise gradients).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the sample order (same seed, same bytes).")
+
+
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "low_rank": LowRankConfig,
     "gqa_to_mla": GqaToMlaConfig,
@@ -498,6 +531,7 @@ PASS_CONFIGS: dict[str, type[PassConfig]] = {
     "nm_sparsity": NmSparsityConfig,
     "qkvo_lock": QkvoLockConfig,
     "shift_add": ShiftAddConfig,
+    "distill": DistillConfig,
 }
 
 AnyPassConfig = Annotated[Union[tuple(PASS_CONFIGS.values())], Field(discriminator="pass_")]  # noqa: UP007
