@@ -25,8 +25,10 @@ Three pieces of DeepSeek's layout the conversion does not produce, and how each 
   float32's resolution for any latent under 1e10 in mean square. A power of two scales the
   weights exactly; float32 and bfloat16 hold both ends of the range, float16 does not (refused).
 * **the softmax scale** (qk_head_dim^-0.5 instead of the model's): the ratio is folded into q_proj.
-* **q_lora** (a low-rank, normed query): not used (``q_lora_rank`` None, a dense ``q_proj``);
-  DeepSeek's q_proj has no bias, so a query bias (Qwen2) is refused.
+* **q_lora** (a low-rank, normed query): not used for a query without bias (``q_lora_rank`` None,
+  a dense ``q_proj``). DeepSeek's q_proj has no bias, so a query with one (Qwen2) takes the q_lora
+  path with q_lora_rank = hidden + 1: q_a_proj lifts x to sigma [x; 1], q_a_layernorm is the
+  identity on it as on the latent, and q_b_proj is [W | b].
 
 RoPE: DeepSeek's key turns at every frequency of a ``qk_rope_head_dim``-dim head once, half-split.
 ``gqa_to_mla``'s key does that when converted with ``rope.per_frequency`` and ``rope.dims`` equal to
@@ -48,7 +50,7 @@ from ..ir.blocks import SDPA
 SIGMA = 2.0**-40  # the latent's scale: exact in binary, tiny against DeepSeek's fixed eps
 LATENT_EPS = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm uses
 MLA_LINEARS = ("kv_down", "k_rope", "q_rope", "q_nope", "k_up", "v_up", "q_latent", "o_latent")  # gqa_to_mla's
-SHAPE = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+SHAPE = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank")
 
 
 def mla_paths(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -93,7 +95,7 @@ def deepseek_v3(graph: Graph, tensors: dict[str, torch.Tensor], config, where: s
             f"{', '.join(str(dict(s)) for s in sorted(shapes))}"
         )
     rope = {k: v for k, v in (config.rope_parameters or {}).items() if k != "partial_rotary_factor"}
-    biased = any(k.endswith("kv_a_proj_with_mqa.bias") or k.endswith("o_proj.bias") for k in state)
+    biased = any(k.endswith(("kv_a_proj_with_mqa.bias", "o_proj.bias", "q_a_proj.bias")) for k in state)
     deepseek = DeepseekV3Config(
         **dict(next(iter(shapes))),
         vocab_size=config.vocab_size,
@@ -102,7 +104,6 @@ def deepseek_v3(graph: Graph, tensors: dict[str, torch.Tensor], config, where: s
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads,
-        q_lora_rank=None,
         first_k_dense_replace=config.num_hidden_layers,
         num_mtp_layers=0,
         hidden_act=config.hidden_act,
@@ -135,9 +136,6 @@ def _attention(graph: Graph, t: dict[str, torch.Tensor], path: str, config, wher
             f"{at} was converted with rope.mode 'after_up_projection' (RoPE on keys rebuilt from the latent), which "
             "DeepSeek's MLA cannot express: it keeps RoPE on a separate key; convert with rope.mode 'decoupled'"
         )
-    for part in ("q_rope", "q_nope", "q_latent"):
-        if f"{path}.{part}.bias" in t:
-            raise BackendError(f"{at}: the query has a bias ({part}.bias); DeepSeek's q_proj has none")
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     down, k_rope = t[f"{path}.kv_down.weight"], t[f"{path}.k_rope.weight"]
@@ -146,24 +144,22 @@ def _attention(graph: Graph, t: dict[str, torch.Tensor], path: str, config, wher
     absorbed = f"{path}.q_latent.weight" in t
     if absorbed:
         nope, v_dim = rank, rank
-        q_nope = t[f"{path}.q_latent.weight"]
         eye = torch.eye(rank, dtype=down.dtype)
         kv_b = torch.cat([eye, eye] * heads)
         o_weight, o_bias = t[f"{path}.o_latent.weight"], t.get(f"{path}.o_latent.bias")
     else:
         k_up, v_up = t[f"{path}.k_up.weight"], t[f"{path}.v_up.weight"]
         nope, v_dim = k_up.shape[0], v_up.shape[0] // kv_heads
-        q_nope = t[f"{path}.q_nope.weight"]
         group = heads // kv_heads
         kv_b = torch.cat(
             [torch.cat([k_up, v_up[(h // group) * v_dim : (h // group + 1) * v_dim]]) for h in range(heads)]
         )
         o_weight, o_bias = t[f"{path}.o_proj.weight"], t.get(f"{path}.o_proj.bias")
     ratio = _scale(graph, path, at) * math.sqrt(nope + dr)  # the graph's scale over DeepSeek's
-    d = q_nope.shape[-1]
-    q = torch.cat([q_nope.reshape(heads, nope, d), t[f"{path}.q_rope.weight"].reshape(heads, dr, d)], 1)
+    nope_part = "q_latent" if absorbed else "q_nope"
+    q = _query(t, path, nope_part, heads, (nope, dr), down.shape[-1])
     state = {
-        f"{path}.q_proj.weight": (q.double() * ratio).to(q.dtype).reshape(heads * (nope + dr), d),
+        **_query_state(path, (q.double() * ratio).to(q.dtype), down.shape[-1]),
         f"{path}.kv_a_proj_with_mqa.weight": torch.cat([down * SIGMA, k_rope]),
         f"{path}.kv_a_layernorm.weight": torch.full((rank,), math.sqrt(LATENT_EPS) / SIGMA, dtype=down.dtype),
         f"{path}.kv_b_proj.weight": kv_b.contiguous(),
@@ -176,7 +172,39 @@ def _attention(graph: Graph, t: dict[str, torch.Tensor], path: str, config, wher
         state[f"{path}.kv_a_proj_with_mqa.bias"] = torch.cat([kv_bias[0] * SIGMA, kv_bias[1]])
     if o_bias is not None:
         state[f"{path}.o_proj.bias"] = o_bias
-    return state, tuple(zip(SHAPE, (rank, dr, nope, v_dim)))
+    q_lora = q.shape[-1] if q.shape[-1] != down.shape[-1] else None
+    return state, tuple(zip(SHAPE, (rank, dr, nope, v_dim, q_lora)))
+
+
+def _query(t: dict[str, torch.Tensor], path: str, nope_part: str, heads: int, dims: tuple, hidden: int):
+    """Each head's query rows, [nope; rope], as DeepSeek's q_proj lays them out; with a bias, [W | b]."""
+    parts = list(zip((nope_part, "q_rope"), dims))
+    weights = [t[f"{path}.{name}.weight"].reshape(heads, rows, hidden) for name, rows in parts]
+    biases = [t.get(f"{path}.{name}.bias") for name, _ in parts]
+    if any(b is not None for b in biases):
+        weights = [
+            torch.cat([w, (b if b is not None else w.new_zeros(w.shape[0] * w.shape[1])).reshape(*w.shape[:2], 1)], -1)
+            for w, b in zip(weights, biases)
+        ]
+    return torch.cat(weights, 1).reshape(heads * sum(dims), -1)
+
+
+def _query_state(path: str, q: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
+    """A query without bias is DeepSeek's dense q_proj. DeepSeek's q_proj has no bias, so a query with one, [W | b],
+    takes the q_lora path instead: q_a_proj makes sigma [x; 1] (its bias gives the 1), q_a_layernorm (eps 1e-6,
+    weight sqrt(eps) / sigma) turns that back into [x; 1] as it does the latent, and q_b_proj is [W | b]."""
+    if q.shape[-1] == hidden:
+        return {f"{path}.q_proj.weight": q}
+    d, dtype = hidden, q.dtype
+    lift = torch.cat([torch.eye(d, dtype=dtype), torch.zeros(1, d, dtype=dtype)]) * SIGMA
+    one = torch.zeros(d + 1, dtype=dtype)
+    one[-1] = SIGMA
+    return {
+        f"{path}.q_a_proj.weight": lift,
+        f"{path}.q_a_proj.bias": one,
+        f"{path}.q_a_layernorm.weight": torch.full((d + 1,), math.sqrt(LATENT_EPS) / SIGMA, dtype=dtype),
+        f"{path}.q_b_proj.weight": q,
+    }
 
 
 def _biases_for(state: dict[str, torch.Tensor], paths: list[str], biased: bool) -> dict[str, torch.Tensor]:
