@@ -106,7 +106,7 @@ def peak_resident() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def run_one(folder: str, spec_json: str) -> None:
+def run_one(folder: str, spec_json: str, out: str) -> None:
     """Child process: one compress run; prints its wall time and its own peak resident memory."""
     import warnings
 
@@ -123,7 +123,8 @@ def run_one(folder: str, spec_json: str) -> None:
 
     OnnxBackend.validate = validate_after_noting_the_peak
     start = time.perf_counter()
-    result = compress(folder, json.loads(spec_json), out_dir=tempfile.mkdtemp(prefix="scale-"), progress=False)
+    out = out or tempfile.mkdtemp(prefix="scale-")
+    result = compress(folder, json.loads(spec_json), out_dir=out, progress=False)
     seconds = time.perf_counter() - start
     print(
         json.dumps(
@@ -149,7 +150,13 @@ def main() -> None:
     )
     ap.add_argument("--modes", default="memory,stream,ray", help="comma-separated: memory, stream, ray")
     ap.add_argument("--onnx", action="store_true", help="also write and validate the ONNX artifact")
-    ap.add_argument("--run", nargs=2, metavar=("FOLDER", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: a temp dir per mode); an interrupted streamed run given the same folder resumes "
+        "from the layers it finished (its wall time is then the rest's)",
+    )
+    ap.add_argument("--run", nargs=3, metavar=("FOLDER", "SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         run_one(*args.run)
@@ -173,6 +180,7 @@ def main() -> None:
                 "--run",
                 str(folder),
                 json.dumps(spec(args.shape, tokens, mode, args.onnx)),
+                str(args.out / mode) if args.out else "",
             ],
             capture_output=True,
             text=True,
