@@ -171,6 +171,11 @@ def teacher_forced_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Te
     """Logits (B, L, V) of feeding ``input_ids`` (B, L) one token per step: what every generated
     token sees (a quantized cache read back at each step), where :func:`prefill` would attend
     the prompt's own keys and values as computed."""
+    return stepped_logits(decoder, input_ids)
+
+
+def stepped_logits(decoder: Decoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`teacher_forced_logits` where autograd may run through the steps (a decoder that trains)."""
     slots = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     return _token_by_token(decoder, input_ids, torch.ones_like(input_ids), slots)[0]
 

@@ -8,6 +8,7 @@ this pass does it against the original graph as teacher, on the calibration data
 minimised by AdamW with a linear warm-up and a cosine decay. The student is the compressed
 graph itself, run with every compressed-format op replaced by its reference (plain, differentiable
 aten arithmetic), so gradients reach a format's float tensors through the op that uses them.
+A decode graph is fed each sample one token per step (teacher forcing through its cache).
 
 Invariant (tested): every format stays intact. Only float tensors train; codes, indices and
 positions are integer tensors and never change, so a LUT keeps its indices (its codebook
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,10 @@ from torch import nn
 
 from ..errors import PassPreconditionError
 from ..ir import Graph, matches
+from ..ir.decode import CacheLayout
 from ..metrics import logits_of
 from ..progress import track
+from ..runtime import stepped_logits
 from ..schema import DistillConfig
 from .base import LayerReport, Pass, PassReport
 from .context import PassContext
@@ -45,11 +49,6 @@ class Distill(Pass):
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         where = ctx.spec_path
-        if graph.cache is not None:
-            raise PassPreconditionError(
-                f"{where}: distill trains forward graphs; this is a decode graph (capture.mode 'decode'): distil the "
-                "forward graph, or convert after distilling"
-            )
         if graph.lazy:
             raise PassPreconditionError(f"{where}: distill needs the weights in memory; set execution.stream false")
         if ctx.reference is None:
@@ -76,8 +75,8 @@ class Distill(Pass):
         cfg: DistillConfig = self.config
         report = self.new_report()
         names = self.trainable(graph, ctx.reference)
-        student, tensors = trainable_module(graph, names)
-        teacher = ctx.reference.module()
+        module, tensors = trainable_module(graph, names)
+        student, teacher = Runner(module, graph.cache), Runner(ctx.reference.module(), ctx.reference.cache)
         samples = ctx.calibration_inputs
         before = mean_kl(student, teacher, samples, cfg.temperature)
         report.details = {"kl_before": before, "kl_after": before, "steps": 0, "tensors_trained": len(names)}
@@ -90,8 +89,8 @@ class Distill(Pass):
         with deterministic():
             for args in track(batches(samples, cfg, ctx.spec_path), f"{ctx.spec_path} distill: steps", cfg.steps):
                 with torch.no_grad():
-                    target = logits_of(teacher(*args))
-                loss = kl(logits_of(student(*args)), target, cfg.temperature)
+                    target = teacher(args)
+                loss = kl(student(args), target, cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -184,9 +183,27 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torc
     return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+@dataclass(frozen=True)
+class Runner:
+    """A graph's module called on one sample: a forward graph's logits, or a decode graph's with the sample's ids
+    fed one token per step through its cache (teacher forcing: what every generated token sees)."""
+
+    module: nn.Module
+    layout: CacheLayout | None
+
+    def __call__(self, args: tuple) -> torch.Tensor:
+        if self.layout is None:
+            return logits_of(self.module(*args))
+        return stepped_logits(self, args[0])
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        logits, present = self.module(input_ids, attention_mask, position_ids, list(cache))
+        return logits, list(present)
+
+
 @torch.no_grad()
-def mean_kl(student: nn.Module, teacher: nn.Module, samples: list[tuple], temperature: float) -> float:
-    values = [kl(logits_of(student(*args)), logits_of(teacher(*args)), temperature).item() for args in samples]
+def mean_kl(student: Runner, teacher: Runner, samples: list[tuple], temperature: float) -> float:
+    values = [kl(student(args), teacher(args), temperature).item() for args in samples]
     return sum(values) / len(values)
 
 
