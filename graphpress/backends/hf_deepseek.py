@@ -51,6 +51,19 @@ SIGMA = 2.0**-40  # the latent's scale: exact in binary, tiny against DeepSeek's
 LATENT_EPS = 1e-6  # DeepseekV3RMSNorm's default, which kv_a_layernorm uses
 MLA_LINEARS = ("kv_down", "k_rope", "q_rope", "q_nope", "k_up", "v_up", "q_latent", "o_latent")  # gqa_to_mla's
 SHAPE = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank")
+KEPT = (  # the model's config fields DeepSeek's has under the same name and meaning
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def mla_paths(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -98,24 +111,14 @@ def deepseek_v3(graph: Graph, tensors: dict[str, torch.Tensor], config, where: s
     biased = any(k.endswith(("kv_a_proj_with_mqa.bias", "o_proj.bias", "q_a_proj.bias")) for k in state)
     deepseek = DeepseekV3Config(
         **dict(next(iter(shapes))),
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
+        **{field: getattr(config, field) for field in KEPT},
         num_key_value_heads=config.num_attention_heads,
         first_k_dense_replace=config.num_hidden_layers,
         num_mtp_layers=0,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
         rope_parameters=rope,
         rope_interleave=False,
         attention_bias=biased,
         tie_word_embeddings=getattr(config, "tie_word_embeddings", False),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
     )
     deepseek.dtype = dtype
     return deepseek, _biases_for(state, paths, biased)
@@ -165,11 +168,9 @@ def _attention(graph: Graph, t: dict[str, torch.Tensor], path: str, config, wher
         f"{path}.kv_b_proj.weight": kv_b.contiguous(),
         f"{path}.o_proj.weight": o_weight,
     }
-    kv_bias = [t.get(f"{path}.kv_down.bias"), t.get(f"{path}.k_rope.bias")]
-    if any(b is not None for b in kv_bias):
-        zero = [torch.zeros(rank, dtype=down.dtype), torch.zeros(dr, dtype=down.dtype)]
-        kv_bias = [b if b is not None else z for b, z in zip(kv_bias, zero)]
-        state[f"{path}.kv_a_proj_with_mqa.bias"] = torch.cat([kv_bias[0] * SIGMA, kv_bias[1]])
+    if any(f"{path}.{part}.bias" in t for part in ("kv_down", "k_rope")):
+        latent_bias = _bias(t, f"{path}.kv_down", rank, down.dtype) * SIGMA
+        state[f"{path}.kv_a_proj_with_mqa.bias"] = torch.cat([latent_bias, _bias(t, f"{path}.k_rope", dr, down.dtype)])
     if o_bias is not None:
         state[f"{path}.o_proj.bias"] = o_bias
     q_lora = q.shape[-1] if q.shape[-1] != down.shape[-1] else None
@@ -180,13 +181,17 @@ def _query(t: dict[str, torch.Tensor], path: str, nope_part: str, heads: int, di
     """Each head's query rows, [nope; rope], as DeepSeek's q_proj lays them out; with a bias, [W | b]."""
     parts = list(zip((nope_part, "q_rope"), dims))
     weights = [t[f"{path}.{name}.weight"].reshape(heads, rows, hidden) for name, rows in parts]
-    biases = [t.get(f"{path}.{name}.bias") for name, _ in parts]
-    if any(b is not None for b in biases):
+    if any(f"{path}.{name}.bias" in t for name, _ in parts):
         weights = [
-            torch.cat([w, (b if b is not None else w.new_zeros(w.shape[0] * w.shape[1])).reshape(*w.shape[:2], 1)], -1)
-            for w, b in zip(weights, biases)
+            torch.cat([w, _bias(t, f"{path}.{name}", heads * rows, w.dtype).reshape(heads, rows, 1)], -1)
+            for w, (name, rows) in zip(weights, parts)
         ]
     return torch.cat(weights, 1).reshape(heads * sum(dims), -1)
+
+
+def _bias(t: dict[str, torch.Tensor], linear: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """A linear's bias, or zeros where it has none (a DeepSeek tensor that joins it with one that has)."""
+    return t.get(f"{linear}.bias", torch.zeros(rows, dtype=dtype))
 
 
 def _query_state(path: str, q: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:

@@ -140,9 +140,8 @@ def trainable_module(graph: Graph, names: list[str]) -> tuple[nn.Module, dict[st
     """The graph as a module autograd runs through, and the fresh copies of ``names`` it trains.
 
     Format ops are replaced by their references (differentiable aten arithmetic), ``sign`` by its
-    straight-through form. Every other
-    tensor is a detached view: no gradient, and nothing written, reaches the graph's tensors
-    (which may be the user's model's own).
+    straight-through form. Every other tensor is a detached view: no gradient, and nothing
+    written, reaches the graph's tensors (which may be the user's model's own).
     """
     from ..ir.ops import decompositions
 
@@ -152,28 +151,23 @@ def trainable_module(graph: Graph, names: list[str]) -> tuple[nn.Module, dict[st
         if node.op == "call_function" and node.target in references:
             node.target = references[node.target]
     module.recompile()
-    trained = {}
+    trained, chosen = {}, set(names)
     for name in graph.program.state_dict:
         owner, _, leaf = name.rpartition(".")
         holder = module.get_submodule(owner)
         store = holder._parameters if leaf in holder._parameters else holder._buffers
         value = store[leaf].detach()
-        if name in names:
-            value = trained[name] = value.clone().requires_grad_(True)
+        value = value.clone().requires_grad_(True) if name in chosen else value
         store[leaf] = nn.Parameter(value, value.requires_grad) if store is holder._parameters else value
-    return module, {name: _param_of(module, name) for name in trained}
+        if value.requires_grad:
+            trained[name] = store[leaf]
+    return module, trained
 
 
 def straight_through_sign(x: torch.Tensor) -> torch.Tensor:
     """sign(x) forward, the identity backward (the straight-through estimator, Bengio et al. 2013): binarized
     queries and keys (shift_add's attention) pass gradients to what feeds them."""
     return x + (torch.sign(x) - x).detach()
-
-
-def _param_of(module: nn.Module, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    holder = module.get_submodule(owner)
-    return holder._parameters[leaf] if leaf in holder._parameters else holder._buffers[leaf]
 
 
 def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
