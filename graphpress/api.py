@@ -168,7 +168,8 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
         journal = Journal(spill.path.parent / JOBS_DIR, run_identity(spec, source.directory, calibration))
     with engine(spec.execution) as runner:
         jobs = runner if journal is None else Journaled(runner, journal)
-        result = pipeline.run(original, PassContext(calibration, seed=spec.calibration.seed, engine=jobs, reference=original))
+        ctx = PassContext(calibration, spec.calibration.seed, engine=jobs, reference=original, tokenize=source.tokenize)
+        result = pipeline.run(original, ctx)
     timings["passes"] = time.perf_counter() - t
 
     with staging_dir(out) as stage:  # the run's files appear together at the end, or not at all

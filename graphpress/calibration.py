@@ -16,17 +16,22 @@ import numpy as np
 import torch
 
 from .errors import SpecError
+from .schema.passes import DistillDataConfig
 from .schema.spec import CalibrationConfig
 
 
 def calibration_from_files(
-    cfg: CalibrationConfig, tokenize: Callable[[str], list[int]] | None, held_out: int = 0
+    cfg: CalibrationConfig | DistillDataConfig,
+    tokenize: Callable[[str], list[int]] | None,
+    held_out: int = 0,
+    section: str = "calibration",
 ) -> tuple[list[tuple], list[tuple]] | None:
     """Batches (1, seq_len) from ``cfg.text`` or ``cfg.tokens``, and ``held_out`` more that share no token
-    position with them (fewer where the file has no room); None when the spec names neither."""
+    position with them (fewer where the file has no room); None when the spec names neither. Errors name
+    ``{section}.text`` (or ``.tokens``)."""
     if cfg.text is None and cfg.tokens is None:
         return None
-    stream = token_stream(cfg.text, cfg.tokens, tokenize, "calibration", cfg.seq_len)
+    stream = token_stream(cfg.text, cfg.tokens, tokenize, section, cfg.seq_len)
     starts = window_starts(stream, cfg.samples, cfg.seq_len, cfg.seed)
     others = disjoint_starts(len(stream), starts, held_out, cfg.seq_len, cfg.seed + 1)
     return tuple([(stream[s : s + cfg.seq_len].unsqueeze(0).clone(),) for s in chosen] for chosen in (starts, others))

@@ -3,17 +3,18 @@ of the declared groups (every format intact), leaves an exact rewrite alone, and
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from examples.tiny_llama import calibration_batches
 from examples.tiny_llama.data import load_split
 from graphpress import compress
-from graphpress.errors import PassPreconditionError
+from graphpress.errors import PassPreconditionError, SpecError
 from graphpress.ir import capture
 from graphpress.metrics import logits_of
 from graphpress.passes import PassContext, build_pass
-from graphpress.passes.distill import kl, learning_rate_factor
+from graphpress.passes.distill import decoder_blocks, hidden_error, kl, learning_rate_factor, tap
 from graphpress.schema import DistillConfig, load_spec
 
 from .families import build, token_ids
@@ -86,10 +87,11 @@ def test_formats_stay_intact_and_only_declared_groups_train(family, form):
     assert all(torch.equal(v, before[k]) and v.grad is None for k, v in model.state_dict(keep_vars=True).items())
 
 
-@pytest.mark.parametrize("absorb", [False, True])
-def test_a_decode_graph_trains_through_its_steps(absorb):
+@pytest.mark.parametrize("absorb, hidden", [(False, 0.0), (True, 0.0), (False, 1.0)])
+def test_a_decode_graph_trains_through_its_steps(absorb, hidden):
     """Teacher forcing through the step graph: an MLA decode graph (latent cache) fed each sample's ids one token
-    per step, against the original decode graph; the KL over those steps goes down and the cache layout stays."""
+    per step, against the original decode graph; the KL over those steps goes down and the cache layout stays.
+    With ``hidden``, the blocks' outputs of every step are matched too."""
     model, calibration = build("llama"), [(token_ids(2, 10, seed=s),) for s in range(2)]
     original = capture(model, calibration[0], mode="decode")
     converted = lossy(
@@ -97,9 +99,12 @@ def test_a_decode_graph_trains_through_its_steps(absorb):
         calibration,
         {"pass": "gqa_to_mla", "kv_rank": 4, "absorb": absorb, "rope": {"mode": "decoupled", "dims": 8}},
     )
-    result = run(converted, original, calibration, steps=4, lr=3e-3, batch_size=2)
+    result = run(converted, original, calibration, steps=4, lr=3e-3, batch_size=2, hidden=hidden)
     details = result.report.details
     assert details["kl_after"] < 0.9 * details["kl_before"]
+    if hidden:
+        assert details["blocks"] == ["model.layers.0", "model.layers.1"]
+        assert details["hidden_after"] < 0.9 * details["hidden_before"]
     assert result.graph.cache == converted.cache and any("kv_down" in layer.path for layer in result.report.layers)
 
 
@@ -145,3 +150,55 @@ def test_the_report_plots_the_loss_curve_beside_the_error_before_and_after(tiny_
     assert distilled["verification"]["rel_l2"] < lossy_pass["verification"]["rel_l2"]
     assert (tmp_path / "plots" / "passes-1-loss.png").stat().st_size > 0
     assert "passes-1-loss.png" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptneox", "qwen2moe"])
+def test_the_hidden_loss_taps_each_decoder_blocks_residual_stream(family):
+    """Before: a transformers model from its default config, captured. Expected: one tapped output per decoder block
+    (the outermost numbered modules; MoE experts are nested, not blocks), equal to what transformers returns as
+    that layer's hidden state (the last layer's is returned after the final norm, so it is not compared)."""
+    model, ids = build(family), token_ids(2, 12)
+    module = capture(model, (ids,)).program.module()
+    blocks = decoder_blocks(module.graph)
+    assert len(blocks) == model.config.num_hidden_layers and all(b.rpartition(".")[2].isdigit() for b in blocks)
+    taps = tap(module, blocks)
+    module(ids)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    for i, block in enumerate(blocks[:-1]):
+        assert taps[block].count == 1
+        torch.testing.assert_close(taps[block].joined(), states[i + 1].flatten(), rtol=1e-5, atol=1e-6)
+    assert hidden_error({b: t.joined() for b, t in taps.items()}, {b: t.joined() for b, t in taps.items()}) == 0
+
+
+def test_the_hidden_loss_goes_down_beside_the_kl(trained_llama):
+    """The example LM with 2:4 MLPs, distilled with hidden 1: the blocks' relative error and the KL both fall."""
+    calibration = calibration_batches(4, 32, 0)
+    original = capture(trained_llama, calibration[0])
+    compressed = lossy(original, calibration, {"pass": "nm_sparsity", "targets": "layers.*.mlp.*"})
+    details = run(compressed, original, calibration, steps=10, lr=1e-3, batch_size=2, hidden=1.0).report.details
+    assert details["blocks"] == [f"layers.{i}" for i in range(4)]
+    assert 0 < details["hidden_after"] < 0.9 * details["hidden_before"]
+    assert details["kl_after"] < details["kl_before"]
+
+
+def test_distill_reads_data_of_its_own(tiny_llama, tmp_path):
+    """``data.tokens``: windows of a token file, not the calibration data; the report names the file. A file
+    shorter than one window, or text for a model without a tokenizer, is refused naming the field."""
+    tokens = tmp_path / "distill.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 256, 4096))
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    lossy_pass = {"pass": "low_rank", "targets": "layers.0.mlp.*", "rank": 4}
+    data = {"tokens": str(tokens), "samples": 6, "seq_len": 32}
+    spec = {"passes": [lossy_pass, {"pass": "distill", "steps": 2, "data": data}], "verify": {"max": 10.0}}
+    details = compress(tiny_llama, spec, (ids,), progress=False).report.passes[1]["details"]
+    assert details["data"] == str(tokens) and details["samples"] == 6
+    spec["passes"][1]["data"]["seq_len"] = 8192
+    with pytest.raises(SpecError, match=r"passes\[1\]\.data\.tokens.*fewer than"):
+        compress(tiny_llama, spec, (ids,), out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    spec["passes"][1]["data"] = {"text": str(tokens)}
+    with pytest.raises(SpecError, match=r"passes\[1\]\.data\.text.*no tokenizer"):
+        compress(tiny_llama, spec, (ids,), progress=False)
+    with pytest.raises(Exception, match=r"give one of data\.text and data\.tokens"):
+        DistillConfig(**{"pass": "distill", "data": {"samples": 4}})

@@ -14,7 +14,7 @@ group by group holds one layer's statistics, not the model's.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +144,8 @@ class PassContext:
     """Where passes' per-layer jobs run (``execution.engine``)."""
     reference: Graph | None = None
     """The original graph, before any pass (a teacher for passes that train against it)."""
+    tokenize: Callable[[str], list[int]] | None = None
+    """The model's tokenizer, for a pass that reads text of its own (distill's ``data.text``)."""
     _inputs: dict[tuple[int, str], LinearInputs] = field(default_factory=dict, repr=False)
     _grad_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _means: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)

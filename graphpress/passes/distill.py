@@ -3,8 +3,11 @@
 The papers graphpress follows fine-tune after their rewrite (TransMLA, ShiftAddViT, SliceGPT);
 this pass does it against the original graph as teacher, on the calibration data:
 
-    L = T^2 KL(softmax(z_teacher / T) || softmax(z_student / T)),  averaged over tokens   (Hinton et al., eq. 2)
+    L = T^2 KL(softmax(z_teacher / T) || softmax(z_student / T))   averaged over tokens   (Hinton et al., eq. 2)
+        + hidden * mean_b ||h_b - h_b^teacher||^2 / ||h_b^teacher||^2   over decoder blocks b  (optional)
 
+the second term matching each decoder block's output (the residual stream) as TinyBERT's and
+MiniLM's layer-wise losses do, scaled by the teacher's norm so every block counts alike;
 minimised by AdamW with a linear warm-up and a cosine decay. The student is the compressed
 graph itself, run with every compressed-format op replaced by its reference (plain, differentiable
 aten arithmetic), so gradients reach a format's float tensors through the op that uses them.
@@ -22,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
+from ..calibration import calibration_from_files
 from ..errors import PassPreconditionError
 from ..ir import Graph, matches
 from ..ir.decode import CacheLayout
@@ -76,12 +80,15 @@ class Distill(Pass):
         report = self.new_report()
         names = self.trainable(graph, ctx.reference)
         module, tensors = trainable_module(graph, names)
-        student, teacher = Runner(module, graph.cache), Runner(ctx.reference.module(), ctx.reference.cache)
-        samples = ctx.calibration_inputs
-        before = mean_kl(student, teacher, samples, cfg.temperature)
-        report.details = {"kl_before": before, "kl_after": before, "steps": 0, "tensors_trained": len(names)}
-        if before < cfg.min_kl:
-            report.warnings.append(f"{ctx.spec_path}: KL {before:.3g} < min_kl {cfg.min_kl:g}: nothing to recover")
+        student, teacher = self.runners(graph, module, ctx)
+        samples = self.samples(ctx)
+        before = mean_losses(student, teacher, samples, cfg.temperature)
+        report.details = {"kl_before": before[0], "kl_after": before[0], "steps": 0, "tensors_trained": len(names)}
+        report.details.update(self.data_details(ctx, samples))
+        if cfg.hidden:
+            report.details.update(hidden_before=before[1], hidden_after=before[1], blocks=list(teacher.taps))
+        if before[0] < cfg.min_kl:
+            report.warnings.append(f"{ctx.spec_path}: KL {before[0]:.3g} < min_kl {cfg.min_kl:g}: nothing to recover")
             return report
         optimizer = torch.optim.AdamW(tensors.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(cfg, step))
@@ -91,12 +98,14 @@ class Distill(Pass):
                 with torch.no_grad():
                     target = teacher(args)
                 loss = kl(student(args), target, cfg.temperature)
+                if cfg.hidden:
+                    loss = loss + cfg.hidden * hidden_error(student.hidden(), teacher.hidden())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
-        after = mean_kl(student, teacher, samples, cfg.temperature)
+        after = mean_losses(student, teacher, samples, cfg.temperature)
         for path, members in _by_module(names).items():
             change = sum((tensors[n].detach() - graph.stored(n)).square().sum().item() for n in members)
             norm = sum(graph.stored(n).double().square().sum().item() for n in members)
@@ -105,13 +114,48 @@ class Distill(Pass):
             report.layers.append(LayerReport(path, "trained", params, params, details))
         for name in names:
             graph.set_weight(name, tensors[name].detach().clone())
+        if cfg.hidden:
+            report.details["hidden_after"] = after[1]
         report.details.update(
-            kl_after=after,
+            kl_after=after[0],
             steps=cfg.steps,
             params_trained=sum(graph.stored(n).numel() for n in names),
             loss_curve=curve(losses),
         )
         return report
+
+    def samples(self, ctx: PassContext) -> list[tuple]:
+        """``data``'s windows, or the run's calibration inputs."""
+        if self.config.data is None:
+            return ctx.calibration_inputs
+        batches, _ = calibration_from_files(self.config.data, ctx.tokenize, section=f"{ctx.spec_path}.data")
+        return batches
+
+    def data_details(self, ctx: PassContext, samples: list[tuple]) -> dict:
+        data = self.config.data
+        source = "calibration" if data is None else data.text or data.tokens
+        return {"data": source, "samples": len(samples)}
+
+    def runners(self, graph: Graph, module: fx.GraphModule, ctx: PassContext) -> tuple[Runner, Runner]:
+        """Student and teacher; with ``hidden``, each taps its decoder blocks' outputs (the teacher's blocks)."""
+        reference = ctx.reference
+        if not self.config.hidden:
+            return Runner(module, graph.cache), Runner(reference.module(), reference.cache)
+        teacher_module = reference.program.module()
+        blocks = decoder_blocks(teacher_module.graph)
+        if not blocks:
+            raise PassPreconditionError(
+                f"{ctx.spec_path}.hidden: the graph has no decoder blocks (numbered modules such as layers.0) "
+                "whose outputs to match; set hidden 0"
+            )
+        student_taps, teacher_taps = tap(module, blocks), tap(teacher_module, blocks)
+        for block in blocks:
+            if student_taps[block].count != teacher_taps[block].count:
+                raise PassPreconditionError(
+                    f"{ctx.spec_path}.hidden: block {block!r} hands {student_taps[block].count} values to the rest "
+                    f"of the compressed graph, {teacher_taps[block].count} in the original; set hidden 0"
+                )
+        return Runner(module, graph.cache, student_taps), Runner(teacher_module, reference.cache, teacher_taps)
 
 
 @contextlib.contextmanager
@@ -177,18 +221,90 @@ def kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torc
     return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def _paths(node: fx.Node) -> list[str]:
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def decoder_blocks(graph: fx.Graph) -> list[str]:
+    """The outermost numbered modules (a ModuleList's children: ``layers.3``, ``h.0``), in graph order."""
+    blocks: list[str] = []
+    for node in graph.nodes:
+        path = next((p for p in _paths(node) if p.rpartition(".")[2].isdigit()), None)
+        if path is not None and path not in blocks:
+            blocks.append(path)
+    return blocks
+
+
+def block_outputs(graph: fx.Graph, block: str) -> list[fx.Node]:
+    """What ``block`` hands on: float activations computed inside it and used outside it (not by the graph's
+    output alone, which is where a decode step's cache goes). For a decoder layer, its residual stream."""
+    outputs = []
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if block not in _paths(node) or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if value.dim() >= 3 and any(u.op != "output" and block not in _paths(u) for u in node.users):
+            outputs.append(node)
+    return outputs
+
+
+@dataclass
+class Tap:
+    """The values a block's outputs took in the module's calls since :meth:`clear` (one call per decode step)."""
+
+    count: int
+    values: list[torch.Tensor]
+
+    def record(self, value: torch.Tensor) -> torch.Tensor:
+        self.values.append(value)
+        return value
+
+    def clear(self) -> None:
+        self.values.clear()
+
+    def joined(self) -> torch.Tensor:
+        """Every value recorded, flattened in recording order (the same order in student and teacher)."""
+        return torch.cat([v.float().flatten() for v in self.values])
+
+
+def tap(module: fx.GraphModule, blocks: list[str]) -> dict[str, Tap]:
+    """Make ``module`` record each block's outputs as it runs (a call node after each, returning nothing used)."""
+    taps = {}
+    for block in blocks:
+        nodes = block_outputs(module.graph, block)
+        taps[block] = Tap(len(nodes), [])
+        for node in nodes:
+            with module.graph.inserting_after(node):
+                module.graph.call_function(taps[block].record, (node,))
+    module.recompile()
+    return taps
+
+
+def hidden_error(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mean_b ||h_b - t_b||^2 / ||t_b||^2 over the blocks."""
+    errors = [(student[b] - t).square().sum() / t.square().sum().clamp_min(1e-30) for b, t in teacher.items()]
+    return torch.stack(errors).mean()
+
+
 @dataclass(frozen=True)
 class Runner:
     """A graph's module called on one sample: a forward graph's logits, or a decode graph's with the sample's ids
-    fed one token per step through its cache (teacher forcing: what every generated token sees)."""
+    fed one token per step through its cache (teacher forcing: what every generated token sees); with ``taps``,
+    its decoder blocks' outputs of that call by :meth:`hidden`."""
 
     module: nn.Module
     layout: CacheLayout | None
+    taps: dict[str, Tap] = field(default_factory=dict)
 
     def __call__(self, args: tuple) -> torch.Tensor:
+        for t in self.taps.values():
+            t.clear()
         if self.layout is None:
             return logits_of(self.module(*args))
         return stepped_logits(self, args[0])
+
+    def hidden(self) -> dict[str, torch.Tensor]:
+        return {block: t.joined() for block, t in self.taps.items()}
 
     def step(self, input_ids, attention_mask, position_ids, cache):
         logits, present = self.module(input_ids, attention_mask, position_ids, list(cache))
@@ -196,9 +312,13 @@ class Runner:
 
 
 @torch.no_grad()
-def mean_kl(student: Runner, teacher: Runner, samples: list[tuple], temperature: float) -> float:
-    values = [kl(student(args), teacher(args), temperature).item() for args in samples]
-    return sum(values) / len(values)
+def mean_losses(student: Runner, teacher: Runner, samples: list[tuple], temperature: float) -> tuple[float, float]:
+    """Mean KL and mean hidden-state error (0 without taps) over ``samples``."""
+    kls, hidden = [], []
+    for args in samples:
+        kls.append(kl(student(args), teacher(args), temperature).item())
+        hidden.append(hidden_error(student.hidden(), teacher.hidden()).item() if teacher.taps else 0.0)
+    return sum(kls) / len(kls), sum(hidden) / len(hidden)
 
 
 def batches(samples: list[tuple], cfg: DistillConfig, where: str) -> Iterator[tuple]:

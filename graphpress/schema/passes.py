@@ -489,6 +489,28 @@ class ShiftAddConfig(PassConfig):
         return self
 
 
+class DistillDataConfig(StrictModel):
+    """Distillation data of its own, cut like calibration's: usually many more windows than calibration needs."""
+
+    text: str | None = Field(
+        None,
+        description="A UTF-8 text file (path relative to the working directory; .gz allowed; a .jsonl file's 'text' "
+        "fields joined by blank lines), tokenized with the model's tokenizer.",
+    )
+    tokens: str | None = Field(
+        None, description="Like `text`, but already token ids: a .npy, .pt or .json file of one 1-D integer sequence."
+    )
+    samples: int = Field(64, ge=1, le=1_000_000, description="Windows cut from the file at seeded offsets.")
+    seq_len: int = Field(128, ge=1, le=131072, description="Tokens per window.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the window offsets.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DistillDataConfig:
+        if (self.text is None) == (self.tokens is None):
+            raise ValueError("give one of data.text and data.tokens")
+        return self
+
+
 class DistillConfig(PassConfig):
     """Knowledge distillation (Hinton et al. 2015) of the compressed graph from the original on the calibration
     data: KL divergence of the logits at a temperature, AdamW, a warm-up and cosine schedule.
@@ -520,6 +542,18 @@ class DistillConfig(PassConfig):
         "Adam would move weights by about lr even on rounding-noise gradients).",
     )
     seed: int = Field(0, ge=0, description="Seed of the sample order (same seed, same bytes).")
+    hidden: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of a hidden-state loss added to the KL: the mean over decoder blocks of the squared "
+        "error of each block's output, relative to the teacher's (||h_s - h_t||^2 / ||h_t||^2). 0: logits only.",
+    )
+    data: DistillDataConfig | None = Field(
+        None,
+        description="Train on windows of this file instead of the calibration data (which stays what the other "
+        "passes calibrate on).",
+    )
 
 
 PASS_CONFIGS: dict[str, type[PassConfig]] = {
