@@ -1,10 +1,11 @@
 """distill on the trained example LM: held-out perplexity after each lossy pass, before and after distillation.
 
-    PYTHONPATH=. .venv/bin/python -m benchmarks.distill [--steps 100] [--lr 1e-3] [--samples 32] [--only NAME ...]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.distill [--steps 100] [--lr 1e-3] [--samples 32] [--hidden 0]
+        [--only NAME ...]
 
 Each row: the example LM (forward graph) through one lossy pass (or the composed passes), then
 ``distill`` (KL on the logits, T = 1, AdamW with a cosine schedule, batches of 4 windows of 256
-bytes from the calibration split), scored on held-out text (``--tokens`` bytes, windows of 256).
+bytes from the calibration split; ``--hidden`` adds the blocks' hidden-state loss), scored on held-out text (``--tokens`` bytes, windows of 256).
 "recovered" is the share of the pass's perplexity increase that distillation took back. Wall
 time is the distill pass alone, on this machine, in this run.
 """
@@ -67,16 +68,21 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of 256 bytes (the training data)")
     ap.add_argument("--tokens", type=int, default=65536, help="held-out bytes scored")
+    ap.add_argument("--hidden", type=float, default=0.0, help="distill's hidden-state loss weight")
     ap.add_argument("--only", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model = load_model()
     calibration = calibration_batches(args.samples, 256, 0)
     heldout = load_split("heldout")[: args.tokens]
     original = capture(model, calibration[0])
     base = perplexity(original.module(), heldout)
-    print(f"original: {base:.4f}; distill: {args.steps} steps, lr {args.lr}, batch 4 x 256, {args.samples} windows")
+    print(
+        f"original: {base:.4f}; distill: {args.steps} steps, lr {args.lr}, hidden {args.hidden}, batch 4 x 256, "
+        f"{args.samples} windows"
+    )
     print("| passes | before distill | after distill | recovered | kl before -> after (train) | distill s |")
     print("|---|---:|---:|---:|---|---:|")
     for name in args.only or ROWS:
@@ -85,7 +91,7 @@ def main() -> None:
         for spec in load_spec({"passes": ROWS[name]}).passes:
             graph = build_pass(spec).run(graph, ctx).graph
         before = perplexity(graph.module(), heldout)
-        fields = {"pass": "distill", "steps": args.steps, "lr": args.lr}
+        fields = {"pass": "distill", "steps": args.steps, "lr": args.lr, "hidden": args.hidden}
         if name in TRAIN_ALL:  # nothing a pass created to train: binarizing changes activations, not weights
             fields["train"] = ["compressed", "norms", "dense"]
         distill = load_spec({"passes": [fields]}).passes[0]

@@ -117,12 +117,13 @@ def test_saved_program_loads_and_runs_elsewhere(trained_llama, calibration, tmp_
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), graph.module()(ids), rtol=1e-5, atol=1e-5)
 
 
-DECODE = {
-    "gqa": ([], "graphpress::decode_attention"),
-    "mla absorbed": ([{"pass": "gqa_to_mla"}], "graphpress::decode_attention"),
+DECODE = {  # passes, the fused attention op, teacher-forced steps (one sequence: the interpreter runs B x H programs)
+    "gqa": ([], "graphpress::decode_attention", 5),
+    "mla absorbed": ([{"pass": "gqa_to_mla"}], "graphpress::decode_attention", 5),
     "kivi": (
         [{"pass": "kv_cache_quant", "residual": 4, "key": {"axis": "channel", "group_size": 8}}],
         "graphpress::quantized_decode_attention",
+        14,
     ),
 }
 
@@ -131,22 +132,22 @@ DECODE = {
 @pytest.mark.parametrize("name", list(DECODE))
 def test_decode_steps_through_the_kernels(trained_llama, calibration, tmp_path, name):
     """A one-token step graph's attention is fused into the decode-attention ops (its mask becomes ``keep``);
-    14 teacher-forced steps cross the KIVI window's flushes (values every token, keys every 8). A step
+    KIVI's 14 teacher-forced steps cross its window's flushes (values every token, keys every 8). A step
     graph that takes any number of tokens keeps its SDPA (the kernels take one query token)."""
     from graphpress.backends.cuda import kernels
     from graphpress.backends.cuda.fuse_attention import fuse_decode_attention
     from graphpress.runtime import TorchDecoder, teacher_forced_logits
 
-    passes, attention = DECODE[name]
+    passes, attention, steps = DECODE[name]
     graph = rewritten(capture(trained_llama, calibration[0], mode="decode", step_tokens=1), calibration, *passes)
     record = build_backend(CudaBackendConfig(target="cuda"), "backends[0]").build(graph, calibration, tmp_path)
     assert record.details["fused"][attention] == 4 and record.errors["rel_l2"] < 1e-5
     fused, _ = fuse_decode_attention(fuse_format_linears(graph)[0])
     assert not [n for n in fused.nodes if "scaled_dot_product" in str(n.target)]
-    ids = calibration[0][0][:, :14]
+    ids = calibration[0][0][:1, :steps]
     with kernels.on_cpu() as ran:
         ours = teacher_forced_logits(TorchDecoder(fused), ids)
-    assert ran[attention.split("::")[1]] == 4 * 14
+    assert ran[attention.split("::")[1]] == 4 * steps
     torch.testing.assert_close(ours, teacher_forced_logits(TorchDecoder(graph), ids), rtol=1e-4, atol=1e-4)
     any_length = rewritten(capture(trained_llama, calibration[0], mode="decode"), calibration, *passes)
     assert not fuse_decode_attention(any_length)[1]
