@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="held-out bytes scored")
     ap.add_argument("--hidden", type=float, default=0.0, help="distill's hidden-state loss weight")
     ap.add_argument("--only", nargs="+", choices=sorted(ROWS), help="rows to run (default: all)")
+    ap.add_argument("--train", nargs="+", choices=["compressed", "norms", "dense"], help="groups (default: distill's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +82,7 @@ def main() -> None:
     base = perplexity(original.module(), heldout)
     print(
         f"original: {base:.4f}; distill: {args.steps} steps, lr {args.lr}, hidden {args.hidden}, batch 4 x 256, "
-        f"{args.samples} windows"
+        f"{args.samples} windows, train {args.train or 'default'}"
     )
     print("| passes | before distill | after distill | recovered | kl before -> after (train) | distill s |")
     print("|---|---:|---:|---:|---|---:|")
@@ -94,6 +95,8 @@ def main() -> None:
         fields = {"pass": "distill", "steps": args.steps, "lr": args.lr, "hidden": args.hidden}
         if name in TRAIN_ALL:  # nothing a pass created to train: binarizing changes activations, not weights
             fields["train"] = ["compressed", "norms", "dense"]
+        if args.train:
+            fields["train"] = args.train
         distill = load_spec({"passes": [fields]}).passes[0]
         start = time.perf_counter()
         result = build_pass(distill).run(graph, ctx)

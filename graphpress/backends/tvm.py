@@ -9,7 +9,7 @@ symbolic dimensions (batch 1 became a constant 1 in a decomposed ``linear``).
 Writes ``<filename>`` (a shared library ``tvm.runtime.load_module`` loads; run it with
 ``relax.VirtualMachine``) and ``<filename>.json`` (its inputs and, for decode graphs, the
 cache layout), which :class:`graphpress.runtime.TvmModule` / ``TvmDecoder`` read.
-Kernels use TVM's default schedules: MetaSchedule tuning is not wired in yet (see README).
+Kernels use TVM's default schedules; MetaSchedule tuning (``tvm_tune``) is not wired into the backend yet.
 """
 
 from __future__ import annotations
