@@ -123,9 +123,10 @@ def tune(
     strategy: str = "evolutionary",
     cost_model: str = "xgb",
 ) -> Tuning:
-    """Tune the TIR functions of a legalized, static-shaped Relax module (those whose task name contains one of
-    ``ops``; all when None) with ``trials`` trials in all, recording into the JSON database in ``database_dir``.
-    Tasks the database already holds a record for are reused, not tuned."""
+    """Tune the TIR functions of a static-shaped Relax module as imported (legalized and fused here, as the
+    compiler will; those whose task name contains one of ``ops``, all when None) with ``trials`` trials in all,
+    recording into the JSON database in ``database_dir``. Tasks the database already holds a record for are
+    reused, not tuned."""
     load_tensor_intrinsics()
     database_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(database_dir))
