@@ -1,22 +1,25 @@
-"""onnxruntime vs TVM (llvm, default schedules) on the example LM, side by side in one run.
+"""onnxruntime vs TVM (llvm: TVM's own schedules, and matmuls offloaded to OpenBLAS) side by side in one run.
 
-    .venv/bin/python -m benchmarks.backends [--repeats 20] [--context 512]
+    .venv/bin/python -m benchmarks.backends [--shape example|1024x8] [--repeats 20] [--contexts 512 2048 4096]
 
-Forward pass (batch 1 x 256 tokens) and one decode step (batch 1, ``--context`` cached
-tokens), for the original and compressed variants; calls interleaved so machine noise
-hits all alike. TVM is untuned here: MetaSchedule tuning is not wired in yet.
+Forward pass (batch 1 x 256 tokens) and one decode step (batch 1, each context's cached
+tokens) of the example LM (or a random Llama of hidden 1024, 8 layers), original and
+compressed; every runtime's calls are interleaved so machine noise hits all alike.
+Ratios are runtime time / onnxruntime time. TVM is not tuned here (MetaSchedule is not
+wired into the backend yet).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
 
 from benchmarks.timing import interleaved_median
-from examples.tiny_llama import calibration_batches, load_model
+from examples.tiny_llama import TinyLlama, TinyLlamaConfig, calibration_batches, load_model
 from examples.tiny_llama.evaluate import OnnxLM
 from graphpress.backends import build_backend
 from graphpress.ir import capture
@@ -28,8 +31,21 @@ MLP = "layers.*.mlp.*"
 VARIANTS = {
     "original": [],
     "4-bit clustering (MLP)": [{"pass": "weight_clustering", "targets": MLP, "bits": 4}],
-    "shift_add (MLP)": [{"pass": "shift_add", "targets": MLP}],
+    "weight_quant 4-bit": [{"pass": "weight_quant", "bits": 4, "group_size": 32}],
+    "gqa_to_mla absorbed": [
+        {"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 16}, "absorb": True}
+    ],
 }
+TVM_BUILDS = {"TVM": "none", "TVM+BLAS": "openblas"}
+RUNTIMES = ["onnxruntime", *TVM_BUILDS]
+
+
+def model_for(shape: str) -> torch.nn.Module:
+    if shape == "example":
+        return load_model()
+    torch.manual_seed(0)
+    cfg = TinyLlamaConfig(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16, num_kv_heads=4)
+    return TinyLlama(cfg).eval()
 
 
 def rewrite(graph, ctx, passes):
@@ -38,61 +54,91 @@ def rewrite(graph, ctx, passes):
     return graph
 
 
+def build(graph, calibration, out: Path) -> dict:
+    """runtime -> (backend record, artifact folder size in MB)."""
+    records = {"onnxruntime": build_backend(OnnxBackendConfig(target="onnx"), "onnx").build(graph, calibration, out)}
+    for runtime, blas in TVM_BUILDS.items():
+        folder = out / runtime
+        config = TvmBackendConfig(target="tvm", blas=blas)
+        records[runtime] = build_backend(config, "tvm").build(graph, calibration, folder)
+    return records
+
+
+def empty_cache(decoder, context: int) -> list[torch.Tensor]:
+    return [
+        torch.randn(*[1 if d is None else d for d in e.shape[: e.seq_axis]], context, *e.shape[e.seq_axis + 1 :])
+        for e in decoder.layout
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=["example", "1024x8"], default="example")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model = load_model()
+    model = model_for(args.shape)
     calibration = calibration_batches(2, 64, 0)
     ctx = PassContext(calibration)
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
-    step_ids, position = torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), args.context)
-    mask = torch.ones(1, args.context + 1, dtype=torch.long)
+    step_ids = torch.zeros(1, 1, dtype=torch.long)
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    forward, decode, errors, sizes = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        forward, decode, errors = {}, {}, {}
-        for i, (name, passes) in enumerate(VARIANTS.items()):
+        for i, (name, passes) in enumerate(variants.items()):
             for mode in ("forward", "decode"):
-                graph = rewrite(capture(model, calibration[0], mode=mode), ctx, passes)
-                out = Path(tmp) / f"{i}{mode}"
-                onnx = build_backend(OnnxBackendConfig(target="onnx"), "onnx").build(graph, calibration[:1], out)
-                tvm = build_backend(TvmBackendConfig(target="tvm"), "tvm").build(graph, calibration[:1], out)
-                errors[(name, mode)] = (onnx.errors["rel_l2"], tvm.errors["rel_l2"])
-                if mode == "forward":
-                    forward[(name, "onnxruntime")] = OnnxLM(onnx.artifact, threads=2)
-                    tvm_module = TvmModule(tvm.artifact)
-                    forward[(name, "TVM")] = lambda x, m=tvm_module: m(x)
-                else:
-                    for runtime, decoder in (
-                        ("onnxruntime", OnnxDecoder(onnx.artifact, threads=2)),
-                        ("TVM", TvmDecoder(tvm.artifact)),
-                    ):
-                        cache = [
-                            torch.randn(
-                                *[1 if d is None else d for d in e.shape[: e.seq_axis]],
-                                args.context,
-                                *e.shape[e.seq_axis + 1 :],
-                            )
-                            for e in decoder.layout
-                        ]
-                        decode[(name, runtime)] = lambda x, d=decoder, c=cache: d.step(x, mask, position, c)
+                try:
+                    graph = rewrite(capture(model, calibration[0], mode=mode), ctx, passes)
+                    records = build(graph, calibration[:1], Path(tmp) / f"{i}{mode}")
+                except Exception:  # noqa: BLE001 - a variant a mode does not support is reported, not fatal
+                    print(f"{name} / {mode}: not built:\n{traceback.format_exc(limit=2)}")
+                    continue
+                for runtime, record in records.items():
+                    errors[(name, mode, runtime)] = record.errors["rel_l2"]
+                    sizes[(name, mode, runtime)] = sum(
+                        size for file, size in record.files.items() if not file.startswith("libscipy")
+                    )
+                    artifact = record.artifact
+                    if mode == "forward":
+                        if runtime == "onnxruntime":
+                            forward[(name, runtime)] = OnnxLM(artifact, threads=2)
+                        else:
+                            forward[(name, runtime)] = TvmModule(artifact)
+                        continue
+                    decoder = OnnxDecoder(artifact, threads=2) if runtime == "onnxruntime" else TvmDecoder(artifact)
+                    for context in args.contexts:
+                        cache, position = empty_cache(decoder, context), torch.full((1, 1), context)
+                        mask = torch.ones(1, context + 1, dtype=torch.long)
+                        decode[(name, context, runtime)] = lambda x, d=decoder, c=cache, m=mask, p=position: d.step(
+                            x, m, p, c
+                        )
         fwd = interleaved_median(forward, tokens, args.repeats)
         dec = interleaved_median(decode, step_ids, args.repeats)
-    print(f"## onnxruntime vs TVM (llvm, untuned), 2 threads, interleaved medians of {args.repeats}")
-    print(
-        f"| variant | forward 1x256: onnxruntime ms | TVM ms | TVM / ORT | decode step @ {args.context}: "
-        "onnxruntime ms | TVM ms | TVM / ORT | rel_l2 vs eager (ORT / TVM, forward; decode) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for name in VARIANTS:
-        f_ort, f_tvm = fwd[(name, "onnxruntime")], fwd[(name, "TVM")]
-        d_ort, d_tvm = dec[(name, "onnxruntime")], dec[(name, "TVM")]
-        (fo, ft), (do, dt) = errors[(name, "forward")], errors[(name, "decode")]
-        print(
-            f"| {name} | {f_ort * 1e3:.2f} | {f_tvm * 1e3:.2f} | {f_tvm / f_ort:.2f}x | {d_ort * 1e3:.2f} "
-            f"| {d_tvm * 1e3:.2f} | {d_tvm / d_ort:.2f}x | {fo:.1e} / {ft:.1e}; {do:.1e} / {dt:.1e} |"
-        )
+    print(f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), 2 threads, interleaved medians of {args.repeats}")
+    print("ms per call; (x) = time / onnxruntime's")
+    contexts = [f"decode @ {c}" for c in args.contexts]
+    print(f"| variant | runtime | forward 1x256 | {' | '.join(contexts)} | rel_l2 fwd / decode | artifact MB |")
+    print("|---|---|" + "---:|" * (len(contexts) + 1) + "---|---:|")
+    for name in variants:
+        for runtime in RUNTIMES:
+            cells = [_cell(fwd, (name, runtime), (name, "onnxruntime"))]
+            cells += [_cell(dec, (name, c, runtime), (name, c, "onnxruntime")) for c in args.contexts]
+            errs = " / ".join(
+                f"{errors[(name, m, runtime)]:.1e}" if (name, m, runtime) in errors else "-"
+                for m in ("forward", "decode")
+            )
+            size = sizes.get((name, "decode", runtime), sizes.get((name, "forward", runtime), 0)) / 1e6
+            print(f"| {name} | {runtime} | {' | '.join(cells)} | {errs} | {size:.1f} |")
+
+
+def _cell(times: dict, key, reference) -> str:
+    if key not in times:
+        return "-"
+    if key == reference:
+        return f"{times[key] * 1e3:.2f}"
+    return f"{times[key] * 1e3:.2f} ({times[key] / times[reference]:.2f}x)"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and positions counted from each row's first real token, as transformers' ``gener
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -105,12 +106,22 @@ class TvmModule:
         verify_published(f"{path}.json")
         self.meta = json.loads(Path(f"{path}.json").read_text())
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-        self._tensor = tvm.runtime.tensor
+        self._tvm = tvm
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        out = self.vm["main"](*[self._tensor(_numpy(t)) for t in tensors])
+        """Tensors in and out through DLPack: a decode step's cache is not copied on either side."""
+        out = self.vm["main"](*map(self._tensor, tensors))
         leaves = [out] if hasattr(out, "numpy") else list(out)
-        return [torch.from_numpy(leaf.numpy()) for leaf in leaves]
+        return [torch.from_dlpack(leaf) for leaf in leaves]
+
+    def _tensor(self, t: torch.Tensor):
+        """Shared with torch where TVM takes it as it is (compact strides, which an empty tensor lacks; data
+        aligned to 64 bytes, which a view may not be), copied otherwise."""
+        t = t.detach().cpu().contiguous()
+        compact = [math.prod(t.shape[i + 1 :]) for i in range(t.dim())]
+        if t.numel() and list(t.stride()) == compact and t.data_ptr() % 64 == 0:
+            return self._tvm.runtime.from_dlpack(t)
+        return self._tvm.runtime.tensor(t.numpy())
 
 
 class TvmDecoder:

@@ -9,7 +9,8 @@ symbolic dimensions (batch 1 became a constant 1 in a decomposed ``linear``).
 Writes ``<filename>`` (a shared library ``tvm.runtime.load_module`` loads; run it with
 ``relax.VirtualMachine``) and ``<filename>.json`` (its inputs and, for decode graphs, the
 cache layout), which :class:`graphpress.runtime.TvmModule` / ``TvmDecoder`` read.
-Kernels use TVM's default schedules; MetaSchedule tuning (``tvm_tune``) is not wired into the backend yet.
+Float32 matmuls call OpenBLAS (``tvm_blas``, the ``blas`` field); the other kernels use TVM's default
+schedules: MetaSchedule tuning (``tvm_tune``) is not wired into the backend yet.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class TvmBackend(Backend):
         self.require("tvm", "tvm")
         import tvm
 
+        from . import tvm_blas
+
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
         try:
@@ -45,12 +48,20 @@ class TvmBackend(Backend):
         except Exception as exc:
             raise BackendError(f"{self.spec_path}: TVM Relax import failed: {type(exc).__name__}: {exc}") from exc
         histogram = Counter(_relax_ops(mod))
+        blas = self.blas()
+        offloaded = 0
+        if blas is not None:
+            mod, offloaded = tvm_blas.offload(mod, blas)
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
                 with step(f"{self.spec_path} tvm: compiling for {cfg.device}"):
                     executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
-                    executable.export_library(str(staged))
+                    options = []
+                    if offloaded:
+                        blas.copy_beside(staged)
+                        options = blas.export_options()
+                    executable.export_library(str(staged), options=options)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
@@ -72,9 +83,26 @@ class TvmBackend(Backend):
             tolerance=cfg.max_error,
             op_histogram=dict(histogram.most_common()),
             seconds=time.perf_counter() - start,
-            details={"device": cfg.device},
+            details={
+                "device": cfg.device,
+                "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if offloaded else None,
+            },
             latency=comparison.latency,
         )
+
+    def blas(self):
+        """The BLAS the ``blas`` field asks for, or None; 'openblas' without it installed is an error."""
+        from . import tvm_blas
+
+        if self.config.blas == "none":
+            return None
+        found = tvm_blas.find()
+        if found is None and self.config.blas == "openblas":
+            raise BackendError(
+                f"{self.spec_path}.blas: 'openblas' needs the scipy-openblas32 package "
+                "(pip install 'graphpress[tvm]'), or set it to 'auto' or 'none'"
+            )
+        return found
 
     @staticmethod
     def import_graph(graph: Graph):

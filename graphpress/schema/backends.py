@@ -87,6 +87,11 @@ class TvmBackendConfig(BackendConfig):
     filename: str = Field(
         "model.so", pattern=r"^[\w.-]+\.so$", description="Name of the compiled library in the output directory."
     )
+    blas: Literal["auto", "openblas", "none"] = Field(
+        "auto",
+        description="Float32 matmuls as OpenBLAS GEMM calls compiled into the library (scipy-openblas32, copied "
+        "beside it): 'openblas' requires it, 'auto' uses it when installed, 'none' keeps TVM's own loops.",
+    )
 
 
 class MlirBackendConfig(BackendConfig):

@@ -1,0 +1,232 @@
+"""Float32 matmuls of the TVM backend's module offloaded to OpenBLAS (issue 25).
+
+TVM's untuned CPU schedules leave a matmul as plain loops (the example LM's 256-token
+forward is ~46x onnxruntime), and this TVM wheel registers no cblas/dnnl BYOC. A matmul is
+instead rewritten as a TE ``extern`` whose body calls ``cblas_sgemm`` (one GEMM: a
+weight-only right operand, the left's leading dimensions folded into M) or
+``cblas_sgemm_batch_strided`` (attention's batched products; a side of batch size 1 has
+stride 0). The call is compiled into the library as an ordinary C call, so shapes stay
+symbolic: the same function serves every prompt length and decode context. A transpose
+feeding either operand (``permute_dims`` swapping the last two axes: ``linear``'s weight,
+attention's keys) becomes the GEMM's transpose flag and is not materialised.
+
+Attention the importer keeps whole (``R.nn.attention``: a causal prefill) is spelled out as
+its two products, which go to BLAS, around a scaled, masked softmax: TVM's own kernel for
+it was ~70 % of the example LM's 256-token forward.
+
+The BLAS is ``scipy-openblas32`` (PyPI; OpenBLAS with 32-bit indices and ``scipy_``-prefixed
+symbols, so it cannot clash with numpy's own OpenBLAS). Its library is copied beside the
+artifact, which links it with ``rpath=$ORIGIN``: the folder loads with ``tvm`` alone.
+OpenBLAS threads: ``OPENBLAS_NUM_THREADS`` (default: every core).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax, te
+from tvm import tirx as tir
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.sym.analyzer import Analyzer
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+@dataclass(frozen=True)
+class Blas:
+    """An installed BLAS to link against: its library file, link name and symbol prefix."""
+
+    library: Path
+    prefix: str
+    version: str
+
+    @property
+    def link_name(self) -> str:
+        return self.library.name.removeprefix("lib").removesuffix(".so")
+
+    def export_options(self) -> list[str]:
+        """``export_library`` options linking the library copied beside the artifact."""
+        return ["-Wl,--no-as-needed", f"-L{self.library.parent}", f"-l{self.link_name}", "-Wl,-rpath,$ORIGIN"]
+
+    def copy_beside(self, artifact: Path) -> Path:
+        target = artifact.parent / self.library.name
+        shutil.copyfile(self.library, target)
+        return target
+
+
+@functools.cache
+def find() -> Blas | None:
+    """The installed ``scipy-openblas32``, or None."""
+    try:
+        import scipy_openblas32 as sob
+    except ImportError:
+        return None
+    library = Path(sob.get_lib_dir()) / sob.get_library(fullname=True)
+    return Blas(library, "scipy_", importlib.metadata.version("scipy-openblas32"))
+
+
+def offload(mod: tvm.IRModule, blas: Blas) -> tuple[tvm.IRModule, int]:
+    """Every float32 matmul BLAS can compute in place (see the module's docstring) as an extern GEMM call;
+    returns the module and how many matmuls were offloaded."""
+    rewriter = _Offload(mod, blas)
+    mod = rewriter.transform()
+    return relax.transform.DeadCodeElimination()(mod), rewriter.count
+
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_ATTENTION = tvm.ir.Op.get("relax.nn.attention")
+
+
+@mutator
+class _Offload(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, blas: Blas) -> None:
+        super().__init__(mod)
+        self.mod_, self.blas, self.count = mod, blas, 0
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op == _ATTENTION:
+            return self._attention(call)
+        if call.op != _MATMUL or str(call.attrs.out_dtype) not in ("None", "", "float32"):
+            return call
+        (a, trans_a), (b, trans_b) = (self._untransposed(arg) for arg in call.args)
+        offloaded = self._matmul(a, b, trans_a, trans_b)
+        return call if offloaded is None else offloaded
+
+    def _matmul(self, a: relax.Expr, b: relax.Expr, trans_a: bool, trans_b: bool) -> relax.Expr | None:
+        gemm = _gemm(a.ty, b.ty, trans_a, trans_b)
+        if gemm is None:
+            return None
+        self.count += 1
+        return self.builder_.call_te(gemm(self.blas.prefix), a, b, primfunc_name_hint="blas_matmul")
+
+    def _attention(self, call: relax.Call) -> relax.Expr:
+        """``softmax(q k^T * scale + bias, causal) v`` over (batch, seq, heads, dim) operands, the products on
+        BLAS; the call unchanged where a product is not BLAS's (heads differ, not float32) or a window is set."""
+        q, k, v, *bias = call.args
+        if call.attrs.window_size is not None or any(x.ty.dtype != "float32" for x in (q, k, v)):
+            return call
+        if not all(isinstance(x.ty.shape, relax.ShapeExpr) for x in (q, k, v)):
+            return call
+        heads = [x.ty.shape.values[2] for x in (q, k, v)]
+        if not all(Analyzer().can_prove_equal(h, heads[0]) for h in heads):
+            return call
+        emit, op = self.builder_.emit, relax.op
+        qt, kt, vt = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))
+        scores = self._matmul(qt, kt, False, True)
+        dim = q.ty.shape.values[3]
+        scale = call.attrs.scale.value if call.attrs.scale is not None else 1 / int(dim) ** 0.5
+        probs = self.builder_.call_te(
+            _masked_softmax,
+            emit(scores),
+            *bias,
+            scale=float(scale),
+            causal=call.attrs.causal_mask,
+            primfunc_name_hint="attention_softmax",
+        )
+        return op.permute_dims(emit(self._matmul(emit(probs), vt, False, False)), [0, 2, 1, 3])
+
+    def _untransposed(self, arg: relax.Expr) -> tuple[relax.Expr, bool]:
+        """``arg`` and False, or the operand of a last-two-axes ``permute_dims`` producing it and True."""
+        bound = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
+        if isinstance(bound, relax.Call) and bound.op == _PERMUTE and bound.args[0].ty.ndim >= 2:
+            rank = bound.args[0].ty.ndim
+            axes = [int(x) for x in bound.attrs.axes] if bound.attrs.axes is not None else list(range(rank))[::-1]
+            if axes == [*range(rank - 2), rank - 1, rank - 2]:
+                return bound.args[0], True
+        return arg, False
+
+
+def _gemm(a_ty, b_ty, trans_a: bool, trans_b: bool):
+    """A TE builder computing ``op(a) @ op(b)`` with BLAS, or None where BLAS does not apply (not float32,
+    a vector, a batch broadcast BLAS strides cannot express)."""
+    if not all(isinstance(t, relax.TensorType) and t.dtype == "float32" and t.ndim >= 2 for t in (a_ty, b_ty)):
+        return None
+    if a_ty.shape is None or b_ty.shape is None:
+        return None
+    a_batch, b_batch = list(a_ty.shape.values[:-2]), list(b_ty.shape.values[:-2])
+    analyzer = Analyzer()
+    ones = lambda dims: all(analyzer.can_prove_equal(x, 1) for x in dims)  # noqa: E731
+    lead_from_a = len(a_batch) > len(b_batch) or (len(a_batch) == len(b_batch) and not ones(a_batch))
+    batch = a_batch if lead_from_a else b_batch
+
+    def strided(side) -> bool | None:
+        """True: one matrix per batch element; False: one matrix for all (stride 0); None: neither."""
+        if len(side) == len(batch) and all(analyzer.can_prove_equal(x, y) for x, y in zip(side, batch, strict=True)):
+            return True
+        return False if ones(side) else None
+
+    a_strided, b_strided = strided(a_batch), strided(b_batch)
+    if a_strided is None or b_strided is None:
+        return None
+    flat = not b_batch and not trans_a  # a's leading dims are rows of one GEMM
+
+    def build(prefix: str):
+        def compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+            m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
+            n = b.shape[-2] if trans_b else b.shape[-1]
+            lead = a.shape[:-2] if lead_from_a else b.shape[:-2]
+
+            def body(ins, outs):
+                x, w = ins
+                (y,) = outs
+                rows = _product(a.shape[:-1]) if flat else m
+                args = [ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS]
+                args += [_i32(rows), _i32(n), _i32(k), tir.const(1.0, "float32")]
+                lda, ldb = (m if trans_a else k), (k if trans_b else n)
+                if flat:
+                    args += [x.access_ptr("r"), _i32(lda), w.access_ptr("r"), _i32(ldb)]
+                    args += [tir.const(0.0, "float32"), y.access_ptr("w"), _i32(n)]
+                    return tir.call_extern("int32", f"{prefix}cblas_sgemm", *args)
+                args += [x.access_ptr("r"), _i32(lda), _i32(m * k if a_strided else 0)]
+                args += [w.access_ptr("r"), _i32(ldb), _i32(k * n if b_strided else 0)]
+                args += [tir.const(0.0, "float32"), y.access_ptr("w"), _i32(n), _i32(m * n), _i32(_product(lead))]
+                return tir.call_extern("int32", f"{prefix}cblas_sgemm_batch_strided", *args)
+
+            return te.extern([*lead, m, n], [a, b], body, name="blas_matmul", dtype="float32")
+
+        return compute
+
+    return build
+
+
+def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: float, causal: str | None) -> te.Tensor:
+    """Softmax over the last axis of ``scores * scale (+ bias)``, keys after the query's own position
+    (``TopLeft``: key j <= query i; ``BottomRight``: j <= i + S - L) at the dtype's lowest."""
+    from tvm import topi
+
+    length, keys = scores.shape[-2], scores.shape[-1]
+    shift = 0 if causal == "TopLeft" else keys - length
+
+    def logit(b, h, i, j):
+        value = scores[b, h, i, j] * tir.const(scale, "float32")
+        if bias:
+            value = value + bias[0][b, h, i, j]
+        if causal is None:
+            return value
+        return tir.if_then_else(j > i + shift, tir.min_value("float32"), value)
+
+    return topi.nn.softmax(te.compute(scores.shape, logit, name="logits"), axis=-1)
+
+
+def _i32(value) -> tir.PrimExpr:
+    return tir.Cast("int32", value) if not isinstance(value, int) else tir.const(value, "int32")
+
+
+def _product(dims) -> tir.PrimExpr:
+    result = tir.const(1, "int64")
+    for d in dims:
+        result = result * d
+    return result
