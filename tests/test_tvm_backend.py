@@ -162,3 +162,17 @@ def test_spec_with_onnx_and_tvm_backends(tmp_path):
     assert tvm_record["target"] == "tvm" and tvm_record["errors"]["rel_l2"] < 1e-5
     with pytest.raises(Exception, match="filename"):
         TvmBackendConfig(target="tvm", filename="model.onnx")
+
+
+class ScaledAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("blas", ["none", "openblas"])
+def test_attention_keeps_its_scale(tmp_path, blas):
+    """TVM's importer drops SDPA's scale; the backend folds it into q (TransMLA's widened q/k rely on it)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, d, generator=gen) for d in (16, 16, 8))
+    graph = capture(ScaledAttention(), (q, k, v))
+    assert tvm_backend(blas=blas).build(graph, [(q, k, v)], tmp_path).errors["rel_l2"] < 1e-5

@@ -135,6 +135,7 @@ def prepare(graph: Graph) -> Graph:
     aten = torch.ops.aten
     work = graph.clone()
     explicit_masked_attention(work)
+    scale_folded_into_query(work)
     # transformers writes .to(x.device[, dtype]): on one device a dtype cast at most; TVM's importer lacks to.device
     for node in work.nodes:
         if node.op == "call_function" and node.target is aten.to.device:
@@ -213,6 +214,31 @@ def explicit_masked_attention(work: Graph) -> None:
             out = b.call(aten.matmul.default, probs, v)
         sdpa.replace_all_uses_with(out)
         work.fx.erase_node(sdpa)
+
+
+def scale_folded_into_query(work: Graph) -> None:
+    """Rewrite, in place, attention with an explicit ``scale`` as attention on ``q * scale * sqrt(E)``.
+
+    TVM's importer drops SDPA's ``scale`` (its ``nn.attention`` then divides by ``sqrt(E)``, E
+    the query's head dim); TransMLA's decoupled RoPE widens q/k beyond the head dim the
+    original scale was for, so the two differ there.
+    """
+    aten = torch.ops.aten
+    for sdpa in work.nodes:
+        if sdpa.op != "call_function" or sdpa.target is not aten.scaled_dot_product_attention.default:
+            continue
+        scale = sdpa.args[6] if len(sdpa.args) > 6 else sdpa.kwargs.get("scale")
+        if scale is None:
+            continue
+        q = sdpa.args[0]
+        with work.fx.inserting_before(sdpa):
+            scaled = SubgraphBuilder(work, "", sdpa).call(
+                aten.mul.Tensor, q, scale * math.sqrt(q.meta["val"].shape[-1])
+            )
+        sdpa.update_arg(0, scaled)
+        if len(sdpa.args) > 6:
+            sdpa.args = sdpa.args[:6]
+        sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "scale"}
 
 
 def _relax_ops(mod) -> list[str]:

@@ -127,12 +127,15 @@ class _Offload(PyExprMutator):
         qt, kt, vt = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))
         scores = self._matmul(qt, kt, False, True)
         dim = q.ty.shape.values[3]
-        scale = call.attrs.scale.value if call.attrs.scale is not None else 1 / int(dim) ** 0.5
+        if call.attrs.scale is not None:
+            scale = tir.const(call.attrs.scale.value, "float32")
+        else:  # the head dim may be symbolic
+            scale = tir.const(1.0, "float32") / tir.sqrt(tir.Cast("float32", dim))
         probs = self.builder_.call_te(
             _masked_softmax,
             emit(scores),
             *bias,
-            scale=float(scale),
+            scale=scale,
             causal=call.attrs.causal_mask,
             primfunc_name_hint="attention_softmax",
         )
@@ -202,7 +205,7 @@ def _gemm(a_ty, b_ty, trans_a: bool, trans_b: bool):
     return build
 
 
-def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: float, causal: str | None) -> te.Tensor:
+def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: tir.PrimExpr, causal: str | None) -> te.Tensor:
     """Softmax over the last axis of ``scores * scale (+ bias)``, keys after the query's own position
     (``TopLeft``: key j <= query i; ``BottomRight``: j <= i + S - L) at the dtype's lowest."""
     from tvm import topi
@@ -211,7 +214,7 @@ def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: float, causal: s
     shift = 0 if causal == "TopLeft" else keys - length
 
     def logit(b, h, i, j):
-        value = scores[b, h, i, j] * tir.const(scale, "float32")
+        value = scores[b, h, i, j] * scale
         if bias:
             value = value + bias[0][b, h, i, j]
         if causal is None:
