@@ -19,17 +19,23 @@ from graphpress.schema import TvmBackendConfig  # noqa: E402
 
 def offloaded(module, inputs, tmp_path):
     """(outputs of the library built with every offloadable matmul on BLAS, how many were offloaded)."""
-    import tvm
-    from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    mod = from_exported_program(torch.export.export(module, inputs))
+    return run_offloaded(mod, [x.numpy() for x in inputs], tmp_path)
+
+
+def run_offloaded(mod, arrays, tmp_path):
+    import tvm
+    from tvm import relax
+
     blas = tvm_blas.find()
-    mod, count = tvm_blas.offload(from_exported_program(torch.export.export(module, inputs)), blas)
+    mod, count = tvm_blas.offload(mod, blas)
     library = tmp_path / "model.so"
     blas.copy_beside(library)
     tvm.compile(mod, target="llvm").export_library(str(library), options=blas.export_options())
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    out = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+    out = vm["main"](*map(tvm.runtime.tensor, arrays))
     return [o.numpy() for o in ([out] if hasattr(out, "numpy") else out)], count
 
 
@@ -48,6 +54,7 @@ class Products(torch.nn.Module):
             q[:1, :1] @ k.transpose(-1, -2),  # a left batch of one: stride 0
             torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True),
             torch.nn.functional.scaled_dot_product_attention(q, k, k, scale=0.3),
+            torch.nn.functional.scaled_dot_product_attention(q, k[:, :1], k[:, :1], enable_gqa=True),  # MQA
         )
 
 
@@ -57,7 +64,7 @@ def test_every_product_form_matches_torch(tmp_path):
     inputs += (torch.randn(2, 4, 7, 8, generator=gen),)
     module = Products().eval()
     outs, count = offloaded(module, inputs, tmp_path)
-    assert count == 2 + 3 + 2 * 2
+    assert count == 2 + 3 + 2 * 3
     for ours, expected in zip(outs, module(*inputs), strict=True):
         np.testing.assert_allclose(ours, expected.detach().numpy(), rtol=1e-5, atol=1e-5)
 
@@ -81,11 +88,38 @@ def test_broadcasts_and_vectors(tmp_path, a, b, count):
     np.testing.assert_allclose(out, (a @ b).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ((2, 4, 7, 8), (2, 1, 8, 5)),  # one right matrix per batch, broadcast over heads: a loop over the batch
+        ((1, 4, 7, 8), (3, 1, 8, 5)),  # each side broadcast along one dim
+        ((4, 7, 8), (2, 4, 8, 5)),  # ranks differ
+    ],
+)
+def test_batch_dims_broadcast_one_by_one(tmp_path, a, b):
+    """Relax matmuls as the attention rewrite emits them (torch.export would have spelled the broadcast out)."""
+    from tvm import relax
+
+    a, b = (
+        np.random.default_rng(0).standard_normal(a, "float32"),
+        np.random.default_rng(1).standard_normal(b, "float32"),
+    )
+    builder = relax.BlockBuilder()
+    x, y = relax.Var("a", relax.TensorType(a.shape, "float32")), relax.Var("b", relax.TensorType(b.shape, "float32"))
+    with builder.function("main", [x, y]):
+        with builder.dataflow():
+            out = builder.emit_output(relax.op.matmul(x, y))
+        builder.emit_func_output(out)
+    (ours,), count = run_offloaded(builder.get(), [a, b], tmp_path)
+    assert count == 1
+    np.testing.assert_allclose(ours, a @ b, rtol=1e-5, atol=1e-5)
+
+
 def test_other_dtypes_stay_with_tvm(tmp_path):
     a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     (out,), count = offloaded(Broadcast(), (a, b), tmp_path)  # TVM's importer returns it in float32
     assert count == 0
-    np.testing.assert_allclose(out, (a @ b).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out, (a @ b).numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

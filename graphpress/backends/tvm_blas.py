@@ -114,15 +114,16 @@ class _Offload(PyExprMutator):
 
     def _attention(self, call: relax.Call) -> relax.Expr:
         """``softmax(q k^T * scale + bias, causal) v`` over (batch, seq, heads, dim) operands, the products on
-        BLAS; the call unchanged where a product is not BLAS's (heads differ, not float32) or a window is set."""
+        BLAS (one key/value head is broadcast to every query head); the call unchanged where a product is not
+        BLAS's (grouped heads, not float32) or a window is set."""
         q, k, v, *bias = call.args
         if call.attrs.window_size is not None or any(x.ty.dtype != "float32" for x in (q, k, v)):
             return call
         if not all(isinstance(x.ty.shape, relax.ShapeExpr) for x in (q, k, v)):
             return call
-        heads = [x.ty.shape.values[2] for x in (q, k, v)]
-        if not all(Analyzer().can_prove_equal(h, heads[0]) for h in heads):
-            return call
+        heads, analyzer = [x.ty.shape.values[2] for x in (q, k, v)], Analyzer()
+        if not all(analyzer.can_prove_equal(h, heads[0]) or analyzer.can_prove_equal(h, 1) for h in heads[1:]):
+            return call  # grouped heads: TVM's kernel broadcasts them
         emit, op = self.builder_.emit, relax.op
         qt, kt, vt = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))
         scores = self._matmul(qt, kt, False, True)
@@ -153,50 +154,72 @@ class _Offload(PyExprMutator):
 
 
 def _gemm(a_ty, b_ty, trans_a: bool, trans_b: bool):
-    """A TE builder computing ``op(a) @ op(b)`` with BLAS, or None where BLAS does not apply (not float32,
-    a vector, a batch broadcast BLAS strides cannot express)."""
+    """A TE builder computing ``op(a) @ op(b)`` with BLAS, or None where BLAS does not apply (not float32, a
+    vector, batch dims neither equal nor 1).
+
+    Batch dims broadcast one by one: the innermost run of dims in which each side is either whole or
+    broadcast is one ``sgemm_batch_strided`` call (a broadcast side has stride 0); dims outside it are loops
+    around the call (MQA's single key head under a symbolic batch: a loop over the batch, the heads strided).
+    """
     if not all(isinstance(t, relax.TensorType) and t.dtype == "float32" and t.ndim >= 2 for t in (a_ty, b_ty)):
         return None
     if a_ty.shape is None or b_ty.shape is None:
         return None
-    a_batch, b_batch = list(a_ty.shape.values[:-2]), list(b_ty.shape.values[:-2])
     analyzer = Analyzer()
-    ones = lambda dims: all(analyzer.can_prove_equal(x, 1) for x in dims)  # noqa: E731
-    lead_from_a = len(a_batch) > len(b_batch) or (len(a_batch) == len(b_batch) and not ones(a_batch))
-    batch = a_batch if lead_from_a else b_batch
-
-    def strided(side) -> bool | None:
-        """True: one matrix per batch element; False: one matrix for all (stride 0); None: neither."""
-        if len(side) == len(batch) and all(analyzer.can_prove_equal(x, y) for x, y in zip(side, batch, strict=True)):
-            return True
-        return False if ones(side) else None
-
-    a_strided, b_strided = strided(a_batch), strided(b_batch)
-    if a_strided is None or b_strided is None:
-        return None
-    flat = not b_batch and not trans_a  # a's leading dims are rows of one GEMM
+    rank = max(a_ty.ndim, b_ty.ndim) - 2
+    a_batch = [1] * (rank - a_ty.ndim + 2) + list(a_ty.shape.values[:-2])
+    b_batch = [1] * (rank - b_ty.ndim + 2) + list(b_ty.shape.values[:-2])
+    whole: list[tuple[bool, bool]] = []  # per batch dim: (a has it, b has it); False: broadcast from 1
+    for x, y in zip(a_batch, b_batch, strict=True):
+        if analyzer.can_prove_equal(x, y):
+            whole.append((True, True))
+        elif analyzer.can_prove_equal(y, 1):
+            whole.append((True, False))
+        elif analyzer.can_prove_equal(x, 1):
+            whole.append((False, True))
+        else:
+            return None
+    inner = rank  # batch dims [inner:] share one pattern: one strided call
+    while inner > 0 and whole[inner - 1] == whole[-1]:
+        inner -= 1
+    flat = not trans_a and all(not b for _, b in whole)  # b is one matrix: a's leading dims are GEMM rows
 
     def build(prefix: str):
         def compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
             m, k = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
             n = b.shape[-2] if trans_b else b.shape[-1]
-            lead = a.shape[:-2] if lead_from_a else b.shape[:-2]
+            a_dims = [1] * (rank - len(a.shape) + 2) + list(a.shape[:-2])
+            b_dims = [1] * (rank - len(b.shape) + 2) + list(b.shape[:-2])
+            lead = [x if wa else y for x, y, (wa, _) in zip(a_dims, b_dims, whole, strict=True)]
+            trans = [ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS]
+            lda, ldb = (m if trans_a else k), (k if trans_b else n)
+            one = tir.const(1.0, "float32"), tir.const(0.0, "float32")
 
             def body(ins, outs):
                 x, w = ins
                 (y,) = outs
-                rows = _product(a.shape[:-1]) if flat else m
-                args = [ROW_MAJOR, TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS]
-                args += [_i32(rows), _i32(n), _i32(k), tir.const(1.0, "float32")]
-                lda, ldb = (m if trans_a else k), (k if trans_b else n)
                 if flat:
-                    args += [x.access_ptr("r"), _i32(lda), w.access_ptr("r"), _i32(ldb)]
-                    args += [tir.const(0.0, "float32"), y.access_ptr("w"), _i32(n)]
+                    rows = _product([*a.shape[:-2], m])
+                    args = [*trans, _i32(rows), _i32(n), _i32(k), one[0], x.access_ptr("r"), _i32(lda)]
+                    args += [w.access_ptr("r"), _i32(ldb), one[1], y.access_ptr("w"), _i32(n)]
                     return tir.call_extern("int32", f"{prefix}cblas_sgemm", *args)
-                args += [x.access_ptr("r"), _i32(lda), _i32(m * k if a_strided else 0)]
-                args += [w.access_ptr("r"), _i32(ldb), _i32(k * n if b_strided else 0)]
-                args += [tir.const(0.0, "float32"), y.access_ptr("w"), _i32(n), _i32(m * n), _i32(_product(lead))]
-                return tir.call_extern("int32", f"{prefix}cblas_sgemm_batch_strided", *args)
+                loops = [tir.Var(f"b{d}", "int64") for d in range(inner)]
+                offsets = [tir.const(0, "int64")] * 3
+                for d, var in enumerate(loops):
+                    strides = (_product(a_dims[d + 1 :]) * m * k, _product(b_dims[d + 1 :]) * k * n)
+                    strides += (_product(lead[d + 1 :]) * m * n,)
+                    has = (*whole[d], True)
+                    offsets = [o + var * st if h else o for o, st, h in zip(offsets, strides, has, strict=True)]
+                a_step, b_step = (m * k if whole[-1][0] else 0), (k * n if whole[-1][1] else 0)
+                group = _product(lead[inner:])
+                args = [*trans, _i32(m), _i32(n), _i32(k), one[0]]
+                args += [x.access_ptr("r", offset=offsets[0]), _i32(lda), _i32(a_step)]
+                args += [w.access_ptr("r", offset=offsets[1]), _i32(ldb), _i32(b_step), one[1]]
+                args += [y.access_ptr("w", offset=offsets[2]), _i32(n), _i32(m * n), _i32(group)]
+                stmt = tir.Evaluate(tir.call_extern("int32", f"{prefix}cblas_sgemm_batch_strided", *args))
+                for d in reversed(range(inner)):
+                    stmt = tir.For(loops[d], tir.const(0, "int64"), lead[d], tir.ForKind.SERIAL, stmt)
+                return stmt
 
             return te.extern([*lead, m, n], [a, b], body, name="blas_matmul", dtype="float32")
 
