@@ -10,8 +10,10 @@ and positions counted from each row's first real token, as transformers' ``gener
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,10 +96,21 @@ class OnnxDecoder:
         return torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
 
 
+BLAS_LIBRARY = "libscipy_openblas.so"
+
+
+def blas_library() -> ctypes.CDLL:
+    """The OpenBLAS the loaded TVM libraries call: opened by its soname, which finds the copy already loaded
+    (a path would load a second copy when the first came from another folder)."""
+    return ctypes.CDLL(BLAS_LIBRARY, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+
+
 class TvmModule:
     """A library written by graphpress' TVM backend, called with and returning torch tensors (CPU)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, blas_threads: int | None = None):
+        """``blas_threads``: OpenBLAS threads for a library whose matmuls call the BLAS beside it (None: its
+        default, ``OPENBLAS_NUM_THREADS`` or every core)."""
         import tvm
         from tvm import relax
 
@@ -106,6 +119,8 @@ class TvmModule:
         verify_published(f"{path}.json")
         self.meta = json.loads(Path(f"{path}.json").read_text())
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        if blas_threads is not None and (self.path.parent / BLAS_LIBRARY).exists():
+            blas_library().scipy_openblas_set_num_threads(int(blas_threads))
         self._tvm = tvm
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -127,8 +142,8 @@ class TvmModule:
 class TvmDecoder:
     """A TVM decode-step library written by graphpress (its cache layout is in the sidecar JSON)."""
 
-    def __init__(self, path: str | Path):
-        self.module = TvmModule(path)
+    def __init__(self, path: str | Path, blas_threads: int | None = None):
+        self.module = TvmModule(path, blas_threads)
         if self.module.meta.get("cache_layout") is None:
             raise ValueError(f"{path}: not a graphpress decode graph (no cache layout in {path}.json)")
         self.layout = CacheLayout.from_json(self.module.meta["cache_layout"])

@@ -122,9 +122,12 @@ def test_other_dtypes_stay_with_tvm(tmp_path):
     np.testing.assert_allclose(out, (a @ b).numpy(), rtol=1e-5, atol=1e-6)
 
 
+LINEAR = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+
+
 @pytest.fixture(scope="module")
 def small_graph():
-    return capture(torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), (torch.randn(2, 8),))
+    return capture(LINEAR, (torch.randn(2, 8),))
 
 
 def test_none_keeps_tvm_loops_and_the_folder_without_blas(small_graph, tmp_path):
@@ -141,3 +144,15 @@ def test_openblas_without_the_package_is_refused_by_field(small_graph, tmp_path,
     with pytest.raises(BackendError, match=r"backends\[0\]\.blas: 'openblas' needs the scipy-openblas32 package"):
         backend.build(small_graph, [(torch.randn(3, 8),)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_runtime_sets_the_blas_threads_of_the_library_beside(small_graph, tmp_path):
+    from graphpress.runtime import TvmModule, blas_library
+
+    build_backend(TvmBackendConfig(target="tvm", blas="openblas"), "backends[0]").build(
+        small_graph, [(torch.randn(3, 8),)], tmp_path
+    )
+    x = torch.randn(5, 8)
+    (out,) = TvmModule(tmp_path / "model.so", blas_threads=1)(x)
+    assert blas_library().scipy_openblas_get_num_threads() == 1
+    torch.testing.assert_close(out, LINEAR(x).detach(), rtol=1e-5, atol=1e-5)
