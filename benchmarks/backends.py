@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -67,6 +69,31 @@ def build(graph, calibration, out: Path, runtimes) -> dict:
     return records
 
 
+MEMORY_PROBE = """
+import sys, torch
+from examples.tiny_llama.evaluate import OnnxLM
+from graphpress.runtime import TvmModule
+import onnxruntime, tvm  # noqa: F401 - imported before the baseline
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+runtime, artifact = sys.argv[1:3]
+open("/proc/self/clear_refs", "w").write("5")  # the peak so far (imports) reset to the current RSS
+before = status("VmRSS:")
+model = OnnxLM(artifact, threads=2) if runtime == "onnxruntime" else TvmModule(artifact)
+model(torch.randint(0, 256, (1, 256)))
+print(status("VmHWM:") - before)
+"""
+
+
+def peak_memory_mb(runtime: str, artifact: str) -> float:
+    """Peak RSS growth (MB) of a fresh process that loads the forward artifact and runs one 1x256 call:
+    the weights as the runtime holds them plus its working memory."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, runtime, artifact], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
+
+
 def empty_cache(decoder, context: int) -> list[torch.Tensor]:
     return [
         torch.randn(*[1 if d is None else d for d in e.shape[: e.seq_axis]], context, *e.shape[e.seq_axis + 1 :])
@@ -89,7 +116,7 @@ def main() -> None:
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
     step_ids = torch.zeros(1, 1, dtype=torch.long)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
-    forward, decode, errors, sizes = {}, {}, {}, {}
+    forward, decode, errors, sizes, memory = {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, passes) in enumerate(variants.items()):
             for mode in ("forward", "decode"):
@@ -106,6 +133,7 @@ def main() -> None:
                     )
                     artifact = record.artifact
                     if mode == "forward":
+                        memory[(name, runtime)] = peak_memory_mb(runtime, artifact)
                         if runtime == "onnxruntime":
                             forward[(name, runtime)] = OnnxLM(artifact, threads=2)
                         else:
@@ -123,10 +151,14 @@ def main() -> None:
     blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "every core")
     print(f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), interleaved medians of {args.repeats}")
     print(f"onnxruntime 2 threads; TVM's kernels 1 thread, OpenBLAS {blas_threads} (OPENBLAS_NUM_THREADS)")
-    print("ms per call; (x) = time / onnxruntime's; artifact MB without the BLAS library (25 MB)")
+    print("ms per call; (x) = time / onnxruntime's; artifact MB without the BLAS library (25 MB); forward peak MB:")
+    print("RSS growth of a fresh process loading the forward artifact and running one 1x256 call")
     contexts = [f"decode @ {c}" for c in args.contexts]
-    print(f"| variant | runtime | forward 1x256 | {' | '.join(contexts)} | rel_l2 fwd / decode | artifact MB |")
-    print("|---|---|" + "---:|" * (len(contexts) + 1) + "---|---:|")
+    print(
+        f"| variant | runtime | forward 1x256 | {' | '.join(contexts)} | rel_l2 fwd / decode | artifact MB "
+        "| forward peak MB |"
+    )
+    print("|---|---|" + "---:|" * (len(contexts) + 1) + "---|---:|---:|")
     for name in variants:
         for runtime in ["onnxruntime", *[r for r in TVM_BUILDS if r in args.runtimes]]:
             cells = [_cell(fwd, (name, runtime), (name, "onnxruntime"))]
@@ -136,7 +168,9 @@ def main() -> None:
                 for m in ("forward", "decode")
             )
             size = sizes.get((name, "decode", runtime), sizes.get((name, "forward", runtime), 0)) / 1e6
-            print(f"| {name} | {runtime} | {' | '.join(cells)} | {errs} | {size:.1f} |")
+            peak = memory.get((name, runtime))
+            peak = "-" if peak is None else f"{peak:.0f}"
+            print(f"| {name} | {runtime} | {' | '.join(cells)} | {errs} | {size:.1f} | {peak} |")
 
 
 def _cell(times: dict, key, reference) -> str:
