@@ -48,14 +48,13 @@ class TvmBackend(Backend):
         except Exception as exc:
             raise BackendError(f"{self.spec_path}: TVM Relax import failed: {type(exc).__name__}: {exc}") from exc
         histogram = Counter(_relax_ops(mod))
-        blas = self.blas()
-        offloaded = 0
-        if blas is not None:
-            mod, offloaded = tvm_blas.offload(mod, blas)
+        blas, offloaded = self.blas(), 0
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
                 with step(f"{self.spec_path} tvm: compiling for {cfg.device}"):
+                    if blas is not None:
+                        mod, offloaded = tvm_blas.offload(mod, blas)
                     executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
                     options = []
                     if offloaded:
