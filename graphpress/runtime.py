@@ -96,13 +96,10 @@ class OnnxDecoder:
         return torch.from_numpy(outs[0]), [torch.from_numpy(o) for o in outs[1:]]
 
 
-BLAS_LIBRARY = "libscipy_openblas.so"
-
-
-def blas_library() -> ctypes.CDLL:
+def blas_library(soname: str) -> ctypes.CDLL:
     """The OpenBLAS the loaded TVM libraries call: opened by its soname, which finds the copy already loaded
     (a path would load a second copy when the first came from another folder)."""
-    return ctypes.CDLL(BLAS_LIBRARY, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    return ctypes.CDLL(soname, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
 
 
 class TvmModule:
@@ -119,8 +116,9 @@ class TvmModule:
         verify_published(f"{path}.json")
         self.meta = json.loads(Path(f"{path}.json").read_text())
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-        if blas_threads is not None and (self.path.parent / BLAS_LIBRARY).exists():
-            blas_library().scipy_openblas_set_num_threads(int(blas_threads))
+        blas = self.meta.get("blas")  # the backend's record of the BLAS beside the library, if it calls one
+        if blas_threads is not None and blas is not None:
+            getattr(blas_library(blas["library"]), f"{blas['prefix']}openblas_set_num_threads")(int(blas_threads))
         self._tvm = tvm
 
     def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -154,5 +154,5 @@ def test_runtime_sets_the_blas_threads_of_the_library_beside(small_graph, tmp_pa
     )
     x = torch.randn(5, 8)
     (out,) = TvmModule(tmp_path / "model.so", blas_threads=1)(x)
-    assert blas_library().scipy_openblas_get_num_threads() == 1
+    assert blas_library("libscipy_openblas.so").scipy_openblas_get_num_threads() == 1
     torch.testing.assert_close(out, LINEAR(x).detach(), rtol=1e-5, atol=1e-5)

@@ -64,7 +64,8 @@ class TvmBackend(Backend):
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
-            sidecar.write_text(json.dumps(self.describe(graph), indent=1, sort_keys=True))
+            meta = {**self.describe(graph), "blas": blas.describe() if offloaded else None}
+            sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
             comparison = self.validate(staged, graph, inputs)
             errors = comparison.errors
             if errors["rel_l2"] > cfg.max_error:

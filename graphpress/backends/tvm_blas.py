@@ -53,6 +53,10 @@ class Blas:
         """``export_library`` options linking the library copied beside the artifact."""
         return ["-Wl,--no-as-needed", f"-L{self.library.parent}", f"-l{self.link_name}", "-Wl,-rpath,$ORIGIN"]
 
+    def describe(self) -> dict:
+        """What a runtime needs to reach the copy beside the artifact (its soname, the symbols' prefix)."""
+        return {"library": self.library.name, "prefix": self.prefix, "version": self.version}
+
     def copy_beside(self, artifact: Path) -> Path:
         target = artifact.parent / self.library.name
         shutil.copyfile(self.library, target)
