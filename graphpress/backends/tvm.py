@@ -29,6 +29,7 @@ from ..ir import Graph, SubgraphBuilder, ops
 from ..progress import step
 from ..schema.backends import TvmBackendConfig
 from .base import Backend, BackendRecord, Comparison
+from .fuse_linear import fuse_format_linears
 
 
 class TvmBackend(Backend):
@@ -39,21 +40,25 @@ class TvmBackend(Backend):
         self.require("tvm", "tvm")
         import tvm
 
-        from . import tvm_blas
+        from . import tvm_linear
 
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
+        blas, offloaded, fused = self.blas(), 0, Counter()
+        if blas is not None:  # a fused kernel's prompt path multiplies with BLAS
+            graph, fused = fuse_format_linears(graph, tvm_linear.decodes)
         try:
-            mod = self.import_graph(graph)
+            mod = self.import_graph(graph, blas)
         except Exception as exc:
             raise BackendError(f"{self.spec_path}: TVM Relax import failed: {type(exc).__name__}: {exc}") from exc
         histogram = Counter(_relax_ops(mod))
-        blas, offloaded = self.blas(), 0
         with staging_dir(out_dir) as tmp:
             staged = tmp / cfg.filename
             try:
                 with step(f"{self.spec_path} tvm: compiling for {cfg.device}"):
                     if blas is not None:
+                        from . import tvm_blas
+
                         mod, offloaded = tvm_blas.offload(mod, blas)
                     executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
                     options = []
@@ -86,6 +91,7 @@ class TvmBackend(Backend):
             details={
                 "device": cfg.device,
                 "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if offloaded else None,
+                "fused_linears": dict(sorted(fused.items())),
             },
             latency=comparison.latency,
         )
@@ -105,12 +111,16 @@ class TvmBackend(Backend):
         return found
 
     @staticmethod
-    def import_graph(graph: Graph):
+    def import_graph(graph: Graph, blas=None):
+        """Relax of the graph; fused compressed linears (``blas`` given) as :mod:`.tvm_linear`'s kernels."""
         from tvm.relax.frontend.torch import from_exported_program
 
+        from . import tvm_linear
+
+        fused = tvm_linear.relax_converters(blas) if blas is not None else {}
         return from_exported_program(
             prepare(graph).program,
-            custom_convert_map={**ops.relax_converters(), "repeat_interleave.self_int": _repeat_interleave},
+            custom_convert_map={**ops.relax_converters(), **fused, "repeat_interleave.self_int": _repeat_interleave},
             run_ep_decomposition=False,
         )
 

@@ -49,6 +49,12 @@ def relax_converters() -> dict:
     return {overload.__name__: convert for overload, convert in converters.items()}
 
 
+def packed_rows() -> dict:
+    """weight-format op -> its TIR form (:class:`.bitstream.PackedRows` from the op's stored tensors and
+    arguments), for the TVM backend's fused kernels: the formats whose codes a kernel decodes in registers."""
+    return {**int_weight.PACKED_ROWS, **lut.PACKED_ROWS}
+
+
 def decompositions() -> dict:
     """custom op overload -> its reference, for ``ExportedProgram.run_decompositions`` (backends
     without graphpress ops, e.g. torch-mlir, see the compressed formats' rebuild as aten ops)."""

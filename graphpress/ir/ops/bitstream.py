@@ -8,6 +8,9 @@ N:M sparse weight formats.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -94,3 +97,46 @@ def unpack_bits_relax(bb, packed, bits: int, rows: int, n: int):
     shifted = bb.emit(op.right_shift(bb.emit(op.expand_dims(words, -1)), relax_const(bits * np.arange(8), "int64")))
     codes = bb.emit(op.bitwise_and(shifted, relax_const(2**bits - 1, "int64")))
     return bb.emit(op.strided_slice(bb.emit(op.reshape(codes, (rows, -1))), axes=[1], begin=[0], end=[n]))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One stored tensor of a weight format, as a TIR kernel's parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """A weight (out_features, in_features) stored as rows of ``bits``-bit codes in bytes, described for a TIR
+    kernel that decodes it (:mod:`graphpress.backends.tvm_linear`). ``decoder(buffers)`` (the kernel's buffers
+    for ``params``) gives ``byte(n, j)``, byte j of row n, and ``value(n, j, code)``, the float32 weight a code
+    in that byte stands for. Only whole-byte streams (1, 2, 4, 8 bits: code k in byte k // (8 / bits))."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bits: int
+    width: int
+    params: tuple[Param, ...]
+    decoder: Callable
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def lanes(self) -> int:
+        """Bytes decoded per vector: the largest of 16, 8, 4, 2, 1 dividing the row."""
+        return next(n for n in (16, 8, 4, 2, 1) if self.width % n == 0)
+
+    @property
+    def chunks(self) -> int:
+        return self.width // self.lanes
+
+
+def whole_bytes(bits: int) -> bool:
+    """Whether every code of a ``bits``-bit stream lies within one byte (so a kernel reads it with one load)."""
+    return bits in (1, 2, 4, 8)

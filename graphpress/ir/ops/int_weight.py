@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .bitstream import (
+    PackedRows,
+    Param,
     onnx_const,
     pack_bits,
     packed_width,
@@ -34,6 +36,7 @@ from .bitstream import (
     unpack_bits,
     unpack_bits_onnx,
     unpack_bits_relax,
+    whole_bytes,
 )
 from .contrib import contrib_op
 
@@ -168,5 +171,43 @@ def int_weight_relax(node, importer):
     return bb.emit(op.strided_slice(flat, axes=[1], begin=[0], end=[in_features]))
 
 
+def int_weight_rows(codes, scales, zeros, bits: int, block_size: int, in_features: int) -> PackedRows | None:
+    """The TIR form (:class:`PackedRows`) of the stored tensors (fake ones do), or None where codes straddle
+    bytes. Byte j of a row is in block j // block_bytes; a code there is (code - zero) * scale."""
+    if not whole_bytes(bits):
+        return None
+    n, blocks, block_bytes = codes.shape
+    params = [Param("codes", (n, blocks, block_bytes), "uint8"), Param("scales", (n, blocks), _dtype(scales))]
+    if zeros is not None:
+        params.append(Param("zeros", tuple(zeros.shape), "uint8"))
+
+    def decoder(buffers):
+        from tvm import tirx as tir
+
+        codes_b, scales_b, *zeros_b = buffers
+        mask = tir.const(2**bits - 1, "int32")
+
+        def byte(row, j):
+            return codes_b[row, j // block_bytes, j % block_bytes]
+
+        def value(row, j, code):
+            block = j // block_bytes
+            if zeros_b:
+                packed = tir.Cast("int32", zeros_b[0][row, block * bits // 8])
+                zero = tir.bitwise_and(tir.shift_right(packed, block * bits % 8), mask)
+            else:
+                zero = tir.const(2 ** (bits - 1), "int32")
+            return tir.Cast("float32", code - zero) * tir.Cast("float32", scales_b[row, block])
+
+        return byte, value
+
+    return PackedRows("int", n, in_features, bits, blocks * block_bytes, tuple(params), decoder)
+
+
+def _dtype(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 RELAX_CONVERTERS = {torch.ops.graphpress.int_weight.default: int_weight_relax}
+PACKED_ROWS = {torch.ops.graphpress.int_weight.default: int_weight_rows}
 DECOMPOSITIONS = {torch.ops.graphpress.int_weight.default: int_weight_reference}

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const, relax_const, unpack_bits, unpack_bits_onnx, unpack_bits_relax
+from .bitstream import (
+    PackedRows,
+    Param,
+    onnx_const,
+    relax_const,
+    unpack_bits,
+    unpack_bits_onnx,
+    unpack_bits_relax,
+    whole_bytes,
+)
 
 
 def _row_offsets(out_features: int, group_rows: int, entries: int) -> Tensor:
@@ -59,6 +68,28 @@ def lut_weight_relax(node, importer):
     return bb.emit(op.take(bb.emit(op.reshape(codebook, (-1,))), flat, axis=0))
 
 
+def lut_weight_rows(indices, codebook, bits: int, in_features: int, group_rows: int) -> PackedRows | None:
+    """The TIR form (:class:`PackedRows`) of the stored tensors (fake ones do), or None where indices straddle
+    bytes: a code in row n is codebook[n // group_rows, code]."""
+    if not whole_bytes(bits):
+        return None
+    out_features, width = indices.shape
+    dtype = str(codebook.dtype).removeprefix("torch.")
+    params = (Param("indices", (out_features, width), "uint8"), Param("codebook", tuple(codebook.shape), dtype))
+
+    def decoder(buffers):
+        from tvm import tirx as tir
+
+        indices_b, codebook_b = buffers
+        return (
+            lambda row, j: indices_b[row, j],
+            lambda row, j, code: tir.Cast("float32", codebook_b[row // group_rows, code]),
+        )
+
+    return PackedRows("lut", out_features, in_features, bits, width, params, decoder)
+
+
 ONNX_TRANSLATIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.lut_weight.default: lut_weight_relax}
 DECOMPOSITIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_reference}
+PACKED_ROWS = {torch.ops.graphpress.lut_weight.default: lut_weight_rows}

@@ -1,0 +1,90 @@
+"""TVM backend's fused compressed linears: each format's kernel equals the unfused linear on all three paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+pytest.importorskip("scipy_openblas32")
+
+from graphpress.backends import build_backend, tvm_blas, tvm_linear  # noqa: E402
+from graphpress.backends.fuse_linear import fuse_format_linears  # noqa: E402
+from graphpress.backends.tvm import TvmBackend  # noqa: E402
+from graphpress.ir import capture  # noqa: E402
+from graphpress.runtime import TorchDecoder, TvmDecoder, greedy_generate  # noqa: E402
+from graphpress.schema import TvmBackendConfig  # noqa: E402
+
+from .test_tvm_backend import MLP, calibration, rewritten  # noqa: E402, F401
+from .test_tvm_forms import compressed  # noqa: E402
+
+ROWS = [1, 3, 8, 9, 40]
+"""M = 1 (one row in registers); 3 and 8 (tiles of 4, the first ragged); 9 and 40 (decoded once, BLAS)."""
+
+
+def fused_library(graph, tmp_path):
+    import tvm
+    from tvm import relax
+
+    blas = tvm_blas.find()
+    mod = TvmBackend.import_graph(graph, blas)
+    library = tmp_path / "model.so"
+    blas.copy_beside(library)
+    tvm.compile(mod, target="llvm").export_library(str(library), options=blas.export_options())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    return lambda x: vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"pass": "weight_quant", "method": "rtn", "bits": 2, "group_size": 16},
+        {"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": "channel"},
+        {"pass": "weight_quant", "method": "rtn", "bits": 8, "group_size": 16, "symmetric": True},
+        {"pass": "weight_clustering", "bits": 1, "granularity": "group", "group_size": 16},
+        {"pass": "weight_clustering", "bits": 4, "granularity": "group", "group_size": 16},
+    ],
+    ids=["int2", "int4-channel", "int8-symmetric", "lut1", "lut4"],
+)
+def test_fused_kernel_matches_the_unfused_linear_for_every_row_count(spec, tmp_path):
+    graph, _ = compressed(spec)
+    fused, counts = fuse_format_linears(graph, tvm_linear.decodes)
+    assert sum(counts.values()) == 2
+    run = fused_library(fused, tmp_path)
+    for rows in ROWS:
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        np.testing.assert_allclose(run(x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_codes_straddling_bytes_keep_the_rebuild(tmp_path):
+    """3-bit codes cross byte boundaries: no kernel here decodes them, so the pair stays unfused."""
+    graph, _ = compressed({"pass": "weight_quant", "method": "rtn", "bits": 3, "group_size": 32})
+    assert fuse_format_linears(graph, tvm_linear.decodes)[1].total() == 0
+
+
+def test_kernel_paths_are_chosen_by_rows():
+    """One PrimFunc: a branch for M == 1, one for tiles up to FUSED_ROWS, then the decode-once BLAS path."""
+    graph, _ = compressed({"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": 16})
+    weight = next(n for n in graph.nodes if str(n.target) == "graphpress.int_weight.default")
+    from graphpress.ir import ops
+
+    rows = ops.packed_rows()[weight.target](*[a.meta["val"] if hasattr(a, "meta") else a for a in weight.args])
+    script = tvm_linear.linear_kernel(rows, tvm_blas.find(), True, "k").script()
+    assert "m == T.int64(1)" in script and f"m <= T.int64({tvm_linear.FUSED_ROWS})" in script
+    assert script.count("T.parallel") == 3 and "scipy_cblas_sgemm" in script
+
+
+@pytest.mark.slow
+def test_quantized_example_lm_decodes_with_fused_kernels(trained_llama, calibration, tmp_path):  # noqa: F811
+    """Every MLP linear of the 4-bit example LM is one kernel; generation (prompt on BLAS, steps of 1 and 2
+    rows in registers) picks the same tokens as eager."""
+    graph = capture(trained_llama, calibration[0], mode="decode")
+    graph = rewritten(graph, calibration, {"pass": "weight_quant", "targets": MLP, "bits": 4, "group_size": 32})
+    backend = build_backend(TvmBackendConfig(target="tvm"), "backends[1]")
+    record = backend.build(graph, calibration, tmp_path)
+    assert record.errors["rel_l2"] < 1e-5
+    assert record.details["fused_linears"] == {"graphpress::int_linear": 12}
+    decoder = TvmDecoder(tmp_path / "model.so")
+    for prompt in (torch.tensor([list(b"def main")]), torch.tensor([list(b"def main"), list(b"import o")])):
+        assert torch.equal(greedy_generate(decoder, prompt, 6), greedy_generate(TorchDecoder(graph), prompt, 6))
