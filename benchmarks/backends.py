@@ -152,7 +152,11 @@ def main() -> None:
         dec = interleaved_median(decode, step_ids, args.repeats)
     blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "every core")
     print(f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), interleaved medians of {args.repeats}")
-    print(f"onnxruntime 2 threads; TVM's kernels 1 thread, OpenBLAS {blas_threads} (OPENBLAS_NUM_THREADS)")
+    tvm_threads = os.environ.get("TVM_NUM_THREADS", "every core")
+    print(
+        f"onnxruntime 2 threads; TVM's default kernels 1 thread, its fused compressed linears {tvm_threads} "
+        f"(TVM_NUM_THREADS), OpenBLAS {blas_threads} (OPENBLAS_NUM_THREADS)"
+    )
     print("ms per call; (x) = time / onnxruntime's; artifact MB without the BLAS library (25 MB); forward peak MB:")
     print("RSS growth of a fresh process loading the forward artifact and running one 1x256 call")
     contexts = [f"decode @ {c}" for c in args.contexts]

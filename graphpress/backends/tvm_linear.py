@@ -3,14 +3,16 @@
 A weight format whose codes are a bit stream of 1, 2, 4 or 8 bits per weight (integer blocks,
 ``graphpress::int_weight``; palettes, ``graphpress::lut_weight``) describes itself as
 :class:`graphpress.ir.ops.bitstream.PackedRows`: how to read byte ``j`` of row ``n`` and what
-weight a code there stands for. From that, ``y = x W^T + b`` for x (M, K) is one PrimFunc with
-two paths, chosen by M at run time (one decode graph serves the prompt and every step):
+weight a code there stands for. From that, ``y = x W^T + b`` for x (M, K) is one PrimFunc whose
+path is chosen by M at run time (one decode graph serves the prompt and every step):
 
 - **M <= ``FUSED_ROWS``** (a decoding step, a small batch): each output row n decodes its weights
   a vector of bytes at a time, in registers, and multiplies them into R rows of x at once
-  (R = 1 for a single row, 4 otherwise). x is first laid out as ``xs[m, chunk, slot, lane]`` =
-  x[m, (chunk * lanes + lane) * per + slot] (per codes per byte), so the products read x with
-  unit stride. The weight is never written out: a step reads the packed bytes, not float32.
+  (R = 1 for a single row, ``TILE_ROWS`` otherwise). x is first laid out as
+  ``xs[m, chunk, slot, lane]`` = x[m, (chunk * lanes + lane) * per + slot] (per codes per
+  byte), so the products read x with unit stride. Each slot, and every other chunk, has its own
+  vector accumulator (independent FMA chains), reduced with constant indices only so they stay
+  in registers. The weight is never written out: a step reads the packed bytes, not float32.
 - **M > ``FUSED_ROWS``** (a prompt): the weight is decoded once into a workspace and multiplied
   with BLAS's ``sgemm``; its cost is amortised over the M rows.
 

@@ -17,7 +17,9 @@ bits 2, 4 and 8 these are exactly ``MatMulNBits``' inputs B, scales and zero_poi
 ``linear(x, int_weight(...))``, and ``graphpress::int_linear`` is the pair fused, which the
 ONNX backend lowers to ``com.microsoft::MatMulNBits`` when asked (``ort_contrib_ops``) and
 the CUDA backend runs as a Triton kernel. ONNX (standard ops): unpack, then a blocked
-``DequantizeLinear`` (opset 21 and later) or Sub and Mul. TVM Relax: unpack, Sub, Mul.
+``DequantizeLinear`` (opset 21 and later) or Sub and Mul. TVM Relax: unpack, Sub, Mul. TIR
+(:func:`int_weight_rows`): the per-byte decode the TVM backend's fused ``int_linear`` kernel
+runs in registers (:mod:`graphpress.backends.tvm_linear`).
 """
 
 from __future__ import annotations

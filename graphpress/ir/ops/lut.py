@@ -7,7 +7,9 @@ b-bit index of every weight into its row group's codebook (rows ``g * group_rows
 
 ``graphpress::lut_weight`` rebuilds the dense weight; a palettized linear is
 ``linear(x, lut_weight(...))``. ONNX: unpack the bit stream, then Gather from the
-flattened codebooks. TVM Relax: the same, with shifts and ``take``.
+flattened codebooks. TVM Relax: the same, with shifts and ``take``. TIR (:func:`lut_weight_rows`):
+the per-byte decode the TVM backend's fused ``lut_linear`` kernel runs in registers
+(:mod:`graphpress.backends.tvm_linear`).
 """
 
 from __future__ import annotations
