@@ -13,8 +13,10 @@ from graphpress.backends import build_backend, tvm_blas, tvm_linear  # noqa: E40
 from graphpress.backends.fuse_linear import fuse_format_linears  # noqa: E402
 from graphpress.backends.tvm import TvmBackend  # noqa: E402
 from graphpress.ir import capture  # noqa: E402
+from graphpress.ir.ops import int_weight  # noqa: E402
+from graphpress.passes import PassContext, build_pass  # noqa: E402
 from graphpress.runtime import TorchDecoder, TvmDecoder, greedy_generate  # noqa: E402
-from graphpress.schema import TvmBackendConfig  # noqa: E402
+from graphpress.schema import TvmBackendConfig, load_spec  # noqa: E402
 
 from .test_tvm_backend import MLP, calibration, rewritten  # noqa: E402, F401
 from .test_tvm_forms import compressed  # noqa: E402
@@ -57,22 +59,36 @@ def test_fused_kernel_matches_the_unfused_linear_for_every_row_count(spec, tmp_p
         np.testing.assert_allclose(run(x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_parallel_tasks_cover_every_output_row(tmp_path):
+    """Enough weights for TVM's thread pool, and a row count that is no multiple of TASK_ROWS."""
+    model = torch.nn.Linear(256, 4100).eval()
+    x = torch.randn(2, 256)
+    graph = capture(model, (x,))
+    ctx = PassContext([(x,)])
+    for config in load_spec({"passes": [{"pass": "weight_quant", "method": "rtn", "bits": 4}]}).passes:
+        graph = build_pass(config).run(graph, ctx).graph
+    assert tvm_linear.PARALLEL_WEIGHTS <= 4100 * 256 and 4100 % tvm_linear.TASK_ROWS
+    run = fused_library(fuse_format_linears(graph, tvm_linear.decodes)[0], tmp_path)
+    for rows in ROWS:
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        np.testing.assert_allclose(run(x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-4)
+
+
 def test_codes_straddling_bytes_keep_the_rebuild(tmp_path):
     """3-bit codes cross byte boundaries: no kernel here decodes them, so the pair stays unfused."""
     graph, _ = compressed({"pass": "weight_quant", "method": "rtn", "bits": 3, "group_size": 32})
     assert fuse_format_linears(graph, tvm_linear.decodes)[1].total() == 0
 
 
-def test_kernel_paths_are_chosen_by_rows():
-    """One PrimFunc: a branch for M == 1, one for tiles up to FUSED_ROWS, then the decode-once BLAS path."""
-    graph, _ = compressed({"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": 16})
-    weight = next(n for n in graph.nodes if str(n.target) == "graphpress.int_weight.default")
-    from graphpress.ir import ops
-
-    rows = ops.packed_rows()[weight.target](*[a.meta["val"] if hasattr(a, "meta") else a for a in weight.args])
+@pytest.mark.parametrize("out_features, parallel", [(48, 0), (4096, 3)])
+def test_kernel_paths_are_chosen_by_rows(out_features, parallel):
+    """One PrimFunc: a branch for M == 1, one for tiles up to FUSED_ROWS, then the decode-once BLAS path; on
+    TVM's thread pool only from PARALLEL_WEIGHTS weights."""
+    codes = torch.zeros(out_features, 256 // 16, 8, dtype=torch.uint8)
+    rows = int_weight.int_weight_rows(codes, torch.ones(out_features, 16), None, 4, 16, 256)
     script = tvm_linear.linear_kernel(rows, tvm_blas.find(), True, "k").script()
     assert "m == T.int64(1)" in script and f"m <= T.int64({tvm_linear.FUSED_ROWS})" in script
-    assert script.count("T.parallel") == 3 and "scipy_cblas_sgemm" in script
+    assert script.count("T.parallel") == parallel and "scipy_cblas_sgemm" in script
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ path is chosen by M at run time (one decode graph serves the prompt and every st
 - **M > ``FUSED_ROWS``** (a prompt): the weight is decoded once into a workspace and multiplied
   with BLAS's ``sgemm``; its cost is amortised over the M rows.
 
-Output rows run in parallel (TVM's thread pool, ``TVM_NUM_THREADS``). Bits that straddle bytes
+Output rows run in parallel (TVM's thread pool, ``TVM_NUM_THREADS``) from ``PARALLEL_WEIGHTS`` weights on,
+in tasks of ``TASK_ROWS`` rows whose accumulators are allocated once per call. Bits that straddle bytes
 (3, 5, 6, 7) keep the rebuild-then-matmul form.
 """
 
@@ -41,6 +42,14 @@ FUSED_ROWS = 8
 
 TILE_ROWS = 4
 """Rows of x multiplied into one decoded vector of weights (when M > 1)."""
+
+PARALLEL_WEIGHTS = 1 << 20
+"""Weights from which a kernel's output rows run on TVM's thread pool: waking it costs ~15 us a call, more than
+the example LM's 256 x 704 linears take on one core (measured on 2 cores)."""
+
+TASK_ROWS = 16
+"""Output rows per parallel task. The tasks' accumulators are slices of one buffer allocated once per call: a
+local buffer inside the parallel loop costs a workspace allocation and free per row (~60 ns each)."""
 
 
 def decodes(weight: fx.Node) -> bool:
@@ -75,8 +84,8 @@ def _values(args) -> list:
 
 def linear_kernel(rows: PackedRows, blas: Blas, bias: bool, name: str) -> tir.PrimFunc:
     """The PrimFunc ``(x (M, K), *rows.params, [bias (N,)], y (M, N))`` described in the module's docstring."""
-    n_out, k_in, per, lanes, chunks = rows.out_features, rows.in_features, rows.per_byte, rows.lanes, rows.chunks
-    mask = tir.const((1 << rows.bits) - 1, "uint8")
+    n_out, k_in, per, lanes, chunks = rows.out_features, rows.in_features, rows.per, rows.lanes, rows.chunks
+    across = T.parallel if n_out * k_in >= PARALLEL_WEIGHTS else T.serial
     f32 = "float32"
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
@@ -86,11 +95,7 @@ def linear_kernel(rows: PackedRows, blas: Blas, bias: bool, name: str) -> tir.Pr
         params = [T.match_buffer(T.arg(p.name, T.handle()), p.shape, p.dtype) for p in rows.params]
         b = T.match_buffer(T.arg("bias", T.handle()), (n_out,), f32) if bias else None
         y = T.match_buffer(T.arg("y", T.handle()), (m_rows, n_out), f32)
-        byte, value = rows.decoder(params)
-
-        def code(n, j, slot):
-            shifted = tir.shift_right(byte(n, j), tir.Cast("uint8", slot * rows.bits))
-            return tir.Cast("int32", tir.bitwise_and(shifted, mask))
+        value = rows.decoder(params)
 
         def output(m, n, total):
             T.buffer_store(y, total + b[n] if bias else total, [m, n])
@@ -105,39 +110,45 @@ def linear_kernel(rows: PackedRows, blas: Blas, bias: bool, name: str) -> tir.Pr
                 T.buffer_store(xs, tir.if_then_else(inside, load, tir.const(0, f32)), [m, c, s, p])
             ways = 2 if chunks % 2 == 0 else 1  # independent accumulator chains per slot: FMA latency
             width = ways * per * lanes
-            with T.parallel(0, n_out) as n, T.serial(0, padded // tile) as t:
-                acc = T.alloc_local((tile * width,), f32)
-                with T.vectorized(tile * width) as p:
-                    T.buffer_store(acc, tir.const(0, f32), [p])
-                with (
-                    T.serial(0, chunks // ways) as outer,
-                    T.unroll(ways) as w,
-                    T.unroll(per) as s,
-                    T.unroll(tile) as i,
-                    T.vectorized(lanes) as p,
-                ):
-                    c = outer * ways + w
-                    j = c * lanes + p
-                    product = xs[t * tile + i, c, s, p] * value(n, j, code(n, j, s))
-                    slot = i * width + (w * per + s) * lanes + p
-                    T.buffer_store(acc, acc[slot] + product, [slot])
-                with T.unroll(tile) as i:  # constant indices only: acc stays in registers
-                    with T.unroll(1, ways * per) as r, T.vectorized(lanes) as p:
-                        first, other = i * width + p, i * width + r * lanes + p
-                        T.buffer_store(acc, acc[first] + acc[other], [first])
-                    total = T.alloc_local((1,), f32)
-                    T.buffer_store(total, tir.const(0, f32), [0])
-                    with T.unroll(lanes) as p:
-                        T.buffer_store(total, total[0] + acc[i * width + p], [0])
-                    with T.If(t * tile + i < m_rows), T.Then():
-                        output(t * tile + i, n, total[0])
+            tasks = -(-n_out // TASK_ROWS)
+            accumulators = T.alloc_buffer((tasks, tile * width), f32)  # one allocation, a slice per task
+            with across(0, tasks) as task, T.serial(0, TASK_ROWS) as r:
+                n = task * TASK_ROWS + r
+                with T.If(n < n_out), T.Then(), T.serial(0, padded // tile) as t:
+                    with T.vectorized(tile * width) as p:
+                        T.buffer_store(accumulators, tir.const(0, f32), [task, p])
+                    with (
+                        T.serial(0, chunks // ways) as outer,
+                        T.unroll(ways) as w,
+                        T.unroll(per) as s,
+                        T.unroll(tile) as i,
+                        T.vectorized(lanes) as p,
+                    ):
+                        c = outer * ways + w
+                        j = c * lanes + p
+                        product = xs[t * tile + i, c, s, p] * value(n, j, s)
+                        slot = i * width + (w * per + s) * lanes + p
+                        T.buffer_store(accumulators, accumulators[task, slot] + product, [task, slot])
+                    with T.unroll(tile) as i:
+                        with T.unroll(1, ways * per) as chain, T.vectorized(lanes) as p:
+                            first, other = i * width + p, i * width + chain * lanes + p
+                            T.buffer_store(
+                                accumulators, accumulators[task, first] + accumulators[task, other], [task, first]
+                            )
+                        total = functools.reduce(
+                            lambda a, p: a + accumulators[task, i * width + p],
+                            range(1, lanes),
+                            accumulators[task, i * width],
+                        )
+                        with T.If(t * tile + i < m_rows), T.Then():
+                            output(t * tile + i, n, total)
 
         def decoded_then_blas():
             dense = T.alloc_buffer((n_out, k_in), f32)
-            with T.parallel(0, n_out) as n, T.grid(chunks * lanes, per) as (j, s):
+            with across(0, n_out) as n, T.grid(chunks * lanes, per) as (j, s):
                 k = j * per + s
                 with T.If(k < k_in), T.Then():
-                    T.buffer_store(dense, value(n, j, code(n, j, s)), [n, k])
+                    T.buffer_store(dense, value(n, j, s), [n, k])
             if bias:
                 with T.grid(m_rows, n_out) as (m, n):
                     T.buffer_store(y, b[n], [m, n])

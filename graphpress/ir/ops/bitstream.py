@@ -110,26 +110,23 @@ class Param:
 
 @dataclass(frozen=True)
 class PackedRows:
-    """A weight (out_features, in_features) stored as rows of ``bits``-bit codes in bytes, described for a TIR
-    kernel that decodes it (:mod:`graphpress.backends.tvm_linear`). ``decoder(buffers)`` (the kernel's buffers
-    for ``params``) gives ``byte(n, j)``, byte j of row n, and ``value(n, j, code)``, the float32 weight a code
-    in that byte stands for. Only whole-byte streams (1, 2, 4, 8 bits: code k in byte k // (8 / bits))."""
+    """A weight (out_features, in_features) stored row by row, ``per`` weights in each stored element
+    (8 / bits codes in a byte of a bit stream; 1 for a plain float), described for a TIR kernel that decodes it
+    (:mod:`graphpress.backends.tvm_linear`). ``decoder(buffers)`` (the kernel's buffers for ``params``) gives
+    ``value(n, j, slot)``: the float32 weight in slot ``slot`` of element j of row n, which is weight
+    ``j * per + slot``."""
 
     name: str
     out_features: int
     in_features: int
-    bits: int
+    per: int
     width: int
     params: tuple[Param, ...]
     decoder: Callable
 
     @property
-    def per_byte(self) -> int:
-        return 8 // self.bits
-
-    @property
     def lanes(self) -> int:
-        """Bytes decoded per vector: the largest of 16, 8, 4, 2, 1 dividing the row."""
+        """Elements decoded per vector: the largest of 16, 8, 4, 2, 1 dividing the row."""
         return next(n for n in (16, 8, 4, 2, 1) if self.width % n == 0)
 
     @property
@@ -140,3 +137,11 @@ class PackedRows:
 def whole_bytes(bits: int) -> bool:
     """Whether every code of a ``bits``-bit stream lies within one byte (so a kernel reads it with one load)."""
     return bits in (1, 2, 4, 8)
+
+
+def code_tir(byte, slot, bits: int):
+    """TIR: code ``slot`` of a byte of a whole-byte stream (low bits first), as int32."""
+    from tvm import tirx as tir
+
+    shifted = tir.shift_right(byte, tir.Cast("uint8", slot * bits))
+    return tir.Cast("int32", tir.bitwise_and(shifted, tir.const(2**bits - 1, "uint8")))

@@ -31,6 +31,7 @@ from torch import Tensor
 from .bitstream import (
     PackedRows,
     Param,
+    code_tir,
     onnx_const,
     pack_bits,
     packed_width,
@@ -187,23 +188,19 @@ def int_weight_rows(codes, scales, zeros, bits: int, block_size: int, in_feature
         from tvm import tirx as tir
 
         codes_b, scales_b, *zeros_b = buffers
-        mask = tir.const(2**bits - 1, "int32")
 
-        def byte(row, j):
-            return codes_b[row, j // block_bytes, j % block_bytes]
-
-        def value(row, j, code):
+        def value(row, j, slot):
             block = j // block_bytes
+            code = code_tir(codes_b[row, block, j % block_bytes], slot, bits)
             if zeros_b:
-                packed = tir.Cast("int32", zeros_b[0][row, block * bits // 8])
-                zero = tir.bitwise_and(tir.shift_right(packed, block * bits % 8), mask)
+                zero = code_tir(zeros_b[0][row, block * bits // 8], block % (8 // bits), bits)
             else:
                 zero = tir.const(2 ** (bits - 1), "int32")
             return tir.Cast("float32", code - zero) * tir.Cast("float32", scales_b[row, block])
 
-        return byte, value
+        return value
 
-    return PackedRows("int", n, in_features, bits, blocks * block_bytes, tuple(params), decoder)
+    return PackedRows("int", n, in_features, 8 // bits, blocks * block_bytes, tuple(params), decoder)
 
 
 def _dtype(t) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor
 from .bitstream import (
     PackedRows,
     Param,
+    code_tir,
     onnx_const,
     relax_const,
     unpack_bits,
@@ -83,12 +84,11 @@ def lut_weight_rows(indices, codebook, bits: int, in_features: int, group_rows: 
         from tvm import tirx as tir
 
         indices_b, codebook_b = buffers
-        return (
-            lambda row, j: indices_b[row, j],
-            lambda row, j, code: tir.Cast("float32", codebook_b[row // group_rows, code]),
+        return lambda row, j, slot: tir.Cast(
+            "float32", codebook_b[row // group_rows, code_tir(indices_b[row, j], slot, bits)]
         )
 
-    return PackedRows("lut", out_features, in_features, bits, width, params, decoder)
+    return PackedRows("lut", out_features, in_features, 8 // bits, width, params, decoder)
 
 
 ONNX_TRANSLATIONS = {torch.ops.graphpress.lut_weight.default: lut_weight_onnx}
