@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -46,8 +50,10 @@ def fused_library(graph, tmp_path):
         {"pass": "weight_quant", "method": "rtn", "bits": 8, "group_size": 16, "symmetric": True},
         {"pass": "weight_clustering", "bits": 1, "granularity": "group", "group_size": 16},
         {"pass": "weight_clustering", "bits": 4, "granularity": "group", "group_size": 16},
+        {"pass": "shift_add"},
+        {"pass": "shift_add", "min_exponent": -126, "max_exponent": -1},
     ],
-    ids=["int2", "int4-channel", "int8-symmetric", "lut1", "lut4"],
+    ids=["int2", "int4-channel", "int8-symmetric", "lut1", "lut4", "shift4", "shift8"],
 )
 def test_fused_kernel_matches_the_unfused_linear_for_every_row_count(spec, tmp_path):
     graph, _ = compressed(spec)
@@ -72,6 +78,32 @@ def test_parallel_tasks_cover_every_output_row(tmp_path):
     for rows in ROWS:
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
         np.testing.assert_allclose(run(x), graph.module()(x).detach().numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_a_library_of_fused_linears_only_links_the_blas_for_its_prompt_path(tmp_path):
+    """No plain matmul is left to offload, yet rows above FUSED_ROWS call sgemm: the folder carries the BLAS,
+    and runs them in a fresh process that has only tvm and numpy."""
+    graph, x = compressed({"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": 16})
+    built = tmp_path / "built"
+    record = build_backend(TvmBackendConfig(target="tvm"), "backends[1]").build(graph, [(x,)], built)
+    assert record.details["fused_linears"] == {"graphpress::int_linear": 2}
+    assert record.details["blas"]["matmuls"] == 0 and (built / "libscipy_openblas.so").exists()
+    rows = torch.randn(tvm_linear.FUSED_ROWS + 5, 64)
+    np.save(tmp_path / "x.npy", rows.numpy())
+    script = (
+        "import sys, numpy as np, tvm\n"
+        "from tvm import relax\n"
+        "vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())\n"
+        "np.save(sys.argv[3], vm['main'](tvm.runtime.tensor(np.load(sys.argv[2])))[0].numpy())\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(built / "model.so"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        env={**os.environ, "PYTHONPATH": ""},
+        cwd="/",
+    )
+    expected = graph.module()(rows).detach().numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_codes_straddling_bytes_keep_the_rebuild(tmp_path):

@@ -44,11 +44,11 @@ class TvmBackend(Backend):
 
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
-        blas, offloaded, fused = self.blas(), 0, Counter()
+        blas, offloaded, lowered, fused = self.blas(), 0, graph, Counter()
         if blas is not None:  # a fused kernel's prompt path multiplies with BLAS
-            graph, fused = fuse_format_linears(graph, tvm_linear.decodes)
+            lowered, fused = fuse_format_linears(graph, tvm_linear.decodes)
         try:
-            mod = self.import_graph(graph, blas)
+            mod = self.import_graph(lowered, blas)
         except Exception as exc:
             raise BackendError(f"{self.spec_path}: TVM Relax import failed: {type(exc).__name__}: {exc}") from exc
         histogram = Counter(_relax_ops(mod))
@@ -62,14 +62,15 @@ class TvmBackend(Backend):
                         mod, offloaded = tvm_blas.offload(mod, blas)
                     executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
                     options = []
-                    if offloaded:
+                    linked = offloaded or fused.total()  # a fused kernel's prompt path calls sgemm too
+                    if linked:
                         blas.copy_beside(staged)
                         options = blas.export_options()
                     executable.export_library(str(staged), options=options)
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
-            meta = {**self.describe(graph), "blas": blas.describe() if offloaded else None}
+            meta = {**self.describe(graph), "blas": blas.describe() if linked else None}
             sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
             comparison = self.validate(staged, graph, inputs)
             errors = comparison.errors
@@ -90,7 +91,7 @@ class TvmBackend(Backend):
             seconds=time.perf_counter() - start,
             details={
                 "device": cfg.device,
-                "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if offloaded else None,
+                "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if linked else None,
                 "fused_linears": dict(sorted(fused.items())),
             },
             latency=comparison.latency,

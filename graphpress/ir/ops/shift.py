@@ -8,7 +8,9 @@ one multiplication left per output.
 
 ``graphpress::shift_weight`` rebuilds the dense weight; a shift linear is
 ``linear(x, shift_weight(...))``. ONNX and TVM: unpack, split sign and exponent, 2^p by
-Pow, times the scale.
+Pow, times the scale. TIR (:func:`shift_weight_rows`, codes of whole bytes: 4 bits for the
+default exponents): the per-byte decode the TVM backend's fused ``shift_linear`` kernel runs in
+registers, 2^p built as the float whose exponent field is p (exact, no ``exp2``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const, relax_const, unpack_bits, unpack_bits_onnx, unpack_bits_relax
+from .bitstream import (
+    PackedRows,
+    Param,
+    code_tir,
+    onnx_const,
+    relax_const,
+    unpack_bits,
+    unpack_bits_onnx,
+    unpack_bits_relax,
+    whole_bytes,
+)
 
 
 def exponent_bits(min_exponent: int, max_exponent: int) -> int:
@@ -102,3 +114,34 @@ def shift_weight_relax(node, importer):
 ONNX_TRANSLATIONS = {torch.ops.graphpress.shift_weight.default: shift_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.shift_weight.default: shift_weight_relax}
 DECOMPOSITIONS = {torch.ops.graphpress.shift_weight.default: shift_weight_reference}
+
+
+def shift_weight_rows(codes, scale, min_exponent: int, max_exponent: int, in_features: int) -> PackedRows | None:
+    """The TIR form (:class:`PackedRows`) of the stored tensors (fake ones do), or None where codes straddle
+    bytes: a code is scale[n] * (-1)^sign * 2^(min_exponent + e - 1), or 0 for e = 0."""
+    bits = exponent_bits(min_exponent, max_exponent)
+    if not whole_bytes(bits + 1):
+        return None
+    out_features, width = codes.shape
+    dtype = str(scale.dtype).removeprefix("torch.")
+    params = (Param("codes", (out_features, width), "uint8"), Param("scale", (out_features,), dtype))
+
+    def decoder(buffers):
+        from tvm import tirx as tir
+
+        codes_b, scale_b = buffers
+
+        def value(row, j, slot):
+            code = code_tir(codes_b[row, j], slot, bits + 1)
+            e = tir.bitwise_and(code, tir.const(2**bits - 1, "int32"))
+            sign = tir.const(1, "int32") - 2 * tir.shift_right(code, tir.const(bits, "int32"))
+            power = tir.reinterpret("float32", tir.shift_left(e + (min_exponent - 1 + 127), tir.const(23, "int32")))
+            magnitude = tir.if_then_else(e == 0, tir.const(0.0, "float32"), power)
+            return tir.Cast("float32", scale_b[row]) * tir.Cast("float32", sign) * magnitude
+
+        return value
+
+    return PackedRows("shift", out_features, in_features, 8 // (bits + 1), width, params, decoder)
+
+
+PACKED_ROWS = {torch.ops.graphpress.shift_weight.default: shift_weight_rows}
