@@ -1,9 +1,9 @@
 """Compressed linears as one TIR kernel each: the weight decoded next to the multiply (issue 25).
 
 A weight format whose codes are a bit stream of 1, 2, 4 or 8 bits per weight (integer blocks,
-``graphpress::int_weight``; palettes, ``graphpress::lut_weight``) describes itself as
-:class:`graphpress.ir.ops.bitstream.PackedRows`: how to read byte ``j`` of row ``n`` and what
-weight a code there stands for. From that, ``y = x W^T + b`` for x (M, K) is one PrimFunc whose
+``graphpress::int_weight``; palettes, ``graphpress::lut_weight``; powers of two,
+``graphpress::shift_weight``) describes itself as :class:`graphpress.ir.ops.bitstream.PackedRows`:
+``value(n, j, slot)``, the weight in slot ``slot`` of byte ``j`` of row ``n``. From that, ``y = x W^T + b`` for x (M, K) is one PrimFunc whose
 path is chosen by M at run time (one decode graph serves the prompt and every step):
 
 - **M <= ``FUSED_ROWS``** (a decoding step, a small batch): each output row n decodes its weights

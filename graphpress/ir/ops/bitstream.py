@@ -107,6 +107,11 @@ class Param:
     shape: tuple[int, ...]
     dtype: str
 
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> Param:
+        """The parameter a (fake) stored tensor becomes."""
+        return cls(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
 
 @dataclass(frozen=True)
 class PackedRows:

@@ -180,9 +180,9 @@ def int_weight_rows(codes, scales, zeros, bits: int, block_size: int, in_feature
     if not whole_bytes(bits):
         return None
     n, blocks, block_bytes = codes.shape
-    params = [Param("codes", (n, blocks, block_bytes), "uint8"), Param("scales", (n, blocks), _dtype(scales))]
+    params = [Param.of("codes", codes), Param.of("scales", scales)]
     if zeros is not None:
-        params.append(Param("zeros", tuple(zeros.shape), "uint8"))
+        params.append(Param.of("zeros", zeros))
 
     def decoder(buffers):
         from tvm import tirx as tir
@@ -201,10 +201,6 @@ def int_weight_rows(codes, scales, zeros, bits: int, block_size: int, in_feature
         return value
 
     return PackedRows("int", n, in_features, 8 // bits, blocks * block_bytes, tuple(params), decoder)
-
-
-def _dtype(t) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 RELAX_CONVERTERS = {torch.ops.graphpress.int_weight.default: int_weight_relax}

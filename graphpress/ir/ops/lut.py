@@ -77,8 +77,7 @@ def lut_weight_rows(indices, codebook, bits: int, in_features: int, group_rows: 
     if not whole_bytes(bits):
         return None
     out_features, width = indices.shape
-    dtype = str(codebook.dtype).removeprefix("torch.")
-    params = (Param("indices", (out_features, width), "uint8"), Param("codebook", tuple(codebook.shape), dtype))
+    params = (Param.of("indices", indices), Param.of("codebook", codebook))
 
     def decoder(buffers):
         from tvm import tirx as tir

@@ -123,8 +123,7 @@ def shift_weight_rows(codes, scale, min_exponent: int, max_exponent: int, in_fea
     if not whole_bytes(bits + 1):
         return None
     out_features, width = codes.shape
-    dtype = str(scale.dtype).removeprefix("torch.")
-    params = (Param("codes", (out_features, width), "uint8"), Param("scale", (out_features,), dtype))
+    params = (Param.of("codes", codes), Param.of("scale", scale))
 
     def decoder(buffers):
         from tvm import tirx as tir
