@@ -22,7 +22,7 @@ from graphpress.passes import PassContext, build_pass  # noqa: E402
 from graphpress.runtime import TorchDecoder, TvmDecoder, greedy_generate  # noqa: E402
 from graphpress.schema import TvmBackendConfig, load_spec  # noqa: E402
 
-from .test_tvm_backend import MLP, calibration, rewritten  # noqa: E402, F401
+from . import families  # noqa: E402
 from .test_tvm_forms import compressed  # noqa: E402
 
 ROWS = [1, 3, 8, 9, 40]
@@ -123,16 +123,27 @@ def test_kernel_paths_are_chosen_by_rows(out_features, parallel):
     assert script.count("T.parallel") == parallel and "scipy_cblas_sgemm" in script
 
 
-@pytest.mark.slow
-def test_quantized_example_lm_decodes_with_fused_kernels(trained_llama, calibration, tmp_path):  # noqa: F811
-    """Every MLP linear of the 4-bit example LM is one kernel; generation (prompt on BLAS, steps of 1 and 2
-    rows in registers) picks the same tokens as eager."""
-    graph = capture(trained_llama, calibration[0], mode="decode")
-    graph = rewritten(graph, calibration, {"pass": "weight_quant", "targets": MLP, "bits": 4, "group_size": 32})
-    backend = build_backend(TvmBackendConfig(target="tvm"), "backends[1]")
-    record = backend.build(graph, calibration, tmp_path)
+@pytest.mark.parametrize(
+    "family, spec, op",
+    [
+        ("qwen3", {"pass": "weight_quant", "bits": 4, "group_size": 16}, "int_linear"),
+        ("phi3", {"pass": "weight_clustering", "bits": 4, "group_size": 16}, "lut_linear"),
+    ],
+)
+def test_default_config_families_decode_with_fused_kernels(family, spec, op, tmp_path):
+    """transformers models from their default configs (use_cache on; Phi-3 with its fused qkv and gate_up),
+    compressed, as decode graphs: every
+    linear (2 layers x 7, and the LM head) is one kernel, and generation (the prompt on BLAS, steps of 1 and
+    2 rows in registers) picks eager's tokens."""
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    graph = capture(families.build(family), (ids,), mode="decode")
+    ctx = PassContext([(ids,)])
+    for config in load_spec({"passes": [spec]}).passes:
+        graph = build_pass(config).run(graph, ctx).graph
+    record = build_backend(TvmBackendConfig(target="tvm"), "backends[1]").build(graph, [(ids,)], tmp_path)
     assert record.errors["rel_l2"] < 1e-5
-    assert record.details["fused_linears"] == {"graphpress::int_linear": 12}
+    assert record.details["fused_linears"] == {f"graphpress::{op}": 15}
     decoder = TvmDecoder(tmp_path / "model.so")
-    for prompt in (torch.tensor([list(b"def main")]), torch.tensor([list(b"def main"), list(b"import o")])):
+    for prompt in (ids[:1, :9], ids[:, :9]):
         assert torch.equal(greedy_generate(decoder, prompt, 6), greedy_generate(TorchDecoder(graph), prompt, 6))
