@@ -40,7 +40,7 @@ class TvmBackend(Backend):
         self.require("tvm", "tvm")
         import tvm
 
-        from . import tvm_linear
+        from . import tvm_linear, tvm_math
 
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
@@ -60,7 +60,8 @@ class TvmBackend(Backend):
                         from . import tvm_blas
 
                         mod, offloaded = tvm_blas.offload(mod, blas)
-                    executable = tvm.compile(mod, target=tvm.target.Target(cfg.device))
+                    target = tvm.target.Target(cfg.device)
+                    executable = tvm.compile(tvm_math.legalize(mod, target), target=target)
                     options = []
                     linked = offloaded or fused.total()  # a fused kernel's prompt path calls sgemm too
                     if linked:

@@ -234,7 +234,8 @@ def _gemm(a_ty, b_ty, trans_a: bool, trans_b: bool):
 
 def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: tir.PrimExpr, causal: str | None) -> te.Tensor:
     """Softmax over the last axis of ``scores * scale (+ bias)``, keys after the query's own position
-    (``TopLeft``: key j <= query i; ``BottomRight``: j <= i + S - L) at the dtype's lowest."""
+    (``TopLeft``: key j <= query i; ``BottomRight``: j <= i + S - L) at the dtype's lowest; its exp a polynomial
+    (:mod:`.tvm_math`)."""
     from tvm import topi
 
     length, keys = scores.shape[-2], scores.shape[-1]
@@ -248,7 +249,7 @@ def _masked_softmax(scores: te.Tensor, *bias: te.Tensor, scale: tir.PrimExpr, ca
             return value
         return tir.if_then_else(j > i + shift, tir.min_value("float32"), value)
 
-    return topi.nn.softmax(te.compute(scores.shape, logit, name="logits"), axis=-1)
+    return topi.nn.fast_softmax(te.compute(scores.shape, logit, name="logits"), axis=-1)  # see tvm_math
 
 
 def _i32(value) -> tir.PrimExpr:
