@@ -43,20 +43,25 @@ def fused_library(graph, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec",
+    "passes",
     [
-        {"pass": "weight_quant", "method": "rtn", "bits": 2, "group_size": 16},
-        {"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": "channel"},
-        {"pass": "weight_quant", "method": "rtn", "bits": 8, "group_size": 16, "symmetric": True},
-        {"pass": "weight_clustering", "bits": 1, "granularity": "group", "group_size": 16},
-        {"pass": "weight_clustering", "bits": 4, "granularity": "group", "group_size": 16},
-        {"pass": "shift_add"},
-        {"pass": "shift_add", "min_exponent": -126, "max_exponent": -1},
+        [{"pass": "weight_quant", "method": "rtn", "bits": 2, "group_size": 16}],
+        [{"pass": "weight_quant", "method": "rtn", "bits": 4, "group_size": "channel"}],
+        [{"pass": "weight_quant", "method": "rtn", "bits": 8, "group_size": 16, "symmetric": True}],
+        [{"pass": "weight_clustering", "bits": 1, "granularity": "group", "group_size": 16}],
+        [{"pass": "weight_clustering", "bits": 4, "granularity": "group", "group_size": 16}],
+        [{"pass": "shift_add"}],
+        [{"pass": "shift_add", "min_exponent": -126, "max_exponent": -1}],
+        [{"pass": "nm_sparsity"}],
+        [{"pass": "nm_sparsity", "n": 1, "m": 4}],
+        [{"pass": "nm_sparsity", "n": 5, "m": 16}],
+        [{"pass": "nm_sparsity"}, {"pass": "weight_clustering", "bits": 3, "group_size": 16}],
     ],
-    ids=["int2", "int4-channel", "int8-symmetric", "lut1", "lut4", "shift4", "shift8"],
+    ids=["int2", "int4-channel", "int8-symmetric", "lut1", "lut4", "shift4", "shift8", "nm2:4", "nm1:4", "nm5:16"]
+    + ["nm2:4-clustered"],
 )
-def test_fused_kernel_matches_the_unfused_linear_for_every_row_count(spec, tmp_path):
-    graph, _ = compressed(spec)
+def test_fused_kernel_matches_the_unfused_linear_for_every_row_count(passes, tmp_path):
+    graph, _ = compressed(*passes)
     fused, counts = fuse_format_linears(graph, tvm_linear.decodes)
     assert sum(counts.values()) == 2
     run = fused_library(fused, tmp_path)
@@ -106,9 +111,15 @@ def test_a_library_of_fused_linears_only_links_the_blas_for_its_prompt_path(tmp_
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_codes_straddling_bytes_keep_the_rebuild(tmp_path):
-    """3-bit codes cross byte boundaries: no kernel here decodes them, so the pair stays unfused."""
-    graph, _ = compressed({"pass": "weight_quant", "method": "rtn", "bits": 3, "group_size": 32})
+@pytest.mark.parametrize(
+    "spec",
+    [{"pass": "weight_quant", "method": "rtn", "bits": 3, "group_size": 32}, {"pass": "nm_sparsity", "n": 3, "m": 8}],
+    ids=["int3", "nm3:8"],
+)
+def test_codes_straddling_bytes_keep_the_rebuild(spec):
+    """3-bit codes (and 3-bit positions: N:8) cross byte boundaries: no kernel here decodes them, so the pair
+    stays unfused."""
+    graph, _ = compressed(spec)
     assert fuse_format_linears(graph, tvm_linear.decodes)[1].total() == 0
 
 

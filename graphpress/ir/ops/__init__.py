@@ -52,7 +52,7 @@ def relax_converters() -> dict:
 def packed_rows() -> dict:
     """weight-format op -> its TIR form (:class:`.bitstream.PackedRows` from the op's stored tensors and
     arguments), for the TVM backend's fused kernels: the formats whose codes a kernel decodes in registers."""
-    return {**int_weight.PACKED_ROWS, **lut.PACKED_ROWS, **shift.PACKED_ROWS}
+    return {**int_weight.PACKED_ROWS, **lut.PACKED_ROWS, **nm_sparse.PACKED_ROWS, **shift.PACKED_ROWS}
 
 
 def decompositions() -> dict:

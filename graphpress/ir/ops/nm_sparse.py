@@ -8,7 +8,8 @@ packed as a bit stream per row (:mod:`.bitstream`). For 2:4 in fp32 that is
 
 ``graphpress::nm_weight`` rebuilds the dense weight (zeros elsewhere); an N:M linear is
 ``linear(x, nm_weight(...))``. ONNX: unpack the positions, add each group's first
-column, ScatterElements the values into zeros. TVM Relax: the same ops.
+column, ScatterElements the values into zeros. TVM Relax: the same ops. TIR (:func:`nm_weight_rows`):
+column s of group g is the kept value whose position is s, or 0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bitstream import onnx_const, relax_const, unpack_bits, unpack_bits_onnx, unpack_bits_relax
+from .bitstream import (
+    PackedRows,
+    Param,
+    code_tir,
+    onnx_const,
+    relax_const,
+    unpack_bits,
+    unpack_bits_onnx,
+    unpack_bits_relax,
+    whole_bytes,
+)
+
+GROUP_COLUMNS = 16
+"""Largest M with a TIR form: its kernel keeps an accumulator per column of a group."""
 
 
 def position_bits(m: int) -> int:
@@ -75,6 +89,38 @@ def nm_weight_relax(node, importer):
     return bb.emit(op.scatter_elements(zeros, columns, values, axis=1))
 
 
+def nm_weight_rows(values, positions, n: int, m: int, in_features: int) -> PackedRows | None:
+    """The TIR form (:class:`PackedRows`) of the stored tensors (fake ones do), one group of M columns per
+    element; None where positions straddle bytes (M not 2, 4 or 16) or a group is cut. Column s of group g
+    is sum_t [position(g * N + t) == s] * value(g * N + t): the positions of a group are distinct (the
+    top N of its M), so at most one term is not zero, as the reference's scatter writes."""
+    bits = position_bits(m)
+    if not whole_bytes(bits) or m > GROUP_COLUMNS or in_features % m:
+        return None
+    per_byte = 8 // bits
+
+    def decoder(buffers):
+        from tvm import tirx as tir
+
+        values_b, positions_b = buffers
+        zero = tir.const(0.0, "float32")
+
+        def value(row, group, column):
+            total = zero
+            for t in range(n):
+                kept = group * n + t
+                position = code_tir(positions_b[row, kept // per_byte], kept % per_byte, bits)
+                value = tir.Cast("float32", values_b[row, kept])
+                total = total + tir.Select(position == column, value, zero)
+            return total
+
+        return value
+
+    params = (Param.of("values", values), Param.of("positions", positions))
+    return PackedRows("nm", values.shape[0], in_features, m, in_features // m, params, decoder)
+
+
 ONNX_TRANSLATIONS = {torch.ops.graphpress.nm_weight.default: nm_weight_onnx}
 RELAX_CONVERTERS = {torch.ops.graphpress.nm_weight.default: nm_weight_relax}
 DECOMPOSITIONS = {torch.ops.graphpress.nm_weight.default: nm_weight_reference}
+PACKED_ROWS = {torch.ops.graphpress.nm_weight.default: nm_weight_rows}
