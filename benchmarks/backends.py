@@ -7,7 +7,8 @@ tokens) of the example LM (or a random Llama of hidden 1024, 8 layers), original
 compressed; every runtime's calls are interleaved so machine noise hits all alike. onnxruntime
 runs what a user would deploy: int weights as its MatMulNBits (``ort_contrib_ops``).
 Ratios are runtime time / onnxruntime time. TVM is not tuned here (MetaSchedule is not
-wired into the backend yet).
+wired into the backend yet). TVM's thread pool (``TVM_NUM_THREADS``) and OpenBLAS
+(``OPENBLAS_NUM_THREADS``) take their counts from the environment.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ VARIANTS = {
     "original": [],
     "4-bit clustering (MLP)": [{"pass": "weight_clustering", "targets": MLP, "bits": 4}],
     "weight_quant 4-bit": [{"pass": "weight_quant", "bits": 4, "group_size": 32}],
+    "2:4 sparsity (MLP)": [{"pass": "nm_sparsity", "targets": MLP}],
     "gqa_to_mla absorbed": [
         {"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 16}, "absorb": True}
     ],

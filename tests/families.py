@@ -131,6 +131,18 @@ def run_pass(model, mode, config):
     return result, result.report.passes[0]
 
 
+def run_pass_on(graph, config):
+    """One pass on a captured graph, as ``compress`` runs it after its capture (the pass manager, calibrated on
+    CALIBRATION, no verification): (result, the pass's report). Passes clone their input, so one capture
+    serves many passes."""
+    from graphpress.passes import PassContext, PassManager, build_pass
+    from graphpress.schema import load_spec
+
+    manager = PassManager([build_pass(p) for p in load_spec({"passes": [config]}).passes])
+    result = manager.run(graph, PassContext(CALIBRATION, reference=graph))
+    return result, result.report.children[0].to_dict()
+
+
 def matrix_config(model, pass_name: str) -> tuple[str, dict]:
     """(capture mode, pass config) of one matrix cell; decoupled gqa_to_mla keeps RoPE on every rotary key dim."""
     mode, config = {**EXACT, **LOSSY}[pass_name]

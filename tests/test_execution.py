@@ -33,6 +33,26 @@ CLUSTERING = {
 }
 
 
+def test_a_ray_engine_starts_a_local_ray_and_stops_it():
+    """Ray not running: the engine starts a local one for the run and shuts it down after (first in this file, before
+    the shared session below exists)."""
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    with engine(load_spec({"execution": {"engine": "ray", "num_cpus": 1}}).execution) as runner:
+        assert ray.is_initialized() and runner.result(runner.submit(lambda x: x + 1, 1)) == 2
+    assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the comparisons (starting one takes ~5 s and its workers import torch again): the engine
+    uses a running Ray as it finds it."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.parametrize(
     ("job", "stream"),
     [
@@ -43,8 +63,7 @@ CLUSTERING = {
         ({"pass": "nm_sparsity", "score": "activation", "update": True}, True),  # masks and refits per linear
     ],
 )
-def test_local_ray_is_byte_identical_to_in_process(tmp_path, job, stream):
-    pytest.importorskip("ray")
+def test_local_ray_is_byte_identical_to_in_process(ray_session, tmp_path, job, stream):
     folder = tmp_path / "ckpt"
     build("llama").save_pretrained(folder)
     spec = {"calibration": {"samples": 3, "seq_len": 16}, "passes": [job], "verify": {"max": 10}, "backends": []}

@@ -28,6 +28,7 @@ from .families import (
     build_encoder,
     matrix_config,
     run_pass,
+    run_pass_on,
     token_ids,
 )
 
@@ -47,6 +48,18 @@ def family(models, name):
     return models[name]
 
 
+@pytest.fixture(scope="module")
+def graphs():
+    return {}
+
+
+def captured(models, graphs, name, mode):
+    """The family's graph captured once per mode (on 1 x 12 ids) and shared: passes clone what they rewrite."""
+    if (name, mode) not in graphs:
+        graphs[name, mode] = capture(family(models, name), (token_ids(1, 12),), mode=mode)
+    return graphs[name, mode]
+
+
 def logits(graph, ids):
     with torch.no_grad():
         if graph.cache is not None:
@@ -56,10 +69,10 @@ def logits(graph, ids):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_default_config_captures_and_runs_at_other_shapes(models, name, mode):
+def test_default_config_captures_and_runs_at_other_shapes(models, graphs, name, mode):
     model = family(models, name)
     before, config = state_hash(model), model.config.to_dict()
-    graph = capture(model, (token_ids(1, 12),), mode=mode)
+    graph = captured(models, graphs, name, mode)
     assert state_hash(model) == before and model.config.to_dict() == config and model.config.use_cache
     other = token_ids(3, 17, seed=1)
     with torch.no_grad():
@@ -103,17 +116,19 @@ def test_artifacts_of_default_configs_run_at_other_shapes(models, name, target, 
 @pytest.mark.slow
 @pytest.mark.parametrize("pass_name", [*EXACT, *LOSSY])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_pass_on_every_family(models, name, pass_name):
-    """Exact passes are exact (<= 1e-5 on held-out ids, batch 3), lossy ones run; refusals name the block and why."""
+def test_every_pass_on_every_family(models, graphs, name, pass_name):
+    """Exact passes are exact (<= 1e-5 on held-out ids, batch 3), lossy ones run; refusals name the block and why.
+    The pass runs on the family's shared capture, as ``compress`` runs it (``test_api`` covers the rest)."""
     from graphpress.errors import PassPreconditionError
 
     model = family(models, name)
     mode, config = matrix_config(model, pass_name)
+    graph = captured(models, graphs, name, mode)
     if (name, pass_name) in REFUSED:
         with pytest.raises(PassPreconditionError, match=REFUSED[name, pass_name]):
-            run_pass(model, mode, config)
+            run_pass_on(graph, config)
         return
-    result, report = run_pass(model, mode, config)
+    result, report = run_pass_on(graph, config)
     assert report["layers"], f"{pass_name} changed nothing in {name}"
     other = token_ids(3, 14, seed=2)
     with torch.no_grad():
@@ -135,21 +150,21 @@ def test_qk_norm_families_are_locked_on_values_and_outputs_only(models):
         assert any("QK-norm" in w for w in report["warnings"])
 
 
-def test_partial_rotary_keeps_rope_on_the_rotary_dims_only(models):
+def test_partial_rotary_keeps_rope_on_the_rotary_dims_only(models, graphs):
     """GPT-NeoX turns 4 of 16 head dims: 'decoupled' keeps RoPE on at most 4 x 4 key dims, the rest are latent."""
     from graphpress.errors import PassPreconditionError
 
     model = family(models, "gptneox")
     with pytest.raises(PassPreconditionError, match=r"rope\.dims: 24 exceeds the 16 rotary key dimensions"):
-        run_pass(model, "decode", {"pass": "gqa_to_mla", "rope": {"mode": "decoupled", "dims": 24}})
+        config = {"pass": "gqa_to_mla", "rope": {"mode": "decoupled", "dims": 24}}
+        run_pass_on(captured(models, graphs, "gptneox", "decode"), config)
     other = token_ids(3, 14, seed=2)
     with torch.no_grad():
         expected = model(other).logits
     errors = []
     for rank in (24, 64, 112):
-        result, report = run_pass(
-            model, "forward", {"pass": "gqa_to_mla", "kv_rank": rank, "rope": {"mode": "decoupled"}}
-        )
+        config = {"pass": "gqa_to_mla", "kv_rank": rank, "rope": {"mode": "decoupled"}}
+        result, report = run_pass_on(captured(models, graphs, "gptneox", "forward"), config)
         assert report["layers"][0]["details"]["cache_numbers_per_token"] == (128, rank + 16)
         errors.append(rel_err(logits(result.graph, other), expected))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5  # 112 = 2 x 64 - 16: full rank
