@@ -23,7 +23,7 @@ from graphpress.schema import load_spec
 from .families import build, token_ids
 
 HELDOUT = "examples/tiny_llama/data/heldout.txt.gz"
-TOKENS = 2048
+TOKENS = 1024
 
 
 def spec(mode: str, passes: list, **perplexity_fields) -> dict:
@@ -109,7 +109,10 @@ def test_an_artifact_that_cannot_be_scored_is_a_row_and_a_warning(tmp_path, monk
     ("fields", "message"),
     [
         ({"text": "missing.txt"}, r"evaluate\.perplexity\.text: cannot read 'missing.txt'"),
-        ({"seq_len": 4096}, r"evaluate\.perplexity\.text: holds 2048 tokens, fewer than evaluate.perplexity.seq_len"),
+        (
+            {"seq_len": 4096},
+            rf"evaluate\.perplexity\.text: holds {TOKENS} tokens, fewer than evaluate\.perplexity\.seq_len",
+        ),
     ],
 )
 def test_bad_evaluation_data_fails_before_any_work(tmp_path, fields, message):
