@@ -4,7 +4,7 @@
 
 Forward pass (batch 1 x 256 tokens) and one decode step (batch 1, each context's cached
 tokens) of the example LM (or a random Llama of hidden 1024, 8 layers), original and
-compressed; every runtime's calls are interleaved so machine noise hits all alike. onnxruntime
+compressed; every runtime's calls are interleaved (in blocks: benchmarks.timing) so machine noise hits all alike. onnxruntime
 runs what a user would deploy: int weights as its MatMulNBits (``ort_contrib_ops``).
 Ratios are runtime time / onnxruntime time. TVM is not tuned here (MetaSchedule is not
 wired into the backend yet). TVM's thread pool (``TVM_NUM_THREADS``) and OpenBLAS
@@ -109,6 +109,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["example", "1024x8"], default="example")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--block", type=int, default=5, help="timed calls per turn (1: call by call, as before; see benchmarks.timing)"
+    )
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=RUNTIMES, help="onnxruntime always runs")
@@ -150,10 +153,13 @@ def main() -> None:
                         decode[(name, context, runtime)] = lambda x, d=decoder, c=cache, m=mask, p=position: d.step(
                             x, m, p, c
                         )
-        fwd = interleaved_median(forward, tokens, args.repeats)
-        dec = interleaved_median(decode, step_ids, args.repeats)
+        fwd = interleaved_median(forward, tokens, args.repeats, block=args.block, settle=0.3)
+        dec = interleaved_median(decode, step_ids, args.repeats, block=args.block, settle=0.3)
     blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "every core")
-    print(f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), interleaved medians of {args.repeats}")
+    print(
+        f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), medians of {args.repeats}, interleaved in blocks of "
+        f"{args.block}"
+    )
     tvm_threads = os.environ.get("TVM_NUM_THREADS", "every core")
     print(
         f"onnxruntime 2 threads; TVM's default kernels 1 thread, its fused compressed linears {tvm_threads} "

@@ -102,12 +102,20 @@ def blas_library(soname: str) -> ctypes.CDLL:
     return ctypes.CDLL(soname, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
 
 
+STEP_BLAS_THREADS = 1
+"""OpenBLAS threads for a decoding step (at most ``STEP_TOKENS`` tokens): its products are a row or a few, and
+waking a second thread per call cost more than it gave (example LM, 2 cores)."""
+
+STEP_TOKENS = 8
+
+
 class TvmModule:
     """A library written by graphpress' TVM backend, called with and returning torch tensors (CPU)."""
 
     def __init__(self, path: str | Path, blas_threads: int | None = None):
         """``blas_threads``: OpenBLAS threads for a library whose matmuls call the BLAS beside it (None: its
-        default, ``OPENBLAS_NUM_THREADS`` or every core)."""
+        default, ``OPENBLAS_NUM_THREADS`` or every core). The count is OpenBLAS's, for the whole process, so
+        each call sets the one it runs with."""
         import tvm
         from tvm import relax
 
@@ -117,12 +125,19 @@ class TvmModule:
         self.meta = json.loads(Path(f"{path}.json").read_text())
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
         blas = self.meta.get("blas")  # the backend's record of the BLAS beside the library, if it calls one
-        if blas_threads is not None and blas is not None:
-            getattr(blas_library(blas["library"]), f"{blas['prefix']}openblas_set_num_threads")(int(blas_threads))
+        self._set_blas_threads = None
+        if blas is not None:
+            library = blas_library(blas["library"])
+            self._set_blas_threads = getattr(library, f"{blas['prefix']}openblas_set_num_threads")
+            default = getattr(library, f"{blas['prefix']}openblas_get_num_threads")()
+            self.blas_threads = int(blas_threads) if blas_threads is not None else default
         self._tvm = tvm
 
-    def __call__(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Tensors in and out through DLPack: a decode step's cache is not copied on either side."""
+    def __call__(self, *tensors: torch.Tensor, blas_threads: int | None = None) -> list[torch.Tensor]:
+        """Tensors in and out through DLPack: a decode step's cache is not copied on either side.
+        ``blas_threads``: this call's OpenBLAS threads (None: the module's)."""
+        if self._set_blas_threads is not None:
+            self._set_blas_threads(blas_threads or self.blas_threads)
         out = self.vm["main"](*map(self._tensor, tensors))
         leaves = [out] if hasattr(out, "numpy") else list(out)
         return [torch.from_dlpack(leaf) for leaf in leaves]
@@ -147,7 +162,9 @@ class TvmDecoder:
         self.layout = CacheLayout.from_json(self.module.meta["cache_layout"])
 
     def step(self, input_ids, attention_mask, position_ids, cache):
-        logits, *present = self.module(input_ids, attention_mask, position_ids, *cache)
+        """A prompt runs OpenBLAS on the module's threads, a step of a few tokens on ``STEP_BLAS_THREADS``."""
+        threads = STEP_BLAS_THREADS if input_ids.numel() <= STEP_TOKENS else None
+        logits, *present = self.module(input_ids, attention_mask, position_ids, *cache, blas_threads=threads)
         return logits, present
 
 

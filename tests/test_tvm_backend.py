@@ -16,7 +16,7 @@ from graphpress.backends import build_backend
 from graphpress.ir import capture
 from graphpress.ir.ops.kv_quant import kv_dequantize, kv_quantize
 from graphpress.passes import PassContext, build_pass
-from graphpress.runtime import TorchDecoder, TvmDecoder, greedy_generate
+from graphpress.runtime import STEP_BLAS_THREADS, TorchDecoder, TvmDecoder, blas_library, greedy_generate, prefill
 from graphpress.schema import TvmBackendConfig, load_spec
 
 from .test_tvm_forms import compile_outputs
@@ -77,8 +77,14 @@ def test_decode_library_generates_like_eager(trained_llama, calibration, tmp_pat
     meta = json.loads((tmp_path / "model.so.json").read_text())
     assert meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and meta["cache_layout"]
     prompt = torch.tensor([list(b"def main"), list(b"import o")])
-    ours = greedy_generate(TvmDecoder(tmp_path / "model.so"), prompt, 12)
+    decoder = TvmDecoder(tmp_path / "model.so", blas_threads=2)
+    ours = greedy_generate(decoder, prompt, 12)
     assert torch.equal(ours, greedy_generate(TorchDecoder(graph), prompt, 12))
+    if meta["blas"] is not None:  # OpenBLAS's count is per process: each call sets its own
+        threads = getattr(blas_library(meta["blas"]["library"]), f"{meta['blas']['prefix']}openblas_get_num_threads")
+        assert threads() == STEP_BLAS_THREADS  # the last call was a step of 2 tokens
+        prefill(decoder, prompt)
+        assert threads() == 2  # a prompt of 16 tokens: the module's count
 
 
 MLP = "layers.*.mlp.*"

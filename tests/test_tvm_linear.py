@@ -123,10 +123,10 @@ def test_codes_straddling_bytes_keep_the_rebuild(spec):
     assert fuse_format_linears(graph, tvm_linear.decodes)[1].total() == 0
 
 
-@pytest.mark.parametrize("out_features, parallel", [(48, 0), (4096, 3)])
+@pytest.mark.parametrize("out_features, parallel", [(48, 1), (4096, 3)])
 def test_kernel_paths_are_chosen_by_rows(out_features, parallel):
-    """One PrimFunc: a branch for M == 1, one for tiles up to FUSED_ROWS, then the decode-once BLAS path; on
-    TVM's thread pool only from PARALLEL_WEIGHTS weights."""
+    """One PrimFunc: a branch for M == 1, one for tiles up to FUSED_ROWS, then the decode-once BLAS path. The
+    prompt path decodes on TVM's thread pool, the register paths only from PARALLEL_WEIGHTS weights."""
     codes = torch.zeros(out_features, 256 // 16, 8, dtype=torch.uint8)
     rows = int_weight.int_weight_rows(codes, torch.ones(out_features, 16), None, 4, 16, 256)
     script = tvm_linear.linear_kernel(rows, tvm_blas.find(), True, "k").script()

@@ -16,7 +16,8 @@ path is chosen by M at run time (one decode graph serves the prompt and every st
 - **M > ``FUSED_ROWS``** (a prompt): the weight is decoded once into a workspace and multiplied
   with BLAS's ``sgemm``; its cost is amortised over the M rows.
 
-Output rows run in parallel (TVM's thread pool, ``TVM_NUM_THREADS``) from ``PARALLEL_WEIGHTS`` weights on,
+The prompt path decodes on TVM's thread pool (``TVM_NUM_THREADS``); the register paths' output rows run in
+parallel from ``PARALLEL_WEIGHTS`` weights on,
 in tasks of ``TASK_ROWS`` rows whose accumulators are allocated once per call. Bits that straddle bytes
 (3, 5, 6, 7) keep the rebuild-then-matmul form.
 """
@@ -145,7 +146,7 @@ def linear_kernel(rows: PackedRows, blas: Blas, bias: bool, name: str) -> tir.Pr
 
         def decoded_then_blas():
             dense = T.alloc_buffer((n_out, k_in), f32)
-            with across(0, n_out) as n, T.grid(chunks * lanes, per) as (j, s):
+            with T.parallel(0, n_out) as n, T.grid(chunks * lanes, per) as (j, s):  # a prompt's: worth the pool
                 k = j * per + s
                 with T.If(k < k_in), T.Then():
                     T.buffer_store(dense, value(n, j, s), [n, k])
