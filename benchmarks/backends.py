@@ -4,8 +4,9 @@
 
 Forward pass (batch 1 x 256 tokens) and one decode step (batch 1, each context's cached
 tokens) of the example LM (or a random Llama of hidden 1024, 8 layers), original and
-compressed; every runtime's calls are interleaved (in blocks: benchmarks.timing) so machine noise hits all alike. onnxruntime
-runs what a user would deploy: int weights as its MatMulNBits (``ort_contrib_ops``).
+compressed; every runtime's calls are interleaved, in blocks (``benchmarks.timing``), so
+machine noise hits all alike. onnxruntime runs what a user would deploy: int weights as its
+MatMulNBits (``ort_contrib_ops``).
 Ratios are runtime time / onnxruntime time. TVM is not tuned here (MetaSchedule is not
 wired into the backend yet). TVM's thread pool (``TVM_NUM_THREADS``) and OpenBLAS
 (``OPENBLAS_NUM_THREADS``) take their counts from the environment.

@@ -110,8 +110,8 @@ def nm_weight_rows(values, positions, n: int, m: int, in_features: int) -> Packe
             for t in range(n):
                 kept = group * n + t
                 position = code_tir(positions_b[row, kept // per_byte], kept % per_byte, bits)
-                value = tir.Cast("float32", values_b[row, kept])
-                total = total + tir.Select(position == column, value, zero)
+                kept_value = tir.Cast("float32", values_b[row, kept])
+                total = total + tir.Select(position == column, kept_value, zero)
             return total
 
         return value
