@@ -40,9 +40,8 @@ import torch
 from torch import fx
 
 from ..ir import Graph, SubgraphBuilder
-from ..ir.blocks import match_rope
+from ..ir.blocks import match_rope, unrepeated
 from ..ir.decode import decode_example
-from .cuda.fuse_attention import unrepeated
 
 aten = torch.ops.aten
 GQA = torch.ops.graphpress.group_query_attention.default

@@ -30,6 +30,7 @@ from ..progress import step
 from ..schema.backends import TvmBackendConfig
 from .base import Backend, BackendRecord, Comparison
 from .fuse_linear import fuse_format_linears
+from .grouped_heads import group_repeated_heads
 
 
 class TvmBackend(Backend):
@@ -142,12 +143,13 @@ class TvmBackend(Backend):
 
 
 def prepare(graph: Graph) -> Graph:
-    """A copy of the graph as TVM's importer takes it: masked attention spelled out, no same-device moves,
-    slice axes non-negative."""
+    """A copy of the graph as TVM's importer takes it: masked attention spelled out, its products over grouped
+    KV heads not repeated ones, no same-device moves, slice axes non-negative."""
     aten = torch.ops.aten
     work = graph.clone()
     explicit_masked_attention(work)
     scale_folded_into_query(work)
+    group_repeated_heads(work)
     # transformers writes .to(x.device[, dtype]): on one device a dtype cast at most; TVM's importer lacks to.device
     for node in work.nodes:
         if node.op == "call_function" and node.target is aten.to.device:

@@ -22,6 +22,7 @@ from torch import fx
 from .graph import Graph, Linear, module_path
 
 aten = torch.ops.aten
+END = 2**63 - 1  # a slice to the end
 
 SDPA = {aten.scaled_dot_product_attention.default}
 ROPE_MARKERS = {aten.neg.default}
@@ -366,6 +367,47 @@ SOFTMAX_TO_MATMUL = {
     aten.clone.default,
     aten.type_as.default,
 }
+
+
+def _is_noop_slice(node: fx.Node) -> bool:
+    args = list(node.args) + [None] * (5 - len(node.args))
+    return node.target is aten.slice.Tensor and args[2] in (0, None) and args[3] in (END, None) and args[4] in (1, None)
+
+
+def _after_noop_slices(x):
+    while _call(x, aten.slice.Tensor) and _is_noop_slice(x):
+        x = x.args[0]
+    return x
+
+
+def repeated_heads(x) -> tuple[fx.Node, int] | None:
+    """(y, g) where ``x`` is repeat_kv of y: each of y's heads (axis 1) g times in a row, as
+    ``repeat_interleave(y, g, 1)`` or ``reshape(expand(unsqueeze(y, 2)))`` (no-op slices skipped); else None."""
+    if not _call(x, aten.repeat_interleave.self_int, aten.reshape.default, aten.view.default):
+        return None
+    source = x.args[0]
+    if x.target is aten.repeat_interleave.self_int:
+        dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+        if not isinstance(dim, int) or dim % 4 != 1:
+            return None
+    elif _call(source, aten.expand.default):
+        unsqueeze = _after_noop_slices(source.args[0])
+        if not _call(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] != 2:
+            return None
+        source = _after_noop_slices(unsqueeze.args[0])
+    else:
+        return None
+    before, after = source.meta["val"].shape, x.meta["val"].shape
+    if len(before) != 4 or len(after) != 4 or not isinstance(before[1], int) or not isinstance(after[1], int):
+        return None
+    # the expand's reshape merges (heads, g) when it keeps the head dim (lengths may carry other symbols)
+    return (source, after[1] // before[1]) if str(before[3]) == str(after[3]) and after[1] % before[1] == 0 else None
+
+
+def unrepeated(x: fx.Node) -> fx.Node:
+    """x before repeat_kv (:func:`repeated_heads`); x itself otherwise."""
+    found = repeated_heads(x)
+    return x if found is None else found[0]
 
 
 def eager_attention(node) -> tuple[fx.Node, fx.Node, fx.Node, set[fx.Node]] | None:

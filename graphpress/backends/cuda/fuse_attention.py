@@ -21,31 +21,9 @@ import torch
 from torch import fx
 
 from ...ir import Graph, SubgraphBuilder
+from ...ir.blocks import unrepeated
 
 aten = torch.ops.aten
-END = 2**63 - 1
-
-
-def _is_noop_slice(node: fx.Node) -> bool:
-    args = list(node.args) + [None] * (5 - len(node.args))
-    return node.target is aten.slice.Tensor and args[2] in (0, None) and args[3] in (END, None) and args[4] in (1, None)
-
-
-def unrepeated(x: fx.Node) -> fx.Node:
-    """x before repeat_kv (repeat_interleave(y, g, 1), or reshape(expand(unsqueeze(y, 2)))), no-op slices
-    skipped; x itself otherwise."""
-    if x.op == "call_function" and x.target is aten.repeat_interleave.self_int and x.args[2:3] == (1,):
-        return x.args[0]
-    if x.op == "call_function" and x.target in (aten.reshape.default, aten.view.default):
-        expand = x.args[0]
-        if isinstance(expand, fx.Node) and expand.target is aten.expand.default:
-            unsqueeze = expand.args[0]
-            if isinstance(unsqueeze, fx.Node) and unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2:
-                source = unsqueeze.args[0]
-                while isinstance(source, fx.Node) and _is_noop_slice(source):
-                    source = source.args[0]
-                return source
-    return x
 
 
 def key_mask(mask, length) -> bool:
