@@ -14,6 +14,7 @@ import ctypes
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +111,24 @@ STEP_TOKENS = 8
 """Most tokens in a call that :class:`TvmDecoder` runs as a step (on ``STEP_BLAS_THREADS``)."""
 
 
+VECTOR_FEATURES = ("sse", "avx", "fma", "f16c", "amx", "neon", "sve", "sme")
+"""LLVM feature prefixes of instruction sets (LLVM's feature lists also hold per-model tuning flags)."""
+
+
+def missing_vector_features(cpu: str | None) -> list[str]:
+    """The vector instruction sets the LLVM CPU ``cpu`` has and this machine's lacks (none for 'generic')."""
+    if cpu in (None, "generic"):
+        return []
+    import tvm
+    from tvm.target import codegen
+
+    def features(name: str) -> set[str]:
+        found = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": name}))
+        return {f for f in found if f.startswith(VECTOR_FEATURES)}
+
+    return sorted(features(cpu) - features(codegen.llvm_get_system_cpu()))
+
+
 class TvmModule:
     """A library written by graphpress' TVM backend, called with and returning torch tensors (CPU)."""
 
@@ -124,6 +143,13 @@ class TvmModule:
         verify_published(self.path)
         verify_published(f"{path}.json")
         self.meta = json.loads(Path(f"{path}.json").read_text())
+        missing = missing_vector_features(self.meta.get("cpu"))
+        if missing:
+            warnings.warn(
+                f"{path} was compiled for {self.meta['cpu']}, and this CPU lacks {', '.join(missing)}: its kernels may "
+                "stop with an illegal instruction (rebuild with the tvm backend's cpu: 'host' here, or 'generic')",
+                stacklevel=2,
+            )
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
         blas = self.meta.get("blas")  # the backend's record of the BLAS beside the library, if it calls one
         self._set_blas_threads, self.blas_threads = None, None

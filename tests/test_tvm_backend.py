@@ -183,3 +183,33 @@ def test_attention_keeps_its_scale(tmp_path, blas):
     q, k, v = (torch.randn(1, 2, 5, d, generator=gen) for d in (16, 16, 8))
     graph = capture(ScaledAttention(), (q, k, v))
     assert tvm_backend(blas=blas).build(graph, [(q, k, v)], tmp_path).errors["rel_l2"] < 1e-5
+
+
+def test_kernels_compile_for_the_cpu_field(tmp_path, monkeypatch):
+    """'host' (default) is this machine's CPU, 'generic' the baseline; both match eager, and the sidecar says
+    which. A library whose CPU has vector sets this machine lacks warns as it loads."""
+    import tvm
+
+    from graphpress import runtime
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, d, generator=gen) for d in (16, 16, 8))
+    graph = capture(ScaledAttention(), (q, k, v))
+    for cpu, name in [("host", tvm.target.codegen.llvm_get_system_cpu()), ("generic", "generic")]:
+        fields = {} if cpu == "host" else {"cpu": cpu}
+        record = tvm_backend(**fields).build(graph, [(q, k, v)], tmp_path / cpu)
+        assert record.errors["rel_l2"] < 1e-5 and record.details["cpu"] == name
+        assert json.loads((tmp_path / cpu / "model.so.json").read_text())["cpu"] == name
+    assert runtime.missing_vector_features(tvm.target.codegen.llvm_get_system_cpu()) == []
+    monkeypatch.setattr(runtime, "missing_vector_features", lambda cpu: ["avx512f"])
+    with pytest.warns(UserWarning, match="compiled for .*lacks avx512f"):
+        runtime.TvmModule(tmp_path / "host" / "model.so")
+
+
+def test_an_unknown_cpu_is_refused_by_field_before_anything_is_written(tmp_path):
+    from graphpress.errors import BackendError
+
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(BackendError, match=r"backends\[1\]\.cpu: 'pentium-9000' is not a CPU LLVM knows"):
+        tvm_backend(cpu="pentium-9000").build(capture(ScaledAttention(), (q, q, q)), [(q, q, q)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

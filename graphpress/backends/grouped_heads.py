@@ -20,6 +20,7 @@ before. Repeats left without users are removed; anything else is left alone.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -59,8 +60,8 @@ def group_repeated_heads(work: Graph) -> int:
             grouped = b.call(aten.reshape.default, x, [_size(b, x, 0), heads // groups, rows, _size(b, x, 3)])
             kv = b.call(aten.transpose.int, y, -2, -1) if repeated is not None else y
             # the result's value is the original's regrouped: y's length may carry other symbols than x's
-            value = node.meta["val"].reshape(node.meta["val"].shape[0], heads // groups, -1, node.meta["val"].shape[3])
-            product = b.call(aten.matmul.default, grouped, kv, meta_val=value)
+            regrouped = functools.partial(_regrouped, node.meta["val"], heads // groups, groups)
+            product = b.call(aten.matmul.default, grouped, kv, meta_val=regrouped)
             out = b.call(aten.reshape.default, product, [_size(b, product, 0), heads, length, _size(b, product, 3)])
         node.replace_all_uses_with(out)
         work.fx.erase_node(node)
@@ -69,6 +70,11 @@ def group_repeated_heads(work: Graph) -> int:
     if count:
         work._changed()
     return count
+
+
+def _regrouped(value: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """(B, H, S, N) as (B, H / g, g * S, N), the length written g * S (a -1 would divide symbols)."""
+    return value.reshape(value.shape[0], kv_heads, value.shape[2] * groups, value.shape[3])
 
 
 def _size(b: SubgraphBuilder, x: fx.Node, dim: int) -> fx.Node | int:

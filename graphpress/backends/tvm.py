@@ -9,8 +9,10 @@ symbolic dimensions (batch 1 became a constant 1 in a decomposed ``linear``).
 Writes ``<filename>`` (a shared library ``tvm.runtime.load_module`` loads; run it with
 ``relax.VirtualMachine``) and ``<filename>.json`` (its inputs and, for decode graphs, the
 cache layout), which :class:`graphpress.runtime.TvmModule` / ``TvmDecoder`` read.
-Float32 matmuls call OpenBLAS (``tvm_blas``, the ``blas`` field); the other kernels use TVM's default
-schedules: MetaSchedule tuning (``tvm_tune``) is not wired into the backend yet.
+Kernels are compiled for the ``cpu`` field's CPU (default: this machine's). Float32 matmuls call OpenBLAS
+(``tvm_blas``, the ``blas`` field), compressed linears and softmax rows are hand-written TIR (``tvm_linear``,
+``tvm_softmax``); the other kernels use TVM's default schedules: MetaSchedule tuning (``tvm_tune``) is not
+wired into the backend yet.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TvmBackend(Backend):
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
         blas, offloaded, lowered, fused = self.blas(), 0, graph, Counter()
+        target = self.llvm_target()
         if blas is not None:  # a fused kernel's prompt path multiplies with BLAS
             lowered, fused = fuse_format_linears(graph, tvm_linear.decodes)
         try:
@@ -61,7 +64,6 @@ class TvmBackend(Backend):
                         from . import tvm_blas
 
                         mod, offloaded = tvm_blas.offload(mod, blas)
-                    target = tvm.target.Target(cfg.device)
                     executable = tvm.compile(tvm_math.legalize(mod, target), target=target)
                     options = []
                     linked = offloaded or fused.total()  # a fused kernel's prompt path calls sgemm too
@@ -72,7 +74,7 @@ class TvmBackend(Backend):
             except Exception as exc:
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
-            meta = {**self.describe(graph), "blas": blas.describe() if linked else None}
+            meta = {**self.describe(graph), "blas": blas.describe() if linked else None, "cpu": _cpu(target)}
             sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
             comparison = self.validate(staged, graph, inputs)
             errors = comparison.errors
@@ -93,11 +95,32 @@ class TvmBackend(Backend):
             seconds=time.perf_counter() - start,
             details={
                 "device": cfg.device,
+                "cpu": _cpu(target),
                 "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if linked else None,
                 "fused_linears": dict(sorted(fused.items())),
             },
             latency=comparison.latency,
         )
+
+    def llvm_target(self):
+        """The LLVM target for the ``cpu`` field ('host': this machine's CPU; 'generic': no ``mcpu``); a CPU
+        LLVM does not know for this architecture is an error (LLVM would fall back to generic, and say so only
+        on stderr)."""
+        import tvm
+        from tvm.target import codegen
+
+        cpu = self.config.cpu
+        if cpu == "generic":
+            return tvm.target.Target(self.config.device)
+        if cpu == "host":
+            cpu = codegen.llvm_get_system_cpu()
+        known = set(codegen.llvm_get_cpu_archlist(tvm.target.Target(self.config.device)))
+        if cpu not in known:
+            raise BackendError(
+                f"{self.spec_path}.cpu: {cpu!r} is not a CPU LLVM knows for {codegen.llvm_get_system_triple()}; "
+                f"use 'host', 'generic' or one of: {', '.join(sorted(known)[:12])}, ..."
+            )
+        return tvm.target.Target({"kind": self.config.device, "mcpu": cpu})
 
     def blas(self):
         """The BLAS the ``blas`` field asks for, or None; 'openblas' without it installed is an error."""
@@ -140,6 +163,11 @@ class TvmBackend(Backend):
 
         module = TvmModule(path) if graph.cache is None else None
         return self.compare_with_eager(graph, inputs, lambda tensors: module(*tensors), lambda: TvmDecoder(path))
+
+
+def _cpu(target) -> str:
+    """The CPU a target compiles for ('generic' without ``mcpu``)."""
+    return str(target.attrs.get("mcpu", "") or "generic")
 
 
 def prepare(graph: Graph) -> Graph:

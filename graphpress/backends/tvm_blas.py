@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,14 +137,23 @@ class _Offload(PyExprMutator):
             scale = tir.const(call.attrs.scale.value, "float32")
         else:  # the head dim may be symbolic
             scale = tir.const(1.0, "float32") / tir.sqrt(tir.Cast("float32", dim))
-        probs = self.builder_.call_te(
-            _masked_softmax,
-            emit(scores),
-            *bias,
-            scale=scale,
-            causal=call.attrs.causal_mask,
-            primfunc_name_hint="attention_softmax",
-        )
+        scores = emit(scores)
+        if not bias and isinstance(dim, tir.IntImm):  # the hand-scheduled rows (scale and causal inside)
+            from .tvm_softmax import softmax_kernel
+
+            value = call.attrs.scale.value if call.attrs.scale is not None else 1 / math.sqrt(dim.value)
+            kernel = softmax_kernel(4, float(value), call.attrs.causal_mask)
+            gv = self.builder_.add_func(kernel, "attention_softmax")
+            probs = relax.call_tir(gv, [scores], relax.TensorType(scores.ty.shape, "float32"))
+        else:
+            probs = self.builder_.call_te(
+                _masked_softmax,
+                scores,
+                *bias,
+                scale=scale,
+                causal=call.attrs.causal_mask,
+                primfunc_name_hint="attention_softmax",
+            )
         return op.permute_dims(emit(self._matmul(emit(probs), vt, False, False)), [0, 2, 1, 3])
 
     def _untransposed(self, arg: relax.Expr) -> tuple[relax.Expr, bool]:

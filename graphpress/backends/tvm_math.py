@@ -11,7 +11,8 @@ all of a softmax's), tanh 3.4e-7 and erf 4.7e-7 absolute: well inside the backen
 (``max_error``).
 
 Every Relax operator that legalizes into those intrinsics is mapped to its fast form here, each by the
-same formula TVM's own legalization uses: softmax, exp, sigmoid, silu, tanh, erf, gelu, gelu_tanh.
+same formula TVM's own legalization uses: softmax, exp, sigmoid, silu, tanh, erf, gelu, gelu_tanh. A
+softmax over the last axis goes to the hand-scheduled rows of :mod:`.tvm_softmax` instead.
 Other dtypes keep TVM's forms (TOPI's fast functions are float32 only).
 """
 
@@ -22,6 +23,23 @@ import math
 import tvm
 from tvm import relax, te, topi
 from tvm import tirx as tir
+
+_EXP_POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def exp_polynomial(x: tir.PrimExpr) -> tir.PrimExpr:
+    """``topi.fast_exp``'s float32 formula on one expression (for hand-written kernels): x = n ln 2 + f with
+    n = round(x log2 e), exp(f) by its degree-7 Cephes polynomial, 2^n by writing n + 127 into the exponent bits."""
+    f32 = "float32"
+    clamped = tir.max(tir.min(x, tir.const(88.3762626647950, f32)), tir.const(-88.3762626647949, f32))
+    n = tir.floor(clamped * tir.const(1.44269504088896341, f32) + tir.const(0.5, f32))
+    f = clamped - n * tir.const(0.6931471805599453, f32)
+    poly = tir.const(_EXP_POLYNOMIAL[0], f32)
+    for c in _EXP_POLYNOMIAL[1:]:
+        poly = poly * f + tir.const(c, f32)
+    y = poly * f * f + f + tir.const(1.0, f32)
+    scale = tir.reinterpret(f32, tir.shift_left(tir.Cast("int32", n + tir.const(127.0, f32)), 23))
+    return tir.max(scale * y, x)
 
 
 def _sigmoid(x: te.Tensor) -> te.Tensor:
@@ -73,7 +91,13 @@ def legalize_map() -> dict:
         return lambda bb, call: bb.call_te(compute, call.args[0], primfunc_name_hint=hint)
 
     def softmax(bb, call):
-        return bb.call_te(topi.nn.fast_softmax, call.args[0], call.attrs.axis, primfunc_name_hint="softmax")
+        x = call.args[0]
+        if int(call.attrs.axis) in (-1, x.ty.ndim - 1):  # rows: the hand-scheduled kernel
+            from .tvm_softmax import softmax_kernel
+
+            gv = bb.add_func(softmax_kernel(x.ty.ndim, 1.0, None), "softmax_rows")
+            return relax.call_tir(gv, [x], relax.TensorType(x.ty.shape, "float32"))
+        return bb.call_te(topi.nn.fast_softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
 
     fast = {name: elementwise(name, compute) for name, compute in FAST.items()} | {"relax.nn.softmax": softmax}
     return {name: _float32_only(name, legalize) for name, legalize in fast.items()}

@@ -822,10 +822,10 @@ class SubgraphBuilder:
         """A new parameter stored as '<path>.<suffix>' (e.g. '0.weight')."""
         return self.graph.add_parameter(f"{self.path}.{suffix}" if self.path else suffix, value)
 
-    def call(self, op, *args, module: str | None = None, meta_val=None, **kwargs) -> fx.Node:
-        """Insert ``op(*args, **kwargs)``; ``module`` is a sub-path for nn_module_stack. ``meta_val``: the
-        node's value, given where the rewrite knows it and the fake kernel could not check it (two lengths
-        the graph keeps equal under different symbols)."""
+    def call(self, op, *args, module: str | None = None, meta_val: Callable | None = None, **kwargs) -> fx.Node:
+        """Insert ``op(*args, **kwargs)``; ``module`` is a sub-path for nn_module_stack. ``meta_val``: computes the
+        node's value instead of the op on the fake arguments, where the rewrite knows it and the fake kernel
+        could not check it (two lengths the graph keeps equal under different symbols)."""
         node = self.graph.fx.call_function(op, tuple(args), kwargs)
         fake_args = fx.map_arg((args, kwargs), self._value)
         # Size-oblivious, as at capture: otherwise a size-1 example dimension would be
@@ -833,15 +833,8 @@ class SubgraphBuilder:
         # Sizes read from data at run time (``item``) get fresh unbacked symbols here; they are
         # not left pending, or the next re-trace (ONNX export) would expect to find them.
         shape_env = self._fake_mode.shape_env
-        if meta_val is not None:
-            node.meta["val"] = meta_val
-        else:
-            with (
-                self._fake_mode,
-                fx_config.patch(backed_size_oblivious=True),
-                shape_env.ignore_fresh_unbacked_symbols(),
-            ):
-                node.meta["val"] = op(*fake_args[0], **fake_args[1])
+        with self._fake_mode, fx_config.patch(backed_size_oblivious=True), shape_env.ignore_fresh_unbacked_symbols():
+            node.meta["val"] = meta_val() if meta_val is not None else op(*fake_args[0], **fake_args[1])
         stack = dict(self.origin.meta.get("nn_module_stack", {}))
         if module is not None:
             full = f"{self.path}.{module}" if self.path else module

@@ -81,6 +81,14 @@ class TvmBackendConfig(BackendConfig):
 
     target: Literal["tvm"]
     device: Literal["llvm"] = Field("llvm", description="Compilation target (CPU via LLVM).")
+    cpu: str = Field(
+        "host",
+        pattern=r"^[\w.-]+$",
+        description="CPU the kernels are compiled for: 'host' (this machine's, e.g. znver4, with every vector "
+        "extension it has; the library may stop with an illegal instruction on an older CPU), 'generic' (the "
+        "architecture's baseline: runs on any CPU of it, 4-lane vectors on x86-64), or an LLVM CPU name "
+        "('x86-64-v3', 'skylake-avx512', 'neoverse-n1').",
+    )
     max_error: float = Field(
         1e-4, gt=0, description="Largest rel_l2 between the TVM module and eager outputs before the backend fails."
     )
