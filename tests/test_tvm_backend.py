@@ -13,6 +13,8 @@ import torch
 
 from graphpress import compress
 from graphpress.backends import build_backend
+from graphpress.backends import tvm as tvm_module
+from graphpress.backends.tvm import step_blas_threads
 from graphpress.ir import capture
 from graphpress.ir.ops.kv_quant import kv_dequantize, kv_quantize
 from graphpress.passes import PassContext, build_pass
@@ -70,7 +72,7 @@ def test_example_lm_forward_library_runs_without_graphpress(trained_llama, calib
 
 
 @pytest.mark.slow
-def test_decode_library_generates_like_eager(trained_llama, calibration, tmp_path):
+def test_decode_library_generates_like_eager(trained_llama, calibration, tmp_path, monkeypatch):
     graph = capture(trained_llama, calibration[0], mode="decode")
     record = tvm_backend().build(graph, calibration, tmp_path)
     assert record.errors["rel_l2"] < 1e-5
@@ -83,9 +85,15 @@ def test_decode_library_generates_like_eager(trained_llama, calibration, tmp_pat
     assert torch.equal(ours, greedy_generate(TorchDecoder(graph), prompt, 12))
     if meta["blas"] is not None:  # OpenBLAS's count is per process: each call sets its own
         threads = getattr(blas_library(meta["blas"]["library"]), f"{meta['blas']['prefix']}openblas_get_num_threads")
+        assert meta["step_blas_threads"] == STEP_BLAS_THREADS == step_blas_threads(graph)  # 12 MB of weights
         assert threads() == STEP_BLAS_THREADS  # the last call was a step of 2 tokens
         prefill(decoder, prompt)
         assert threads() == 2  # a prompt of 16 tokens: the module's count
+        monkeypatch.setattr(tvm_module, "STEP_CACHED_BYTES", 1 << 20)
+        assert step_blas_threads(graph) is None  # weights streamed from memory: steps on every thread too
+        (tmp_path / "model.so.json").write_text(json.dumps({**meta, "step_blas_threads": None}))
+        greedy_generate(TvmDecoder(tmp_path / "model.so", blas_threads=2), prompt, 2)
+        assert threads() == 2
 
 
 MLP = "layers.*.mlp.*"

@@ -75,6 +75,7 @@ class TvmBackend(Backend):
                 raise BackendError(f"{self.spec_path}: TVM build failed: {type(exc).__name__}: {exc}") from exc
             sidecar = tmp / f"{cfg.filename}.json"
             meta = {**self.describe(graph), "blas": blas.describe() if linked else None, "cpu": _cpu(target)}
+            meta["step_blas_threads"] = step_blas_threads(lowered) if linked else None
             sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
             comparison = self.validate(staged, graph, inputs)
             errors = comparison.errors
@@ -163,6 +164,23 @@ class TvmBackend(Backend):
 
         module = TvmModule(path) if graph.cache is None else None
         return self.compare_with_eager(graph, inputs, lambda tensors: module(*tensors), lambda: TvmDecoder(path))
+
+
+STEP_CACHED_BYTES = 32 << 20
+"""Float32 linear weights (bytes) up to which a decoding step runs OpenBLAS on one thread: they stay in the
+last-level cache, and waking a second thread for each small GEMM costs more than it saves (the example LM, 12 MB:
+2.00 ms a step @ 2048 on one thread, 2.76 on two). A model that streams its weights from memory needs every
+thread's bandwidth (a hidden-1024, 8-layer Llama, 350 MB: 58.3 ms on one, 31.7 on two)."""
+
+
+def step_blas_threads(graph: Graph) -> int | None:
+    """The sidecar's ``step_blas_threads``: one thread (``runtime.STEP_BLAS_THREADS``) where the weights BLAS
+    multiplies in a step fit :data:`STEP_CACHED_BYTES`, else None (the module's count)."""
+    from ..runtime import STEP_BLAS_THREADS
+
+    tensors = graph.tensors()
+    dense = sum(tensors[lin.weight].numel() * tensors[lin.weight].element_size() for lin in graph.linears())
+    return STEP_BLAS_THREADS if dense <= STEP_CACHED_BYTES else None
 
 
 def _cpu(target) -> str:
