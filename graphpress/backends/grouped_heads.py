@@ -55,14 +55,14 @@ def group_repeated_heads(work: Graph) -> int:
             continue
         b = SubgraphBuilder(work, "", node)
         with work.fx.inserting_before(node):
-            length = _size(b, x, 2)
+            length = b.size(x, 2)
             rows = length * groups if isinstance(length, int) else b.call(operator.mul, length, groups)
-            grouped = b.call(aten.reshape.default, x, [_size(b, x, 0), heads // groups, rows, _size(b, x, 3)])
+            grouped = b.call(aten.reshape.default, x, [b.size(x, 0), heads // groups, rows, b.size(x, 3)])
             kv = b.call(aten.transpose.int, y, -2, -1) if repeated is not None else y
             # the result's value is the original's regrouped: y's length may carry other symbols than x's
             regrouped = functools.partial(_regrouped, node.meta["val"], heads // groups, groups)
             product = b.call(aten.matmul.default, grouped, kv, meta_val=regrouped)
-            out = b.call(aten.reshape.default, product, [_size(b, product, 0), heads, length, _size(b, product, 3)])
+            out = b.call(aten.reshape.default, product, [b.size(product, 0), heads, length, b.size(product, 3)])
         node.replace_all_uses_with(out)
         work.fx.erase_node(node)
         _erase_unused(right)
@@ -75,12 +75,6 @@ def group_repeated_heads(work: Graph) -> int:
 def _regrouped(value: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
     """(B, H, S, N) as (B, H / g, g * S, N), the length written g * S (a -1 would divide symbols)."""
     return value.reshape(value.shape[0], kv_heads, value.shape[2] * groups, value.shape[3])
-
-
-def _size(b: SubgraphBuilder, x: fx.Node, dim: int) -> fx.Node | int:
-    """A dimension for a view: the int when it is static, else its ``sym_size`` node."""
-    size = x.meta["val"].shape[dim]
-    return size if isinstance(size, int) else b.call(aten.sym_size.int, x, dim)
 
 
 def _erase_unused(node) -> None:

@@ -139,12 +139,10 @@ class _Offload(PyExprMutator):
             scale = tir.const(1.0, "float32") / tir.sqrt(tir.Cast("float32", dim))
         scores = emit(scores)
         if not bias and isinstance(dim, tir.IntImm):  # the hand-scheduled rows (scale and causal inside)
-            from .tvm_softmax import softmax_kernel
+            from .tvm_softmax import emit_softmax_rows
 
             value = call.attrs.scale.value if call.attrs.scale is not None else 1 / math.sqrt(dim.value)
-            kernel = softmax_kernel(4, float(value), call.attrs.causal_mask)
-            gv = self.builder_.add_func(kernel, "attention_softmax")
-            probs = relax.call_tir(gv, [scores], relax.TensorType(scores.ty.shape, "float32"))
+            probs = emit_softmax_rows(self.builder_, scores, value, call.attrs.causal_mask, "attention_softmax")
         else:
             probs = self.builder_.call_te(
                 _masked_softmax,

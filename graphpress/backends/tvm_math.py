@@ -93,10 +93,9 @@ def legalize_map() -> dict:
     def softmax(bb, call):
         x = call.args[0]
         if int(call.attrs.axis) in (-1, x.ty.ndim - 1):  # rows: the hand-scheduled kernel
-            from .tvm_softmax import softmax_kernel
+            from .tvm_softmax import emit_softmax_rows
 
-            gv = bb.add_func(softmax_kernel(x.ty.ndim, 1.0, None), "softmax_rows")
-            return relax.call_tir(gv, [x], relax.TensorType(x.ty.shape, "float32"))
+            return emit_softmax_rows(bb, x, 1.0, None, "softmax_rows")
         return bb.call_te(topi.nn.fast_softmax, x, call.attrs.axis, primfunc_name_hint="softmax")
 
     fast = {name: elementwise(name, compute) for name, compute in FAST.items()} | {"relax.nn.softmax": softmax}

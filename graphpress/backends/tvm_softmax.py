@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+from tvm import relax
 from tvm import tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
@@ -100,3 +101,10 @@ def softmax_kernel(rank: int, scale: float, causal: str | None) -> tir.PrimFunc:
                 with T.Else():
                     all_rows(T.serial)
     return ib.get()
+
+
+def emit_softmax_rows(bb: relax.BlockBuilder, x: relax.Expr, scale: float, causal: str | None, name: str):
+    """``call_tir`` of :func:`softmax_kernel` on ``x`` (float32, its shape kept), the kernel added to ``bb``'s
+    module as ``name``."""
+    gv = bb.add_func(softmax_kernel(x.ty.ndim, float(scale), causal), name)
+    return relax.call_tir(gv, [x], relax.TensorType(x.ty.shape, "float32"))

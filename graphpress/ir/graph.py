@@ -845,6 +845,11 @@ class SubgraphBuilder:
                 node.meta[key] = self.origin.meta[key]
         return node
 
+    def size(self, x: fx.Node, dim: int) -> fx.Node | int:
+        """A dimension for a view: the int when it is static (as export writes it), else its sym_size node."""
+        size = x.meta["val"].shape[dim]
+        return size if isinstance(size, int) else self.call(aten.sym_size.int, x, dim)
+
     def _value(self, node: fx.Node):
         """What op calls see for ``node`` at build time: its fake value, or the submodule a get_attr names."""
         if node.op == "get_attr":

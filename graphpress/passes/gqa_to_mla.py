@@ -443,11 +443,6 @@ class _Builder(SubgraphBuilder):
             return self.linear(x, module, w.to(self.dtype).contiguous(), bias.to(self.dtype).contiguous())
         return self.linear(x, module, weight.to(self.dtype).contiguous())
 
-    def size(self, x, dim: int) -> fx.Node | int:
-        """A dimension for a view: the int when it is static (as export writes it), else its sym_size node."""
-        size = x.meta["val"].shape[dim]
-        return size if isinstance(size, int) else self.call(aten.sym_size.int, x, dim)
-
     def split_heads(self, x, heads: int) -> fx.Node:
         """(B, S, heads * e) -> (B, heads, S, e)."""
         e = x.meta["val"].shape[-1] // heads
