@@ -74,6 +74,13 @@ def step(description: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if progress is None else progress.step(description)
 
 
+def note(message: str) -> None:
+    """One line of news from inside a long step (a tuner's best so far), when a run's progress is on."""
+    progress = _active.get()
+    if progress is not None and progress.enabled:
+        print(message, file=progress.stream, flush=True)
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream.isatty()

@@ -153,6 +153,9 @@ class TvmModule:
                 stacklevel=2,
             )
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        self.main = self.vm["main"]
+        # copies of main tuned at a (batch, tokens) of the first input (the backend's tune field)
+        self.specialised = {key: self.vm[name] for key, name in self.meta.get("specialised", {}).items()}
         blas = self.meta.get("blas")  # the backend's record of the BLAS beside the library, if it calls one
         self._set_blas_threads, self.blas_threads = None, None
         if blas is not None:
@@ -167,7 +170,10 @@ class TvmModule:
         ``blas_threads``: this call's OpenBLAS threads (None: the module's)."""
         if self._set_blas_threads is not None:
             self._set_blas_threads(blas_threads or self.blas_threads)
-        out = self.vm["main"](*map(self._tensor, tensors))
+        main = self.main
+        if self.specialised and tensors and tensors[0].dim() >= 2:
+            main = self.specialised.get(f"{tensors[0].shape[0]}x{tensors[0].shape[1]}", main)
+        out = main(*map(self._tensor, tensors))
         leaves = [out] if hasattr(out, "numpy") else list(out)
         return [torch.from_dlpack(leaf) for leaf in leaves]
 

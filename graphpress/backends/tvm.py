@@ -47,7 +47,7 @@ class TvmBackend(Backend):
 
         cfg: TvmBackendConfig = self.config
         start = time.perf_counter()
-        blas, offloaded, lowered, fused = self.blas(), 0, graph, Counter()
+        blas, offloaded, lowered, fused, tuning = self.blas(), 0, graph, Counter(), None
         target = self.llvm_target()
         if blas is not None:  # a fused kernel's prompt path multiplies with BLAS
             lowered, fused = fuse_format_linears(graph, tvm_linear.decodes)
@@ -64,7 +64,10 @@ class TvmBackend(Backend):
                         from . import tvm_blas
 
                         mod, offloaded = tvm_blas.offload(mod, blas)
-                    executable = tvm.compile(tvm_math.legalize(mod, target), target=target)
+                    if cfg.tune is None:
+                        executable = tvm.compile(tvm_math.legalize(mod, target), target=target)
+                    else:
+                        executable, tuning = self.tuned(mod, target, graph, inputs, tmp)
                     options = []
                     linked = offloaded or fused.total()  # a fused kernel's prompt path calls sgemm too
                     if linked:
@@ -76,6 +79,7 @@ class TvmBackend(Backend):
             sidecar = tmp / f"{cfg.filename}.json"
             meta = {**self.describe(graph), "blas": blas.describe() if linked else None, "cpu": _cpu(target)}
             meta["step_blas_threads"] = step_blas_threads(lowered) if linked else None
+            meta["specialised"] = tuning["specialised"] if tuning else {}
             sidecar.write_text(json.dumps(meta, indent=1, sort_keys=True))
             comparison = self.validate(staged, graph, inputs)
             errors = comparison.errors
@@ -84,7 +88,9 @@ class TvmBackend(Backend):
                     f"{self.spec_path}: the TVM module's output differs from eager: rel_l2 = {errors['rel_l2']:.3g} "
                     f"> max_error = {cfg.max_error:g}"
                 )
-            files = {path.name: path.stat().st_size for path in sorted(tmp.iterdir())}
+            if tuning:
+                tuning["checked"] = self.check_specialised(staged, graph, inputs, tuning["specialised"])
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             publish_all(tmp, out_dir, last=[out_dir / cfg.filename])  # the library after its sidecar
         return BackendRecord(
             target=self.target,
@@ -99,9 +105,79 @@ class TvmBackend(Backend):
                 "cpu": _cpu(target),
                 "blas": {"library": f"scipy-openblas32 {blas.version}", "matmuls": offloaded} if linked else None,
                 "fused_linears": dict(sorted(fused.items())),
+                "tuning": tuning,
             },
             latency=comparison.latency,
         )
+
+    def tuned(self, mod, target, graph: Graph, inputs: list[tuple], staging: Path):
+        """The executable of ``mod`` with copies of ``main`` specialised at the ``tune`` field's shapes (before
+        legalization, so that their kernels have static shapes), those kernels tuned into the database (the output directory's records first, so a rebuild tunes nothing new),
+        and what was done (for the record and the sidecar)."""
+        import shutil
+
+        from . import tvm_math, tvm_tune
+
+        tune = self.config.tune
+        lengths = tune.lengths or ([1] if graph.cache is not None else [_tokens(inputs)])
+        try:
+            mod, specialised = tvm_tune.specialise(mod, [(tune.batch, n) for n in lengths])
+        except ValueError as exc:
+            raise BackendError(f"{self.spec_path}.tune: {exc}") from exc
+        mod = tvm_math.legalize(mod, target)
+        name = tune.database or f"{Path(self.config.filename).stem}.tuning"
+        database, published = staging / name, staging.parent / name
+        if published.is_dir():
+            shutil.copytree(published, database)
+        tuning_target = tvm_tune.with_cores(target)
+        start = time.perf_counter()
+        with step(f"{self.spec_path} tvm: tuning ({tune.trials} trials)"):
+            done = tvm_tune.tune(
+                mod,
+                tuning_target,
+                database,
+                tune.trials,
+                strategy=tune.strategy,
+                cost_model="xgb" if tune.strategy == "evolutionary" else "random",
+            )
+        seconds = time.perf_counter() - start
+        with step(f"{self.spec_path} tvm: compiling tuned kernels"):
+            executable = tvm_tune.compile_tuned(done.database, mod, tuning_target)
+        record = {
+            "database": name,
+            "trials": tune.trials,
+            "seconds": round(seconds, 1),
+            "specialised": specialised,
+            "tuned": sorted(done.tuned),
+            "reused": sorted(done.reused),
+            "unmeasured": sorted(done.unmeasured),
+            "best_us": {task: round(s * 1e6, 2) for task, s in sorted(done.best.items())},
+        }
+        return executable, record
+
+    def check_specialised(self, path: Path, graph: Graph, inputs: list[tuple], specialised: dict) -> dict:
+        """rel_l2 against eager of each specialised copy, on the first calibration input resized to its shape
+        (a decode graph: that prompt from an empty cache); above ``max_error`` is an error."""
+        from ..metrics import compare_outputs
+        from ..runtime import TorchDecoder, TvmDecoder, TvmModule, prefill
+        from .base import tensor_leaves
+
+        checked = {}
+        for key in specialised:
+            batch, tokens = map(int, key.split("x"))
+            args = _resized(inputs[0], batch, tokens)
+            with torch.no_grad():
+                if graph.cache is None:
+                    ours, ref = TvmModule(path)(*args), tensor_leaves(graph.module()(*args))
+                else:
+                    ours, ref = prefill(TvmDecoder(path), args[0])[0], prefill(TorchDecoder(graph), args[0])[0]
+            checked[key] = compare_outputs([ours], [ref])["rel_l2"]
+            if checked[key] > self.config.max_error:
+                raise BackendError(
+                    f"{self.spec_path}.tune: the copy specialised at {key} differs from eager: rel_l2 = "
+                    f"{checked[key]:.3g} > max_error = {self.config.max_error:g}"
+                )
+        return checked
 
     def llvm_target(self):
         """The LLVM target for the ``cpu`` field ('host': this machine's CPU; 'generic': no ``mcpu``); a CPU
@@ -181,6 +257,28 @@ def step_blas_threads(graph: Graph) -> int | None:
     tensors = graph.tensors()
     dense = sum(tensors[lin.weight].numel() * tensors[lin.weight].element_size() for lin in graph.linears())
     return STEP_BLAS_THREADS if dense <= STEP_CACHED_BYTES else None
+
+
+def _tokens(inputs: list[tuple]) -> int:
+    """The first calibration input's token count (its first tensor's second dimension)."""
+    first = inputs[0][0]
+    if not isinstance(first, torch.Tensor) or first.dim() < 2:
+        raise BackendError("tune: the first input has no (batch, tokens) dimensions; set tune.lengths")
+    return first.shape[1]
+
+
+def _resized(args: tuple, batch: int, tokens: int) -> tuple:
+    """``args`` with every tensor that shares the first one's leading (batch, tokens) dimensions repeated or
+    cut to ``batch`` x ``tokens`` (token ids stay token ids, masks stay masks)."""
+    lead = tuple(args[0].shape[:2])
+
+    def resize(t):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape[:2]) != lead:
+            return t
+        reps = [-(-batch // lead[0]), -(-tokens // lead[1])] + [1] * (t.dim() - 2)
+        return t.repeat(*reps)[:batch, :tokens].contiguous()
+
+    return tuple(resize(t) for t in args)
 
 
 def _cpu(target) -> str:

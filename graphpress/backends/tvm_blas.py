@@ -35,6 +35,8 @@ from tvm import tirx as tir
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.sym.analyzer import Analyzer
 
+from .tvm_tune import SCHEDULED
+
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -115,7 +117,10 @@ class _Offload(PyExprMutator):
         if gemm is None:
             return None
         self.count += 1
-        return self.builder_.call_te(gemm(self.blas.prefix), a, b, primfunc_name_hint="blas_matmul")
+        call = self.builder_.call_te(gemm(self.blas.prefix), a, b, primfunc_name_hint="blas_matmul")
+        gv = call.args[0]  # an extern call: nothing for a tuner to schedule
+        self.builder_.update_func(gv, self.builder_.get()[gv].with_attr(SCHEDULED, True))
+        return call
 
     def _attention(self, call: relax.Call) -> relax.Expr:
         """``softmax(q k^T * scale + bias, causal) v`` over (batch, seq, heads, dim) operands, the products on

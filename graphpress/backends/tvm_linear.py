@@ -37,6 +37,7 @@ from ..ir import ops
 from ..ir.ops.bitstream import PackedRows
 from ..ir.ops.fused import FUSED
 from .tvm_blas import NO_TRANS, ROW_MAJOR, TRANS, Blas
+from .tvm_tune import SCHEDULED
 
 FUSED_ROWS = 8
 """Largest M decoded in registers; above it the weight is decoded once and BLAS multiplies."""
@@ -90,7 +91,7 @@ def linear_kernel(rows: PackedRows, blas: Blas, bias: bool, name: str) -> tir.Pr
     f32 = "float32"
     with IRBuilder() as ib, T.prim_func():
         T.func_name(name)
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, SCHEDULED: True})
         m_rows = tir.Var("m", "int64")
         x = T.match_buffer(T.arg("x", T.handle()), (m_rows, k_in), f32)
         params = [T.match_buffer(T.arg(p.name, T.handle()), p.shape, p.dtype) for p in rows.params]

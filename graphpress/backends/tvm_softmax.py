@@ -23,6 +23,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .tvm_math import exp_polynomial
+from .tvm_tune import SCHEDULED
 
 LANES = 16
 """Values per vector: one AVX-512 register, two AVX2 ones."""
@@ -42,7 +43,7 @@ def softmax_kernel(rank: int, scale: float, causal: str | None) -> tir.PrimFunc:
     f32 = "float32"
     with IRBuilder() as ib, T.prim_func():
         T.func_name("softmax_rows")
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, SCHEDULED: True})
         dims = [tir.Var(f"d{i}", "int64") for i in range(rank)]
         x = T.match_buffer(T.arg("x", T.handle()), dims, f32)
         y = T.match_buffer(T.arg("y", T.handle()), dims, f32)

@@ -11,16 +11,19 @@ What makes MetaSchedule run with apache-tvm 0.27.0.post1 (issue 25):
 - TVM's tensor intrinsics (~500 TVMScript functions ``TuneContext`` imports) parsed with an
   ``inspect.stack`` that does not read every frame's source: minutes become seconds.
 
-MetaSchedule needs static shapes (a symbolic matmul fails in its schedule rules), and its
-measurements are timings, so two tunings may choose different schedules: the database
-(JSON, beside the artifact) is what makes a rebuild reproducible, and a task it already
-holds is not tuned again.
+MetaSchedule needs static shapes (a symbolic matmul fails in its schedule rules): the backend's
+``tune`` field adds copies of ``main`` specialised at the (batch, tokens) a user runs
+(:func:`specialise`) and the runtime calls a copy where its input has that shape; the dynamic
+``main`` keeps TVM's default schedules. Its measurements are timings, so two tunings may choose
+different schedules: the database (JSON, beside the artifact) is what makes a rebuild
+reproducible, and a task it already holds is not tuned again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -28,14 +31,24 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tvm
+from tvm import relax
+from tvm import tirx as tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.local_runner import _worker_func as measure
+from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+from ..progress import note
+
+SCHEDULED = "tirx.is_scheduled"
+"""The PrimFunc attribute of a kernel scheduled by hand (graphpress's TIR kernels, BLAS calls): not a task."""
 
 
 @contextlib.contextmanager
@@ -67,7 +80,44 @@ def load_tensor_intrinsics() -> None:
 def host_target(cores: int | None = None) -> tvm.target.Target:
     """LLVM for this CPU with the core count MetaSchedule schedules for."""
     cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": cores or os.cpu_count() or 1})
+    return with_cores(tvm.target.Target({"kind": "llvm", "mcpu": cpu}), cores)
+
+
+def with_cores(target: tvm.target.Target, cores: int | None = None) -> tvm.target.Target:
+    """``target`` with the ``num-cores`` MetaSchedule requires (default: this machine's)."""
+    return tvm.target.Target({**target.export(), "num-cores": cores or os.cpu_count() or 1})
+
+
+def tunable(func: tir.PrimFunc) -> bool:
+    """A task MetaSchedule can and should schedule: static shapes (its rules fail on symbolic ones), not
+    :data:`SCHEDULED` by hand, not a reshape (the VM runs those as views of their input)."""
+    static = all(isinstance(d, tir.IntImm) for param in func.params for d in getattr(param, "shape", ()))
+    return static and not func.attrs.get(SCHEDULED, False) and not relax.analysis.has_reshape_pattern(func)
+
+
+def specialise(mod: tvm.IRModule, sizes: Sequence[tuple[int, int]]) -> tuple[tvm.IRModule, dict[str, str]]:
+    """``mod`` with one copy of ``main`` per (batch, tokens): its first input's leading symbolic dimensions
+    bound to them (a static dimension must equal its size); returns the module and ``"BxT" -> function``.
+    A static ``main`` needs no copy: it is tuned as it is."""
+    main = mod["main"]
+    shape = main.params[0].ty.shape.values[:2] if main.params else []
+    symbolic = [d for d in shape if isinstance(d, tir.Var)]
+    if not symbolic:
+        return mod, {}
+    functions, names = dict(mod.functions_items()), {}
+    for batch, tokens in sizes:
+        bound = {d: size for d, size in zip(shape, (batch, tokens)) if isinstance(d, tir.Var)}
+        clash = [
+            f"dimension {i} is {int(d)}, not {size}"
+            for i, (d, size) in enumerate(zip(shape, (batch, tokens)))
+            if isinstance(d, tir.IntImm) and int(d) != size
+        ]
+        if clash:
+            raise ValueError(f"main's first input is static where tune asks for another size: {', '.join(clash)}")
+        name = f"main_b{batch}_t{tokens}"
+        functions[tvm.ir.GlobalVar(name)] = main.bind_symbolic_vars(bound).with_attr("global_symbol", name)
+        names[f"{batch}x{tokens}"] = name
+    return tvm.IRModule(functions, attrs=mod.attrs), names
 
 
 @derived_object
@@ -97,20 +147,57 @@ class InProcessRunner(PyRunner):
         for item in runner_inputs:
             args = tuple(arg.as_json() for arg in item.args_info)
             try:
-                costs = measure(None, None, None, self.config, 1, str(item.artifact_path), str(item.device_type), args)
+                costs = measure(
+                    _alloc_arguments, None, None, self.config, 1, str(item.artifact_path), str(item.device_type), args
+                )
                 futures.append(LocalRunnerFuture(res=costs))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails to run is discarded
                 futures.append(LocalRunnerFuture(error_message=f"{type(exc).__name__}: {exc}"))
         return futures
 
 
+@derived_object
+class _Progress(PyMeasureCallback):
+    """A progress line per measured batch: trials so far and the task's best latency."""
+
+    def __init__(self, trials: int) -> None:
+        super().__init__()
+        self.trials, self.done, self.best = trials, 0, {}
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        self.done += len(runner_results)
+        name = task_scheduler.tasks_[task_id].ctx.task_name
+        costs = [sum(map(float, r.run_secs)) / len(r.run_secs) for r in runner_results if r.run_secs]
+        if costs:
+            self.best[name] = min(self.best.get(name, float("inf")), min(costs))
+        best = f"{self.best[name] * 1e6:.1f} us" if name in self.best else "no candidate ran"
+        note(f"tune: {self.done}/{self.trials} trials, {name}: best {best}")
+
+
+def _alloc_arguments(device, args_info, alloc_repeat: int):
+    """MetaSchedule's argument filling, integers as zeros: random ones are out-of-range indices (an embedding's
+    ``take``, a LUT's codes), and a gather through them reads outside its table (it crashed the process)."""
+    random = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+
+    def fill(tensor) -> None:
+        if str(tensor.dtype).startswith(("int", "uint", "bool")):
+            tensor.copyfrom(np.zeros(tuple(tensor.shape), dtype=str(tensor.dtype)))
+        else:
+            random(tensor)
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
 @dataclass
 class Tuning:
-    """The database and what this call did: tasks tuned now, tasks whose records it already held."""
+    """The database and what this call did: tasks tuned now, tasks whose records it already held, tasks the
+    budget left without a measured candidate (default schedules), and each task's best latency (seconds)."""
 
     database: ms.database.Database
     tuned: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    unmeasured: list[str] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
 
 
 def tune(
@@ -123,38 +210,66 @@ def tune(
     strategy: str = "evolutionary",
     cost_model: str = "xgb",
 ) -> Tuning:
-    """Tune the TIR functions of a static-shaped Relax module as imported (legalized and fused here, as the
-    compiler will; those whose task name contains one of ``ops``, all when None) with ``trials`` trials in all,
-    recording into the JSON database in ``database_dir``. Tasks the database already holds a record for are
-    reused, not tuned."""
+    """Tune the :func:`tunable` TIR functions of a Relax module (legalized and fused here, as the compiler will;
+    those whose task name contains one of ``ops``, all when None) with ``trials`` trials in all, recording into
+    the JSON database in ``database_dir``. Tasks the database already holds a record for are reused, not tuned."""
     load_tensor_intrinsics()
     database_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(database_dir))
     tasks = [
         t
         for t in ms.relax_integration.extract_tasks(fused(mod, target), target)
-        if ops is None or any(op in t.task_name for op in ops)
+        if tunable(t.dispatched[0]["main"]) and (ops is None or any(op in t.task_name for op in ops))
     ]
     todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
     tuning = Tuning(database, [t.task_name for t in todo], [t.task_name for t in tasks if t not in todo])
-    if not todo:
-        return tuning
-    with tempfile.TemporaryDirectory(prefix="graphpress-tune-") as logs:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, logs, strategy=strategy, seed=seed
-        )
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=logs,
-            max_trials_global=trials,
-            num_trials_per_iter=min(64, trials),
-            builder=InProcessBuilder(),
-            runner=InProcessRunner(),
-            database=database,
-            cost_model=cost_model,
-        )
+    if todo:
+        progress = _Progress(trials)
+        with tempfile.TemporaryDirectory(prefix="graphpress-tune-") as logs, _quiet(logs):
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                todo, logs, strategy=strategy, seed=seed
+            )
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=logs,
+                max_trials_global=trials,
+                num_trials_per_iter=max(1, min(64, trials // len(todo))),  # every task a share at first
+                builder=InProcessBuilder(),
+                runner=InProcessRunner(),
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            )
+    for t in tasks:
+        record = database.query_tuning_record(t.dispatched[0], target, t.task_name)
+        if record is not None and record.run_secs:
+            tuning.best[t.task_name] = sum(map(float, record.run_secs)) / len(record.run_secs)
+    tuning.unmeasured = [name for name in tuning.tuned if name not in tuning.best]
+    tuning.tuned = [name for name in tuning.tuned if name in tuning.best]
     return tuning
+
+
+@contextlib.contextmanager
+def _quiet(logs: str) -> Iterator[None]:
+    """MetaSchedule's logging for one tuning: its per-task INFO/DEBUG lines (hundreds) kept off the console
+    (warnings pass), its log files in ``logs`` closed afterwards, and its logger as it was (MetaSchedule rebuilds
+    the logger's configuration from the handlers it finds, and fails on one without a name: pytest's, say)."""
+    name = "tvm.s_tir.meta_schedule"
+    logger = logging.getLogger(name)
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers = []
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for child in [logger, *(lg for key, lg in logging.Logger.manager.loggerDict.items() if key.startswith(name))]:
+            for handler in getattr(child, "handlers", [])[:]:
+                if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(logs):
+                    handler.close()
+                    child.removeHandler(handler)
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
 
 
 def fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -174,6 +289,9 @@ def fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     return tvm.transform.Sequential(passes)(mod)
 
 
-def compile_tuned(tuning: Tuning, mod: tvm.IRModule, target: tvm.target.Target):
-    """The Relax executable with every function the database holds a schedule for scheduled by it."""
-    return ms.relax_integration.compile_relax(tuning.database, mod, target, None)
+def compile_tuned(database: ms.database.Database, mod: tvm.IRModule, target: tvm.target.Target):
+    """The Relax executable with every function the database holds a schedule for scheduled by it (the module
+    prepared as :func:`fused`, then TVM's CPU pipeline; ``target`` with ``num-cores``, as tuned)."""
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase()(fused(mod, target))
+    return tvm.compile(mod, target=target)

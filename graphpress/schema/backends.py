@@ -76,6 +76,44 @@ class OnnxBackendConfig(BackendConfig):
     )
 
 
+class TvmTuneConfig(StrictModel):
+    """MetaSchedule tuning of the TVM library's kernels on this machine, for the shapes a user runs."""
+
+    trials: int = Field(
+        256,
+        ge=1,
+        description="Candidate schedules measured, in all (every kernel of every shape). The example LM's 256-token "
+        "prompt: 256 trials took 130 s on 2 cores. Kernels the database already holds are not tuned again.",
+    )
+    batch: int = Field(1, ge=1, description="Batch size the tuned copies of the model are specialised for.")
+    lengths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        min_length=1,
+        description="Tokens per call the tuned copies are specialised for (a copy of the model per length; a call "
+        "of another shape runs the untuned dynamic model): prompt lengths for a forward graph (default: the first "
+        "calibration input's), tokens per step for a decode graph (default: 1, a generated token).",
+    )
+    database: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+$",
+        description="Folder in the output directory for the tuning records (MetaSchedule's JSON database); "
+        "default <filename's stem>.tuning. A rebuild into the same output directory reuses its records: a "
+        "kernel tuned once is not tuned again, and the library gets the same schedules.",
+    )
+    strategy: Literal["evolutionary", "replay-trace"] = Field(
+        "evolutionary",
+        description="MetaSchedule's search: 'evolutionary' (an XGBoost cost model picks the candidates to measure) "
+        "or 'replay-trace' (random candidates; cheaper per trial, for small budgets).",
+    )
+
+    @field_validator("lengths")
+    @classmethod
+    def _distinct(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"lengths repeat: {value}")
+        return value
+
+
 class TvmBackendConfig(BackendConfig):
     """Import into TVM Relax, compile, and validate in the Relax VM; writes a loadable library."""
 
@@ -100,6 +138,19 @@ class TvmBackendConfig(BackendConfig):
         description="Float32 matmuls as OpenBLAS GEMM calls compiled into the library (scipy-openblas32, copied "
         "beside it): 'openblas' requires it, 'auto' uses it when installed, 'none' keeps TVM's own loops.",
     )
+    tune: TvmTuneConfig | None = Field(
+        None,
+        description="Tune the kernels with MetaSchedule (measured here: cpu must be 'host'). The library gets a "
+        "copy of the model per (batch, length) with static shapes, its kernels scheduled as measured, and calls it "
+        "for inputs of that shape; hand-written kernels and BLAS calls are kept. Unset: TVM's default schedules.",
+    )
+
+    @field_validator("tune")
+    @classmethod
+    def _tuned_here(cls, value: TvmTuneConfig | None, info: ValidationInfo) -> TvmTuneConfig | None:
+        if value is not None and info.data.get("cpu", "host") != "host":
+            raise ValueError(f"tuning measures kernels on this machine's CPU; cpu is {info.data['cpu']!r}, not 'host'")
+        return value
 
 
 class MlirBackendConfig(BackendConfig):
