@@ -7,9 +7,10 @@ tokens) of the example LM (or a random Llama of hidden 1024, 8 layers), original
 compressed; every runtime's calls are interleaved, in blocks (``benchmarks.timing``), so
 machine noise hits all alike. onnxruntime runs what a user would deploy: int weights as its
 MatMulNBits (``ort_contrib_ops``).
-Ratios are runtime time / onnxruntime time. TVM is not tuned here (MetaSchedule is not
-wired into the backend yet). TVM's thread pool (``TVM_NUM_THREADS``) and OpenBLAS
-(``OPENBLAS_NUM_THREADS``) take their counts from the environment.
+Ratios are runtime time / onnxruntime time. "TVM+BLAS tuned" is the backend's ``tune`` field:
+MetaSchedule, ``--trials`` per build (forward: a copy at 1 x 256; decode: the 1-token step),
+its tuning seconds printed; leave it out with ``--runtimes``. TVM's thread pool
+(``TVM_NUM_THREADS``) and OpenBLAS (``OPENBLAS_NUM_THREADS``) take their counts from the environment.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ VARIANTS = {
         {"pass": "gqa_to_mla", "kv_rank": 32, "rope": {"mode": "decoupled", "dims": 16}, "absorb": True}
     ],
 }
-TVM_BUILDS = {"TVM": "none", "TVM+BLAS": "openblas"}
+TVM_BUILDS = {"TVM": "none", "TVM+BLAS": "openblas", "TVM+BLAS tuned": "openblas"}
 RUNTIMES = ["onnxruntime", *TVM_BUILDS]
 
 
@@ -61,7 +62,7 @@ def rewrite(graph, ctx, passes):
     return graph
 
 
-def build(graph, calibration, out: Path, runtimes) -> dict:
+def build(graph, calibration, out: Path, runtimes, trials: int) -> dict:
     """runtime -> backend record."""
     onnx = OnnxBackendConfig(target="onnx", ort_contrib_ops=True)
     records = {"onnxruntime": build_backend(onnx, "onnx").build(graph, calibration, out)}
@@ -69,7 +70,8 @@ def build(graph, calibration, out: Path, runtimes) -> dict:
         if runtime not in runtimes:
             continue
         folder = out / runtime
-        config = TvmBackendConfig(target="tvm", blas=blas)
+        tune = {"trials": trials, "lengths": [256] if graph.cache is None else None} if "tuned" in runtime else None
+        config = TvmBackendConfig(target="tvm", blas=blas, tune=tune)
         records[runtime] = build_backend(config, "tvm").build(graph, calibration, folder)
     return records
 
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096])
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=RUNTIMES, help="onnxruntime always runs")
+    ap.add_argument("--trials", type=int, default=256, help="MetaSchedule trials per tuned build")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = model_for(args.shape)
@@ -124,20 +127,25 @@ def main() -> None:
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
     step_ids = torch.zeros(1, 1, dtype=torch.long)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
-    forward, decode, errors, sizes, memory = {}, {}, {}, {}, {}
+    forward, decode, errors, sizes, memory, tuning = {}, {}, {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, passes) in enumerate(variants.items()):
             for mode in ("forward", "decode"):
                 try:
                     graph = rewrite(capture(model, calibration[0], mode=mode), ctx, passes)
-                    records = build(graph, calibration[:1], Path(tmp) / f"{i}{mode}", args.runtimes)
+                    records = build(graph, calibration[:1], Path(tmp) / f"{i}{mode}", args.runtimes, args.trials)
                 except Exception:  # noqa: BLE001 - a variant a mode does not support is reported, not fatal
                     print(f"{name} / {mode}: not built:\n{traceback.format_exc(limit=2)}")
                     continue
                 for runtime, record in records.items():
+                    if (record.details or {}).get("tuning"):
+                        tuned = record.details["tuning"]
+                        tuning[(name, mode)] = f"{tuned['seconds']:.0f} s, {len(tuned['tuned'])} kernels"
                     errors[(name, mode, runtime)] = record.errors["rel_l2"]
                     sizes[(name, mode, runtime)] = sum(
-                        size for file, size in record.files.items() if not file.startswith("libscipy")
+                        size
+                        for file, size in record.files.items()
+                        if not file.startswith("libscipy") and ".tuning/" not in file
                     )
                     artifact = record.artifact
                     if mode == "forward":
@@ -158,9 +166,10 @@ def main() -> None:
         dec = interleaved_median(decode, step_ids, args.repeats, block=args.block, settle=0.3)
     blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "every core")
     print(
-        f"## {args.shape}: onnxruntime vs TVM (llvm, untuned), medians of {args.repeats}, interleaved in blocks of "
-        f"{args.block}"
+        f"## {args.shape}: onnxruntime vs TVM (llvm), medians of {args.repeats}, interleaved in blocks of {args.block}"
     )
+    for (name, mode), took in tuning.items():
+        print(f"tuning {name} / {mode}: {args.trials} trials, {took}")
     tvm_threads = os.environ.get("TVM_NUM_THREADS", "every core")
     print(
         f"onnxruntime 2 threads; TVM's default kernels 1 thread, its fused compressed linears {tvm_threads} "

@@ -180,6 +180,7 @@ def _pipeline(model, spec: Spec, example_inputs, calibration_data, out: Path, st
         for i, backend_config in enumerate(spec.backends):
             backend = build_backend(backend_config, f"backends[{i}]")
             backend.source = source
+            backend.published_dir = out
             deployed = result.graph
             if deployed.lazy and not backend.streams(deployed):
                 whole = whole or in_memory(deployed, f"backends[{i}] ({backend.target})")

@@ -74,6 +74,9 @@ class Backend(ABC):
         """Shapes the captured graph takes and the artifact does not (the run's report lists them first)."""
         self.runners: tuple[Callable, Callable] | None = None
         """(run, decoder) of the built artifact, as :meth:`compare_with_eager` was given them; None before."""
+        self.published_dir: Path | None = None
+        """Where ``build``'s ``out_dir`` is published (set by ``compress``, which builds into a staging folder):
+        what an earlier run left there (a tuning database) can be reused. None: ``out_dir`` itself."""
 
     def require(self, module: str, extra: str) -> None:
         """Fail clearly, naming the spec entry, when an optional dependency is missing."""

@@ -112,21 +112,23 @@ class TvmBackend(Backend):
 
     def tuned(self, mod, target, graph: Graph, inputs: list[tuple], staging: Path):
         """The executable of ``mod`` with copies of ``main`` specialised at the ``tune`` field's shapes (before
-        legalization, so that their kernels have static shapes), those kernels tuned into the database (the output directory's records first, so a rebuild tunes nothing new),
-        and what was done (for the record and the sidecar)."""
+        legalization, so that their kernels have static shapes), those kernels tuned into the database (starting
+        from the published one: a rebuild tunes nothing new), and what was done (for the record and sidecar)."""
         import shutil
 
         from . import tvm_math, tvm_tune
 
         tune = self.config.tune
         lengths = tune.lengths or ([1] if graph.cache is not None else [_tokens(inputs)])
+        if None in lengths:
+            raise BackendError(f"{self.spec_path}.tune.lengths: the first input has no (batch, tokens) dimensions")
         try:
             mod, specialised = tvm_tune.specialise(mod, [(tune.batch, n) for n in lengths])
         except ValueError as exc:
             raise BackendError(f"{self.spec_path}.tune: {exc}") from exc
         mod = tvm_math.legalize(mod, target)
         name = tune.database or f"{Path(self.config.filename).stem}.tuning"
-        database, published = staging / name, staging.parent / name
+        database, published = staging / name, (self.published_dir or staging.parent) / name
         if published.is_dir():
             shutil.copytree(published, database)
         tuning_target = tvm_tune.with_cores(target)
@@ -142,7 +144,7 @@ class TvmBackend(Backend):
             )
         seconds = time.perf_counter() - start
         with step(f"{self.spec_path} tvm: compiling tuned kernels"):
-            executable = tvm_tune.compile_tuned(done.database, mod, tuning_target)
+            executable = tvm_tune.compile_tuned(done.kept, mod, tuning_target)
         record = {
             "database": name,
             "trials": tune.trials,
@@ -152,6 +154,8 @@ class TvmBackend(Backend):
             "reused": sorted(done.reused),
             "unmeasured": sorted(done.unmeasured),
             "best_us": {task: round(s * 1e6, 2) for task, s in sorted(done.best.items())},
+            "default_us": {task: round(s * 1e6, 2) for task, s in sorted(done.default.items())},
+            "applied": sorted(done.applied),
         }
         return executable, record
 
@@ -160,18 +164,20 @@ class TvmBackend(Backend):
         (a decode graph: that prompt from an empty cache); above ``max_error`` is an error."""
         from ..metrics import compare_outputs
         from ..runtime import TorchDecoder, TvmDecoder, TvmModule, prefill
-        from .base import tensor_leaves
+        from .base import _eager, tensor_leaves
 
         checked = {}
+        ours = TvmModule(path) if graph.cache is None else TvmDecoder(path)
         for key in specialised:
             batch, tokens = map(int, key.split("x"))
             args = _resized(inputs[0], batch, tokens)
             with torch.no_grad():
                 if graph.cache is None:
-                    ours, ref = TvmModule(path)(*args), tensor_leaves(graph.module()(*args))
+                    eager, swept = _eager(graph, [args], f"{self.spec_path} tvm: eager at {key}")
+                    out, ref = ours(*args), tensor_leaves(swept[0][0] if swept else eager(*args))
                 else:
-                    ours, ref = prefill(TvmDecoder(path), args[0])[0], prefill(TorchDecoder(graph), args[0])[0]
-            checked[key] = compare_outputs([ours], [ref])["rel_l2"]
+                    out, ref = prefill(ours, args[0])[0], prefill(TorchDecoder(graph), args[0])[0]
+            checked[key] = compare_outputs([out], [ref])["rel_l2"]
             if checked[key] > self.config.max_error:
                 raise BackendError(
                     f"{self.spec_path}.tune: the copy specialised at {key} differs from eager: rel_l2 = "
@@ -259,12 +265,10 @@ def step_blas_threads(graph: Graph) -> int | None:
     return STEP_BLAS_THREADS if dense <= STEP_CACHED_BYTES else None
 
 
-def _tokens(inputs: list[tuple]) -> int:
-    """The first calibration input's token count (its first tensor's second dimension)."""
+def _tokens(inputs: list[tuple]) -> int | None:
+    """The first calibration input's token count (its first tensor's second dimension), if it has one."""
     first = inputs[0][0]
-    if not isinstance(first, torch.Tensor) or first.dim() < 2:
-        raise BackendError("tune: the first input has no (batch, tokens) dimensions; set tune.lengths")
-    return first.shape[1]
+    return first.shape[1] if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
 
 
 def _resized(args: tuple, batch: int, tokens: int) -> tuple:

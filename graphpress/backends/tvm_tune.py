@@ -37,15 +37,17 @@ from tvm import relax
 from tvm import tirx as tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
-from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, RunnerInput
 from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.local_runner import _worker_func as measure
 from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
 from ..progress import note
+from ..runtime import unpinned_tvm_threads
 
 SCHEDULED = "tirx.is_scheduled"
 """The PrimFunc attribute of a kernel scheduled by hand (graphpress's TIR kernels, BLAS calls): not a task."""
@@ -167,7 +169,7 @@ class _Progress(PyMeasureCallback):
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.done += len(runner_results)
         name = task_scheduler.tasks_[task_id].ctx.task_name
-        costs = [sum(map(float, r.run_secs)) / len(r.run_secs) for r in runner_results if r.run_secs]
+        costs = [_mean(r.run_secs) for r in runner_results if r.run_secs]
         if costs:
             self.best[name] = min(self.best.get(name, float("inf")), min(costs))
         best = f"{self.best[name] * 1e6:.1f} us" if name in self.best else "no candidate ran"
@@ -191,13 +193,18 @@ def _alloc_arguments(device, args_info, alloc_repeat: int):
 @dataclass
 class Tuning:
     """The database and what this call did: tasks tuned now, tasks whose records it already held, tasks the
-    budget left without a measured candidate (default schedules), and each task's best latency (seconds)."""
+    budget left without a measured candidate, each task's best latency and its default schedule's (seconds,
+    measured alike), and ``kept``: the records that beat the default (``applied``), which :func:`compile_tuned`
+    applies."""
 
     database: ms.database.Database
     tuned: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     unmeasured: list[str] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
+    default: dict[str, float] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)
+    kept: ms.database.Database = field(default_factory=lambda: ms.database.MemoryDatabase())
 
 
 def tune(
@@ -214,6 +221,7 @@ def tune(
     those whose task name contains one of ``ops``, all when None) with ``trials`` trials in all, recording into
     the JSON database in ``database_dir``. Tasks the database already holds a record for are reused, not tuned."""
     load_tensor_intrinsics()
+    unpinned_tvm_threads()  # measured as the library will run
     database_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(database_dir))
     tasks = [
@@ -243,11 +251,39 @@ def tune(
             )
     for t in tasks:
         record = database.query_tuning_record(t.dispatched[0], target, t.task_name)
-        if record is not None and record.run_secs:
-            tuning.best[t.task_name] = sum(map(float, record.run_secs)) / len(record.run_secs)
+        if record is None or not record.run_secs:
+            continue
+        tuning.best[t.task_name] = _mean(record.run_secs)
+        default = _default_latency(t.dispatched[0], target)
+        if default is not None:
+            tuning.default[t.task_name] = default
+        if default is None or tuning.best[t.task_name] < default:
+            tuning.kept.commit_workload(t.dispatched[0])
+            tuning.kept.commit_tuning_record(record)
+            tuning.applied.append(t.task_name)
     tuning.unmeasured = [name for name in tuning.tuned if name not in tuning.best]
     tuning.tuned = [name for name in tuning.tuned if name in tuning.best]
     return tuning
+
+
+def _mean(seconds) -> float:
+    return sum(map(float, seconds)) / len(seconds)
+
+
+def _default_latency(mod: tvm.IRModule, target: tvm.target.Target) -> float | None:
+    """A task's latency with TVM's default schedule (its loops as written), built and timed as candidates are.
+    MetaSchedule's CPU rules always parallelize, so a tiny kernel's best candidate can lose to it: a decoding
+    step's 256-wide add took 8 us tuned (waking the thread pool), well under 1 us as written."""
+    (built,) = InProcessBuilder().build([BuilderInput(mod, target)])
+    if built.error_msg is not None:
+        return None
+    try:
+        runner_input = RunnerInput(built.artifact_path, "cpu", ArgInfo.from_prim_func(mod["main"]))
+        (future,) = InProcessRunner().run([runner_input])
+        result = future.result()
+    finally:
+        Path(built.artifact_path).unlink(missing_ok=True)
+    return _mean(result.run_secs) if result.run_secs else None
 
 
 @contextlib.contextmanager
@@ -290,7 +326,8 @@ def fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def compile_tuned(database: ms.database.Database, mod: tvm.IRModule, target: tvm.target.Target):
-    """The Relax executable with every function the database holds a schedule for scheduled by it (the module
+    """The Relax executable with every function the database holds a schedule for scheduled by it (a tuning's
+    ``kept``: the schedules that beat the default; the module
     prepared as :func:`fused`, then TVM's CPU pipeline; ``target`` with ``num-cores``, as tuned)."""
     with target, database, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase()(fused(mod, target))
