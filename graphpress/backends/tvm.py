@@ -11,8 +11,8 @@ Writes ``<filename>`` (a shared library ``tvm.runtime.load_module`` loads; run i
 cache layout), which :class:`graphpress.runtime.TvmModule` / ``TvmDecoder`` read.
 Kernels are compiled for the ``cpu`` field's CPU (default: this machine's). Float32 matmuls call OpenBLAS
 (``tvm_blas``, the ``blas`` field), compressed linears and softmax rows are hand-written TIR (``tvm_linear``,
-``tvm_softmax``); the other kernels use TVM's default schedules: MetaSchedule tuning (``tvm_tune``) is not
-wired into the backend yet.
+``tvm_softmax``); the other kernels use TVM's default schedules, or, with the ``tune`` field, MetaSchedule's
+(``tvm_tune``) in copies of ``main`` specialised at the shapes tuned, where they beat the default.
 """
 
 from __future__ import annotations
