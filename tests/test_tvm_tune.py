@@ -108,7 +108,7 @@ def tune_backend(**tune):
     from graphpress.backends import build_backend
     from graphpress.schema import TvmBackendConfig
 
-    config = {"trials": 40, "strategy": "replay-trace", **tune}
+    config = {"trials": 24, "strategy": "replay-trace", **tune}
     return build_backend(TvmBackendConfig(target="tvm", tune=config), "backends[0]")
 
 
@@ -163,7 +163,7 @@ def test_a_second_run_into_the_same_folder_reuses_the_tuning_database(tmp_path):
 
     spec = {
         "calibration": {"samples": 1, "seq_len": 16},
-        "backends": [{"target": "tvm", "tune": {"trials": 40, "strategy": "replay-trace"}}],
+        "backends": [{"target": "tvm", "tune": {"trials": 24, "strategy": "replay-trace"}}],
     }
     first = compress("examples/tiny_llama", spec, out_dir=tmp_path).report.backends[0]["details"]["tuning"]
     assert first["tuned"] and first["unmeasured"] == [] and first["specialised"] == {"1x16": "main_b1_t16"}
