@@ -140,7 +140,8 @@ def test_tuned_library_runs_its_copies_in_a_fresh_process(tiny_llama, tmp_path):
     assert tuning["tuned"] and tuning["unmeasured"] == [] and tuning["reused"] == []
     assert set(tuning["best_us"]) == set(tuning["tuned"]) and all(us > 0 for us in tuning["best_us"].values())
     assert set(tuning["default_us"]) == set(tuning["tuned"])  # each kernel's loops as written, timed alike
-    assert all((t in tuning["applied"]) == (tuning["best_us"][t] < tuning["default_us"][t]) for t in tuning["tuned"])
+    best, default = tuning["best_us"], tuning["default_us"]  # rounded to 0.01 us: ties either way
+    assert all(best[t] <= default[t] if t in tuning["applied"] else best[t] >= default[t] for t in tuning["tuned"])
     assert set(tuning["checked"]) == {"1x12", "1x5"} and max(tuning["checked"].values()) < 1e-5
     assert {"model.tuning/database_workload.json", "model.tuning/database_tuning_record.json"} <= set(first.files)
     inputs = [torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(2)) for shape in [(1, 5), (2, 9)]]
