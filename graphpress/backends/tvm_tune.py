@@ -230,7 +230,7 @@ def tune(
         if tunable(t.dispatched[0]["main"]) and (ops is None or any(op in t.task_name for op in ops))
     ]
     todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
-    tuning = Tuning(database, [t.task_name for t in todo], [t.task_name for t in tasks if t not in todo])
+    tuning = Tuning(database, reused=[t.task_name for t in tasks if t not in todo])
     if todo:
         progress = _Progress(trials)
         with tempfile.TemporaryDirectory(prefix="graphpress-tune-") as logs, _quiet(logs):
@@ -261,8 +261,8 @@ def tune(
             tuning.kept.commit_workload(t.dispatched[0])
             tuning.kept.commit_tuning_record(record)
             tuning.applied.append(t.task_name)
-    tuning.unmeasured = [name for name in tuning.tuned if name not in tuning.best]
-    tuning.tuned = [name for name in tuning.tuned if name in tuning.best]
+    for t in todo:
+        (tuning.tuned if t.task_name in tuning.best else tuning.unmeasured).append(t.task_name)
     return tuning
 
 
@@ -327,8 +327,8 @@ def fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 def compile_tuned(database: ms.database.Database, mod: tvm.IRModule, target: tvm.target.Target):
     """The Relax executable with every function the database holds a schedule for scheduled by it (a tuning's
-    ``kept``: the schedules that beat the default; the module
-    prepared as :func:`fused`, then TVM's CPU pipeline; ``target`` with ``num-cores``, as tuned)."""
+    ``kept``: the schedules that beat the default); the module prepared as :func:`fused`, then TVM's CPU
+    pipeline; ``target`` with ``num-cores``, as tuned."""
     with target, database, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase()(fused(mod, target))
     return tvm.compile(mod, target=target)
