@@ -206,3 +206,18 @@ def test_resized_inputs_repeat_or_cut_what_shares_the_first_inputs_leading_dims(
     assert big.tolist() == [[0, 1, 2, 0, 1, 2, 0], [3, 4, 5, 3, 4, 5, 3], [0, 1, 2, 0, 1, 2, 0]]
     assert big_mask.shape == (3, 7) and same is other
     assert _resized((ids,), 1, 2)[0].tolist() == [[0, 1]]
+
+
+@pytest.mark.slow
+def test_tuned_decode_step_of_a_default_config_gpt2(tmp_path):
+    """transformers' GPT-2 with its default config (use_cache on): its step's copy shares no Relax variable with
+    main (FuseOps refused the module when a variable was defined in both)."""
+    from graphpress.ir import capture
+
+    from .families import build
+
+    ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(0))
+    graph = capture(build("gpt2"), (ids,), mode="decode")
+    record = tune_backend(trials=8).build(graph, [(ids,)], tmp_path)
+    assert record.details["tuning"]["specialised"] == {"1x1": "main_b1_t1"}
+    assert record.errors["rel_l2"] < 1e-5 and record.details["tuning"]["checked"]["1x1"] < 1e-5

@@ -108,7 +108,9 @@ def specialise(mod: tvm.IRModule, sizes: Sequence[tuple[int, int]]) -> tuple[tvm
         return mod, {}
     functions, names = dict(mod.functions_items()), {}
     for batch, tokens in sizes:
-        bound = {d: size for d, size in zip(shape, (batch, tokens)) if isinstance(d, tir.Var)}
+        copy = relax.utils.copy_with_new_vars(main)  # a Relax variable may be defined in one function only
+        leading = copy.params[0].ty.shape.values[:2]  # its own symbolic variables, renewed with the rest
+        bound = {d: size for d, size in zip(leading, (batch, tokens)) if isinstance(d, tir.Var)}
         clash = [
             f"dimension {i} is {int(d)}, not {size}"
             for i, (d, size) in enumerate(zip(shape, (batch, tokens)))
@@ -117,7 +119,7 @@ def specialise(mod: tvm.IRModule, sizes: Sequence[tuple[int, int]]) -> tuple[tvm
         if clash:
             raise ValueError(f"main's first input is static where tune asks for another size: {', '.join(clash)}")
         name = f"main_b{batch}_t{tokens}"
-        functions[tvm.ir.GlobalVar(name)] = main.bind_symbolic_vars(bound).with_attr("global_symbol", name)
+        functions[tvm.ir.GlobalVar(name)] = copy.bind_symbolic_vars(bound).with_attr("global_symbol", name)
         names[f"{batch}x{tokens}"] = name
     return tvm.IRModule(functions, attrs=mod.attrs), names
 
